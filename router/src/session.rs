@@ -361,6 +361,15 @@ impl Session {
         self.close(code, reason);
     }
 
+    /// The peer closed the session (its close frame, or the transport ended): nothing
+    /// more is read or sent.
+    pub fn on_peer_closed(&mut self) {
+        self.close(CloseCode::GoingAway, "peer closed");
+        self.outbound.clear();
+        self.outbound_bytes = 0;
+        self.close_sent = true;
+    }
+
     /// Queue a server event for this session. On overflow the queue is dropped and the
     /// session closes with 4009 (the client reconnects and syncs; nothing committed is lost).
     pub fn push_event(&mut self, document: String) -> Result<(), QueueOverflow> {

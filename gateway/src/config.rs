@@ -1,0 +1,347 @@
+//! Settings: defaults, then a TOML file (`--config`), then `PARLEY_*` environment
+//! variables, then flags. One table below defines each setting once; the struct, the
+//! file format, the environment names, the flags and `--help` all come from it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use parley_router::session::SessionLimits;
+
+/// Why the configuration could not be used. Each renders as one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr, shown $shown:literal; )*) => {
+        /// Every setting of `parleyd`, resolved.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Settings { $( $(#[doc = $doc])+ pub $name: $ty, )* }
+
+        impl Default for Settings {
+            fn default() -> Self { Self { $( $name: $default, )* } }
+        }
+
+        /// The same settings as optional overrides, for the file and the environment.
+        #[derive(Debug, Default, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileSettings { $( $name: Option<$ty>, )* }
+
+        /// The same settings as flags.
+        #[derive(Debug, Default, clap::Args)]
+        pub struct SettingsArgs {
+            $( #[arg(long, value_name = stringify!($ty), help = concat!($($doc,)+ " [default: ", $shown, "]"))]
+               $name: Option<$ty>, )*
+        }
+
+        impl Settings {
+            /// Names, defaults and descriptions, for documentation and its test.
+            pub const DOCS: &'static [(&'static str, &'static str, &'static str)] =
+                &[ $( (stringify!($name), $shown, concat!($($doc),+)), )* ];
+
+            fn apply_file(&mut self, file: FileSettings) {
+                $( if let Some(value) = file.$name { self.$name = value; } )*
+            }
+
+            fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+                $(
+                    let name = env_name(stringify!($name));
+                    if let Some(value) = env(&name) {
+                        self.$name = parse_env::<$ty>(&name, &value)?;
+                    }
+                )*
+                Ok(())
+            }
+
+            fn apply_args(&mut self, args: SettingsArgs) {
+                $( if let Some(value) = args.$name { self.$name = value; } )*
+            }
+        }
+    };
+}
+
+settings! {
+    /// Directory for the log, the generated JWT secret and the lock file.
+    data_dir: PathBuf = PathBuf::from("./parley-data"), shown "./parley-data";
+    /// WebSocket listener address; every shard listens on it (SO_REUSEPORT). Port 0 picks a free port.
+    ws_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7070)), shown "127.0.0.1:7070";
+    /// QUIC listener address (reserved: QUIC is not served by this build).
+    quic_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7071)), shown "127.0.0.1:7071";
+    /// Admin HTTP listener: /healthz, /readyz, /metrics.
+    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072)), shown "127.0.0.1:7072";
+    /// Number of shards, one pinned executor each; 0 means one per online CPU.
+    shards: usize = 0, shown "0 (online CPUs)";
+    /// HS256 secret for client tokens. Empty: use (or create) <data_dir>/jwt-secret.
+    jwt_secret: String = String::new(), shown "\"\" (generated file)";
+    /// This node's name, reported to clients in welcome.
+    node_name: String = "local".to_string(), shown "local";
+    /// Time a new connection has to authenticate before close 4002, in milliseconds.
+    auth_timeout_ms: u64 = 10_000, shown "10000";
+    /// Silence after which the server sends a WebSocket ping, in milliseconds.
+    heartbeat_interval_ms: u64 = 30_000, shown "30000";
+    /// Silence after which the session is closed with 1001, in milliseconds.
+    idle_timeout_ms: u64 = 75_000, shown "75000";
+    /// Largest text frame served; larger frames get too_large and the session stays open.
+    max_frame_bytes: usize = 64 * 1024, shown "65536";
+    /// Largest frame read at all; larger ones close the connection with 1009.
+    max_frame_hard_bytes: usize = 1024 * 1024, shown "1048576";
+    /// Bytes of the WebSocket upgrade request accepted before the connection is dropped.
+    max_handshake_bytes: usize = 8 * 1024, shown "8192";
+    /// Sustained inbound commands per second per session.
+    rate_limit_per_sec: u32 = 100, shown "100";
+    /// Commands per session allowed in a burst above the sustained rate.
+    rate_limit_burst: u32 = 200, shown "200";
+    /// Consecutive rejected commands (rate-limited or malformed) before close 4008.
+    abuse_strikes: u32 = 50, shown "50";
+    /// Documents queued for a slow client before close 4009.
+    outbound_queue_len: usize = 1024, shown "1024";
+    /// Bytes queued for a slow client before close 4009.
+    outbound_queue_bytes: usize = 1024 * 1024, shown "1048576";
+    /// Bytes handed to the socket per write batch; more waits in the outbound queue.
+    write_batch_bytes: usize = 64 * 1024, shown "65536";
+    /// Initial WebSocket read buffer per connection (tungstenite's default is 128 KiB).
+    ws_read_buffer_bytes: usize = 1024, shown "1024";
+    /// Open connections per shard; more are refused at accept.
+    max_connections_per_shard: usize = 100_000, shown "100000";
+    /// Listen backlog of each shard's socket.
+    listen_backlog: i32 = 4096, shown "4096";
+    /// Time a closing connection gets to flush its close frame, in milliseconds.
+    close_linger_ms: u64 = 5_000, shown "5000";
+    /// Longest a SIGTERM/SIGINT drain may take before parleyd exits anyway, in milliseconds.
+    drain_timeout_ms: u64 = 10_000, shown "10000";
+}
+
+fn env_name(setting: &str) -> String {
+    format!("PARLEY_{}", setting.to_ascii_uppercase())
+}
+
+fn parse_env<T: FromStr>(name: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|error: T::Err| ConfigError::Env {
+        name: name.to_string(),
+        value: value.to_string(),
+        reason: error.to_string(),
+    })
+}
+
+/// `parleyd` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "parleyd",
+    version,
+    about = "Parley chat gateway daemon",
+    after_help = "Every setting can also be given in the TOML file (--config) under its \
+                  name, or as the environment variable PARLEY_<NAME> (for example \
+                  PARLEY_AUTH_TIMEOUT_MS). Flags win, then the environment, then the file."
+)]
+pub struct Cli {
+    /// TOML file of settings (also PARLEY_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+}
+
+impl Settings {
+    /// Defaults, then the file, then the environment, then the flags; then validation.
+    pub fn resolve(
+        cli: Cli,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::default();
+        let config_path = cli.config.or_else(|| env("PARLEY_CONFIG").map(PathBuf::from));
+        if let Some(path) = config_path {
+            let text = std::fs::read_to_string(&path).map_err(|error| ConfigError::File {
+                path: path.clone(),
+                reason: error.to_string(),
+            })?;
+            let file: FileSettings = toml::from_str(&text).map_err(|error| ConfigError::File {
+                path: path.clone(),
+                reason: error.message().to_string(),
+            })?;
+            settings.apply_file(file);
+        }
+        settings.apply_env(env)?;
+        settings.apply_args(cli.settings);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&'static str, u64); 12] = [
+            ("auth_timeout_ms", self.auth_timeout_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_handshake_bytes", self.max_handshake_bytes as u64),
+            ("rate_limit_burst", u64::from(self.rate_limit_burst)),
+            ("abuse_strikes", u64::from(self.abuse_strikes)),
+            ("outbound_queue_len", self.outbound_queue_len as u64),
+            ("outbound_queue_bytes", self.outbound_queue_bytes as u64),
+            ("write_batch_bytes", self.write_batch_bytes as u64),
+            ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
+            ("max_connections_per_shard", self.max_connections_per_shard as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if self.idle_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(invalid(
+                "idle_timeout_ms",
+                format!(
+                    "must exceed heartbeat_interval_ms ({}), or no ping is ever answered in time",
+                    self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.max_frame_hard_bytes < self.max_frame_bytes {
+            return Err(invalid(
+                "max_frame_hard_bytes",
+                format!("must be at least max_frame_bytes ({})", self.max_frame_bytes),
+            ));
+        }
+        if self.listen_backlog <= 0 {
+            return Err(invalid("listen_backlog", "must be greater than 0"));
+        }
+        let cpus = online_cpus();
+        if self.shards > cpus {
+            return Err(invalid(
+                "shards",
+                format!("{} exceeds the {cpus} online CPUs (one pinned shard per CPU)", self.shards),
+            ));
+        }
+        if !self.node_name.is_empty() && !parley_router::auth::is_valid_id(&self.node_name) {
+            return Err(invalid("node_name", "must be 1-64 bytes of [A-Za-z0-9._@-]"));
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the setting, or one per online CPU.
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            online_cpus()
+        } else {
+            self.shards
+        }
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            auth_timeout: Duration::from_millis(self.auth_timeout_ms),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_frame_bytes: self.max_frame_bytes,
+            rate_per_sec: self.rate_limit_per_sec,
+            rate_burst: self.rate_limit_burst,
+            abuse_strikes: self.abuse_strikes,
+            outbound_queue_len: self.outbound_queue_len,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+        }
+    }
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// CPUs this process may run on.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn resolve(args: &[&str], env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("parleyd").chain(args.iter().copied()))
+            .expect("flags parse");
+        Settings::resolve(cli, &|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let settings = resolve(&[], &[]).expect("defaults are valid");
+        assert_eq!(settings, Settings::default());
+        assert_eq!(settings.ws_listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(settings.data_dir, PathBuf::from("./parley-data"));
+    }
+
+    #[test]
+    fn flags_win_over_env_over_file() {
+        let dir = std::env::temp_dir().join(format!("parley-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("parley.toml");
+        std::fs::write(
+            &file,
+            "auth_timeout_ms = 1\nidle_timeout_ms = 99000\nnode_name = \"from-file\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let settings = resolve(
+            &["--config", file, "--auth-timeout-ms", "3"],
+            &[("PARLEY_AUTH_TIMEOUT_MS", "2"), ("PARLEY_NODE_NAME", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(settings.auth_timeout_ms, 3);
+        assert_eq!(settings.node_name, "from-env");
+        assert_eq!(settings.idle_timeout_ms, 99_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let error = resolve(&[], &[("PARLEY_MAX_FRAME_BYTES", "lots")]).unwrap_err();
+        assert!(error.to_string().contains("PARLEY_MAX_FRAME_BYTES"), "{error}");
+        let error = resolve(&["--max-frame-bytes", "0"], &[]).unwrap_err();
+        assert!(error.to_string().starts_with("setting max_frame_bytes"), "{error}");
+        let error = resolve(&["--idle-timeout-ms", "10", "--heartbeat-interval-ms", "20"], &[])
+            .unwrap_err();
+        assert!(error.to_string().contains("idle_timeout_ms"), "{error}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("parley-config-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("parley.toml");
+        std::fs::write(&file, "auth_timeout = 5\n").unwrap();
+        let error = resolve(&["--config", file.to_str().unwrap()], &[]).unwrap_err();
+        assert!(error.to_string().contains("auth_timeout"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn configuration_doc_lists_every_setting() {
+        let doc = include_str!("../../docs/configuration.md");
+        for (name, shown, _) in Settings::DOCS {
+            assert!(doc.contains(&format!("`{name}`")), "docs/configuration.md lacks {name}");
+            assert!(doc.contains(shown), "docs/configuration.md lacks default {shown} of {name}");
+        }
+    }
+}

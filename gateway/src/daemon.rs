@@ -1,0 +1,358 @@
+//! The process lifecycle: configuration, data directory, secret, listeners, shards,
+//! readiness, and the drain on SIGTERM/SIGINT. Every startup failure is one line that
+//! says what failed and where, and a non-zero exit.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use parley_router::auth::JwtKey;
+use parley_router::session::SessionConfig;
+use socket2::{Domain, Socket, Type};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Cli, ConfigError, Settings};
+use crate::metrics::ShardMetrics;
+use crate::runtime::{spawn_shard, ShardControl, ShardPlan};
+use crate::ws::WsLimits;
+
+/// Name of the generated secret inside the data directory.
+pub const JWT_SECRET_FILE: &str = "jwt-secret";
+/// Lock file that keeps two daemons off one data directory.
+pub const LOCK_FILE: &str = "LOCK";
+/// How long shards get to report ready before startup is declared failed.
+const SHARD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extra time past drain_timeout before the process gives up on a stuck drain.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("data dir {path} is in use by another parleyd (lock file {path}/{LOCK_FILE})")]
+    DataDirLocked { path: PathBuf },
+    #[error("jwt secret file {path}: {reason}")]
+    Secret { path: PathBuf, reason: String },
+    #[error("cannot listen on {setting} {addr}: {source}")]
+    Listen {
+        setting: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot start {what}: {source}")]
+    Spawn { what: String, source: io::Error },
+    #[error("shards did not become ready within {0:?}")]
+    NotReady(Duration),
+}
+
+/// Run `parleyd`; the exit code is the process's.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version.
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let rendered = error.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("parleyd: {first}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("parleyd: error: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode, StartupError> {
+    let settings = Settings::resolve(cli, &|name| std::env::var(name).ok())?;
+    let shard_count = settings.shard_count();
+    let _lock = lock_data_dir(&settings.data_dir)?;
+    let secret = jwt_secret(&settings)?;
+
+    let (ws_addr, ws_listeners) = bind_ws(settings.ws_listen, shard_count, settings.listen_backlog)?;
+    let admin_listener = TcpListener::bind(settings.admin_listen).map_err(|source| StartupError::Listen {
+        setting: "admin_listen",
+        addr: settings.admin_listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| StartupError::Listen {
+        setting: "admin_listen",
+        addr: settings.admin_listen,
+        source,
+    })?;
+
+    let session_config = Arc::new(SessionConfig {
+        limits: settings.session_limits(),
+        jwt: JwtKey::new(secret.as_bytes()),
+        node: settings.node_name.clone(),
+    });
+    let ws_limits = WsLimits {
+        max_frame_hard_bytes: settings.max_frame_hard_bytes,
+        max_handshake_bytes: settings.max_handshake_bytes,
+        write_batch_bytes: settings.write_batch_bytes,
+        read_buffer_bytes: settings.ws_read_buffer_bytes,
+        close_linger: Duration::from_millis(settings.close_linger_ms),
+    };
+    let cpus = core_affinity_cpus();
+    let mut metrics = Vec::with_capacity(shard_count);
+    let mut controls = Vec::with_capacity(shard_count);
+    let mut threads = Vec::with_capacity(shard_count);
+    for (index, ws_listener) in ws_listeners.into_iter().enumerate() {
+        let shard_metrics = Arc::new(ShardMetrics::default());
+        let control = Arc::new(ShardControl::default());
+        let cpu = cpus[index % cpus.len()];
+        let plan = ShardPlan {
+            index,
+            cpu,
+            ws_listener,
+            metrics: shard_metrics.clone(),
+            control: control.clone(),
+            ws_limits: ws_limits.clone(),
+            session_config: session_config.clone(),
+            max_connections: settings.max_connections_per_shard,
+            drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
+        };
+        let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
+            what: format!("shard {index} on CPU {cpu}"),
+            source,
+        })?;
+        metrics.push(shard_metrics);
+        controls.push(control);
+        threads.push(thread);
+    }
+
+    let draining = Arc::new(AtomicBool::new(false));
+    admin::spawn(
+        admin_listener,
+        AdminState {
+            shards: metrics.clone(),
+            draining: draining.clone(),
+        },
+    )
+    .map_err(|source| StartupError::Spawn {
+        what: "the admin thread".into(),
+        source,
+    })?;
+    spawn_signal_thread(controls, draining.clone(), Duration::from_millis(settings.drain_timeout_ms))?;
+
+    wait_until_ready(&metrics, &threads)?;
+    tracing::info!(
+        shards = shard_count,
+        data_dir = %settings.data_dir.display(),
+        "listening ws={ws_addr} admin={admin_addr}"
+    );
+    let _no_systemd_is_fine = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    for thread in threads {
+        let _ = thread.join();
+    }
+    if draining.load(Ordering::Acquire) {
+        tracing::info!("drained; exiting");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        tracing::error!("a shard stopped without a drain request");
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Create the data directory and take its lock. The lock lives as long as the process.
+fn lock_data_dir(path: &Path) -> Result<File, StartupError> {
+    let data_dir_error = |source| StartupError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(data_dir_error)?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join(LOCK_FILE))
+        .map_err(data_dir_error)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::DataDirLocked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(data_dir_error(source)),
+    }
+}
+
+/// The configured secret, or the one in the data directory, created on first start.
+fn jwt_secret(settings: &Settings) -> Result<String, StartupError> {
+    if !settings.jwt_secret.is_empty() {
+        return Ok(settings.jwt_secret.clone());
+    }
+    let path = settings.data_dir.join(JWT_SECRET_FILE);
+    let secret_error = |reason: String| StartupError::Secret {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let secret = text.trim().to_string();
+            if secret.is_empty() {
+                return Err(secret_error("file is empty".into()));
+            }
+            tracing::info!(path = %path.display(), "using the JWT secret in the data dir");
+            Ok(secret)
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut bytes))
+                .map_err(|error| secret_error(format!("reading /dev/urandom: {error}")))?;
+            let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|error| secret_error(error.to_string()))?;
+            writeln!(file, "{secret}")
+                .and_then(|()| file.sync_all())
+                .map_err(|error| secret_error(error.to_string()))?;
+            tracing::info!(path = %path.display(), "generated a JWT secret (mint tokens with: parley token --data-dir)");
+            Ok(secret)
+        }
+        Err(error) => Err(secret_error(error.to_string())),
+    }
+}
+
+/// One SO_REUSEPORT listening socket per shard on the same address.
+///
+/// A probe without SO_REUSEPORT binds first: it fails if anything listens there already,
+/// including another parleyd, which SO_REUSEPORT alone would silently share the port
+/// with. With port 0 the probe also picks the port every shard then binds.
+fn bind_ws(addr: SocketAddr, shards: usize, backlog: i32) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
+    let listen_error = |source| StartupError::Listen {
+        setting: "ws_listen",
+        addr,
+        source,
+    };
+    let domain = Domain::for_address(addr);
+    let probe = Socket::new(domain, Type::STREAM, None).map_err(listen_error)?;
+    probe.set_reuse_address(true).map_err(listen_error)?;
+    probe.bind(&addr.into()).map_err(listen_error)?;
+    let bound = probe
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| listen_error(io::Error::other("no local address")))?;
+    drop(probe);
+    let mut sockets = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = Socket::new(domain, Type::STREAM, None).map_err(listen_error)?;
+        socket.set_reuse_address(true).map_err(listen_error)?;
+        socket.set_reuse_port(true).map_err(listen_error)?;
+        socket.set_nonblocking(true).map_err(listen_error)?;
+        socket.bind(&bound.into()).map_err(listen_error)?;
+        socket.listen(backlog).map_err(listen_error)?;
+        sockets.push(OwnedFd::from(socket));
+    }
+    Ok((bound, sockets))
+}
+
+/// The CPUs this process may run on, in order; shard k is pinned to the k-th.
+fn core_affinity_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the set we pass; CPU_ISSET reads it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let cpus: Vec<usize> = if ok {
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        (0..crate::config::online_cpus()).collect()
+    } else {
+        cpus
+    }
+}
+
+fn spawn_signal_thread(
+    controls: Vec<Arc<ShardControl>>,
+    draining: Arc<AtomicBool>,
+    drain_timeout: Duration,
+) -> Result<(), StartupError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let spawn_error = |source| StartupError::Spawn {
+        what: "the signal thread".into(),
+        source,
+    };
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(spawn_error)?;
+    std::thread::Builder::new()
+        .name("parley-signals".into())
+        .spawn(move || {
+            let mut signals = signals.forever();
+            if let Some(signal) = signals.next() {
+                tracing::info!(signal, "draining: no new connections, sessions closed with 1001");
+                let _no_systemd_is_fine = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                draining.store(true, Ordering::Release);
+                for control in &controls {
+                    control.request_drain();
+                }
+                let started = Instant::now();
+                std::thread::spawn(move || {
+                    std::thread::sleep(drain_timeout + DRAIN_GRACE);
+                    eprintln!("parleyd: error: drain did not finish in {:?}; exiting", started.elapsed());
+                    std::process::exit(1);
+                });
+            }
+            if signals.next().is_some() {
+                eprintln!("parleyd: second signal during drain; exiting now");
+                std::process::exit(1);
+            }
+        })
+        .map_err(spawn_error)?;
+    Ok(())
+}
+
+fn wait_until_ready(
+    metrics: &[Arc<ShardMetrics>],
+    threads: &[std::thread::JoinHandle<()>],
+) -> Result<(), StartupError> {
+    let started = Instant::now();
+    while !metrics.iter().all(|m| m.ready.load(Ordering::Acquire)) {
+        if let Some(index) = threads.iter().position(|t| t.is_finished()) {
+            return Err(StartupError::Spawn {
+                what: format!("shard {index}"),
+                source: io::Error::other("its executor stopped during startup"),
+            });
+        }
+        if started.elapsed() > SHARD_START_TIMEOUT {
+            return Err(StartupError::NotReady(SHARD_START_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
