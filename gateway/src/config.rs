@@ -164,7 +164,9 @@ impl Settings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
         let mut settings = Settings::default();
-        let config_path = cli.config.or_else(|| env("PARLEY_CONFIG").map(PathBuf::from));
+        let config_path = cli
+            .config
+            .or_else(|| env("PARLEY_CONFIG").map(PathBuf::from));
         if let Some(path) = config_path {
             let text = std::fs::read_to_string(&path).map_err(|error| ConfigError::File {
                 path: path.clone(),
@@ -195,7 +197,10 @@ impl Settings {
             ("outbound_queue_bytes", self.outbound_queue_bytes as u64),
             ("write_batch_bytes", self.write_batch_bytes as u64),
             ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
-            ("max_connections_per_shard", self.max_connections_per_shard as u64),
+            (
+                "max_connections_per_shard",
+                self.max_connections_per_shard as u64,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -214,7 +219,10 @@ impl Settings {
         if self.max_frame_hard_bytes < self.max_frame_bytes {
             return Err(invalid(
                 "max_frame_hard_bytes",
-                format!("must be at least max_frame_bytes ({})", self.max_frame_bytes),
+                format!(
+                    "must be at least max_frame_bytes ({})",
+                    self.max_frame_bytes
+                ),
             ));
         }
         if self.listen_backlog <= 0 {
@@ -224,11 +232,17 @@ impl Settings {
         if self.shards > cpus {
             return Err(invalid(
                 "shards",
-                format!("{} exceeds the {cpus} online CPUs (one pinned shard per CPU)", self.shards),
+                format!(
+                    "{} exceeds the {cpus} online CPUs (one pinned shard per CPU)",
+                    self.shards
+                ),
             ));
         }
         if !self.node_name.is_empty() && !parley_router::auth::is_valid_id(&self.node_name) {
-            return Err(invalid("node_name", "must be 1-64 bytes of [A-Za-z0-9._@-]"));
+            return Err(invalid(
+                "node_name",
+                "must be 1-64 bytes of [A-Za-z0-9._@-]",
+            ));
         }
         Ok(())
     }
@@ -305,7 +319,10 @@ mod tests {
         let file = file.to_str().unwrap();
         let settings = resolve(
             &["--config", file, "--auth-timeout-ms", "3"],
-            &[("PARLEY_AUTH_TIMEOUT_MS", "2"), ("PARLEY_NODE_NAME", "from-env")],
+            &[
+                ("PARLEY_AUTH_TIMEOUT_MS", "2"),
+                ("PARLEY_NODE_NAME", "from-env"),
+            ],
         )
         .unwrap();
         assert_eq!(settings.auth_timeout_ms, 3);
@@ -317,17 +334,27 @@ mod tests {
     #[test]
     fn bad_values_name_the_setting() {
         let error = resolve(&[], &[("PARLEY_MAX_FRAME_BYTES", "lots")]).unwrap_err();
-        assert!(error.to_string().contains("PARLEY_MAX_FRAME_BYTES"), "{error}");
+        assert!(
+            error.to_string().contains("PARLEY_MAX_FRAME_BYTES"),
+            "{error}"
+        );
         let error = resolve(&["--max-frame-bytes", "0"], &[]).unwrap_err();
-        assert!(error.to_string().starts_with("setting max_frame_bytes"), "{error}");
-        let error = resolve(&["--idle-timeout-ms", "10", "--heartbeat-interval-ms", "20"], &[])
-            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting max_frame_bytes"),
+            "{error}"
+        );
+        let error = resolve(
+            &["--idle-timeout-ms", "10", "--heartbeat-interval-ms", "20"],
+            &[],
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("idle_timeout_ms"), "{error}");
     }
 
     #[test]
     fn unknown_file_keys_are_refused() {
-        let dir = std::env::temp_dir().join(format!("parley-config-unknown-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("parley-config-unknown-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("parley.toml");
         std::fs::write(&file, "auth_timeout = 5\n").unwrap();
@@ -340,8 +367,14 @@ mod tests {
     fn configuration_doc_lists_every_setting() {
         let doc = include_str!("../../docs/configuration.md");
         for (name, shown, _) in Settings::DOCS {
-            assert!(doc.contains(&format!("`{name}`")), "docs/configuration.md lacks {name}");
-            assert!(doc.contains(shown), "docs/configuration.md lacks default {shown} of {name}");
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "docs/configuration.md lacks {name}"
+            );
+            assert!(
+                doc.contains(shown),
+                "docs/configuration.md lacks default {shown} of {name}"
+            );
         }
     }
 }

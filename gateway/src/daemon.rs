@@ -97,17 +97,21 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     let _lock = lock_data_dir(&settings.data_dir)?;
     let secret = jwt_secret(&settings)?;
 
-    let (ws_addr, ws_listeners) = bind_ws(settings.ws_listen, shard_count, settings.listen_backlog)?;
-    let admin_listener = TcpListener::bind(settings.admin_listen).map_err(|source| StartupError::Listen {
-        setting: "admin_listen",
-        addr: settings.admin_listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartupError::Listen {
-        setting: "admin_listen",
-        addr: settings.admin_listen,
-        source,
-    })?;
+    let (ws_addr, ws_listeners) =
+        bind_ws(settings.ws_listen, shard_count, settings.listen_backlog)?;
+    let admin_listener =
+        TcpListener::bind(settings.admin_listen).map_err(|source| StartupError::Listen {
+            setting: "admin_listen",
+            addr: settings.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartupError::Listen {
+            setting: "admin_listen",
+            addr: settings.admin_listen,
+            source,
+        })?;
 
     let session_config = Arc::new(SessionConfig {
         limits: settings.session_limits(),
@@ -161,7 +165,11 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
         what: "the admin thread".into(),
         source,
     })?;
-    spawn_signal_thread(controls, draining.clone(), Duration::from_millis(settings.drain_timeout_ms))?;
+    spawn_signal_thread(
+        controls,
+        draining.clone(),
+        Duration::from_millis(settings.drain_timeout_ms),
+    )?;
 
     wait_until_ready(&metrics, &threads)?;
     tracing::info!(
@@ -251,7 +259,11 @@ fn jwt_secret(settings: &Settings) -> Result<String, StartupError> {
 /// A probe without SO_REUSEPORT binds first: it fails if anything listens there already,
 /// including another parleyd, which SO_REUSEPORT alone would silently share the port
 /// with. With port 0 the probe also picks the port every shard then binds.
-fn bind_ws(addr: SocketAddr, shards: usize, backlog: i32) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
+fn bind_ws(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: i32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
     let listen_error = |source| StartupError::Listen {
         setting: "ws_listen",
         addr,
@@ -284,7 +296,9 @@ fn bind_ws(addr: SocketAddr, shards: usize, backlog: i32) -> Result<(SocketAddr,
 fn core_affinity_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the set we pass; CPU_ISSET reads it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
     let cpus: Vec<usize> = if ok {
         (0..libc::CPU_SETSIZE as usize)
             .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
@@ -309,14 +323,19 @@ fn spawn_signal_thread(
         what: "the signal thread".into(),
         source,
     };
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(spawn_error)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(spawn_error)?;
     std::thread::Builder::new()
         .name("parley-signals".into())
         .spawn(move || {
             let mut signals = signals.forever();
             if let Some(signal) = signals.next() {
-                tracing::info!(signal, "draining: no new connections, sessions closed with 1001");
-                let _no_systemd_is_fine = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                tracing::info!(
+                    signal,
+                    "draining: no new connections, sessions closed with 1001"
+                );
+                let _no_systemd_is_fine =
+                    sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                 draining.store(true, Ordering::Release);
                 for control in &controls {
                     control.request_drain();
@@ -324,7 +343,10 @@ fn spawn_signal_thread(
                 let started = Instant::now();
                 std::thread::spawn(move || {
                     std::thread::sleep(drain_timeout + DRAIN_GRACE);
-                    eprintln!("parleyd: error: drain did not finish in {:?}; exiting", started.elapsed());
+                    eprintln!(
+                        "parleyd: error: drain did not finish in {:?}; exiting",
+                        started.elapsed()
+                    );
                     std::process::exit(1);
                 });
             }

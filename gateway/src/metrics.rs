@@ -43,23 +43,51 @@ pub fn dec(counter: &AtomicU64) {
     counter.fetch_sub(1, Relaxed);
 }
 
+/// A per-shard series: name, type, help, and where its value lives.
+type PerShardGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardMetrics) -> &AtomicU64,
+);
+
 /// Prometheus text exposition of every shard's counters.
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 7] = [
-        ("parley_connections", "gauge", "Open client connections.", |m| &m.connections_open),
-        ("parley_sessions", "gauge", "Authenticated sessions.", |m| &m.sessions_authenticated),
-        ("parley_connections_accepted_total", "counter", "Connections accepted.", |m| {
-            &m.connections_accepted
+    let per_shard: [PerShardGauge; 7] = [
+        (
+            "parley_connections",
+            "gauge",
+            "Open client connections.",
+            |m| &m.connections_open,
+        ),
+        ("parley_sessions", "gauge", "Authenticated sessions.", |m| {
+            &m.sessions_authenticated
         }),
+        (
+            "parley_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+            |m| &m.connections_accepted,
+        ),
         (
             "parley_connections_refused_total",
             "counter",
             "Connections refused at max_connections_per_shard.",
             |m| &m.connections_refused,
         ),
-        ("parley_frames_in_total", "counter", "WebSocket data frames received.", |m| &m.frames_in),
-        ("parley_frames_out_total", "counter", "WebSocket data frames sent.", |m| &m.frames_out),
+        (
+            "parley_frames_in_total",
+            "counter",
+            "WebSocket data frames received.",
+            |m| &m.frames_in,
+        ),
+        (
+            "parley_frames_out_total",
+            "counter",
+            "WebSocket data frames sent.",
+            |m| &m.frames_out,
+        ),
         (
             "parley_handshake_failures_total",
             "counter",
@@ -70,11 +98,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
     for (name, kind, help, field) in per_shard {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (shard, metrics) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(metrics).load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{shard}\"}} {}",
+                field(metrics).load(Relaxed)
+            );
         }
     }
     let name = "parley_errors_total";
-    let _ = writeln!(out, "# HELP {name} Error replies sent, by code.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Error replies sent, by code.\n# TYPE {name} counter"
+    );
     for (shard, metrics) in shards.iter().enumerate() {
         for code in ErrorCode::ALL {
             let value = metrics.errors[code.index()].load(Relaxed);
@@ -83,7 +118,10 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
         }
     }
     let name = "parley_closes_total";
-    let _ = writeln!(out, "# HELP {name} Close frames sent, by close code.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Close frames sent, by close code.\n# TYPE {name} counter"
+    );
     for (shard, metrics) in shards.iter().enumerate() {
         for code in CloseCode::ALL {
             let value = metrics.closes[code.index()].load(Relaxed);
@@ -92,11 +130,22 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
         }
     }
     let name = "parley_shard_ready";
-    let _ = writeln!(out, "# HELP {name} 1 when the shard serves and its state is recovered.\n# TYPE {name} gauge");
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 when the shard serves and its state is recovered.\n# TYPE {name} gauge"
+    );
     for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", u8::from(metrics.ready.load(Relaxed)));
+        let _ = writeln!(
+            out,
+            "{name}{{shard=\"{shard}\"}} {}",
+            u8::from(metrics.ready.load(Relaxed))
+        );
     }
     let name = "parley_draining";
-    let _ = writeln!(out, "# HELP {name} 1 while the process drains.\n# TYPE {name} gauge\n{name} {}", u8::from(draining));
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the process drains.\n# TYPE {name} gauge\n{name} {}",
+        u8::from(draining)
+    );
     out
 }

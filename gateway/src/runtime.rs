@@ -37,6 +37,9 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
+/// Reads discarded per wake while lingering on close.
+const LINGER_READS_PER_WAKE: usize = 16;
+
 /// The cross-thread handle of a shard: the signal thread asks it to drain.
 #[derive(Debug, Default)]
 pub struct ShardControl {
@@ -139,7 +142,11 @@ async fn run_shard(plan: ShardPlan) {
         waker.wake_by_ref();
     }
     let open = shard.connections.borrow().len();
-    tracing::info!(shard = plan.index, open, "draining: closing sessions with 1001");
+    tracing::info!(
+        shard = plan.index,
+        open,
+        "draining: closing sessions with 1001"
+    );
     let all_closed = Box::pin(futures::future::poll_fn(|cx| {
         if shard.connections.borrow().is_empty() {
             Poll::Ready(())
@@ -208,7 +215,10 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
     loop {
         let step = futures::future::poll_fn(|cx| {
             if !registered {
-                shard.connections.borrow_mut().insert(id, cx.waker().clone());
+                shard
+                    .connections
+                    .borrow_mut()
+                    .insert(id, cx.waker().clone());
                 registered = true;
             }
             poll_connection(cx, &shard, &mut stream, &mut conn, &mut timer, &mut drained)
@@ -219,15 +229,44 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
         }
         glommio::yield_if_needed().await;
     }
-    let _peer_may_be_gone = stream.shutdown(std::net::Shutdown::Both).await;
-    drop(stream);
+    // The close frame is flushed: the session is over, so a drain need not wait for the
+    // lingering below (the executor drops lingering tasks when the shard stops).
     shard.connections.borrow_mut().remove(&id);
-    dec(&shard.metrics.connections_open);
     if shard.draining.get() && shard.connections.borrow().is_empty() {
         if let Some(waker) = shard.idle_waker.take() {
             waker.wake();
         }
     }
+    linger_close(&shard, &mut stream).await;
+    drop(stream);
+    dec(&shard.metrics.connections_open);
+}
+
+/// Close gracefully: send FIN, then read and discard until the peer's EOF or the linger
+/// deadline. Closing a socket with unread input makes Linux send RST, which can destroy
+/// the replies and close frame the peer has not read yet.
+async fn linger_close(shard: &Shard, stream: &mut TcpStream) {
+    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let mut deadline = Timer::new(shard.ws_limits.close_linger);
+    futures::future::poll_fn(|cx| {
+        if Pin::new(&mut deadline).poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        // A bounded number of reads per wake, so a flooding peer cannot hog the shard.
+        for _ in 0..LINGER_READS_PER_WAKE {
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 fn poll_connection(

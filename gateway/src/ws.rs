@@ -3,9 +3,9 @@
 //! the framing over an in-memory [`Pipe`], never over a socket, so the same driver serves
 //! any socket engine (glommio streams today, io_uring provided buffers later).
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,9 +122,14 @@ struct UpgradeInfo {
 struct UpgradeCallback(Rc<RefCell<UpgradeInfo>>);
 
 impl Callback for UpgradeCallback {
-    fn on_request(self, request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    fn on_request(
+        self,
+        request: &Request,
+        mut response: Response,
+    ) -> Result<Response, ErrorResponse> {
         if request.uri().path() != WS_PATH {
-            let mut error = ErrorResponse::new(Some(format!("no WebSocket at this path; use {WS_PATH}\n")));
+            let mut error =
+                ErrorResponse::new(Some(format!("no WebSocket at this path; use {WS_PATH}\n")));
             *error.status_mut() = StatusCode::NOT_FOUND;
             return Err(error);
         }
@@ -136,9 +141,10 @@ impl Callback for UpgradeCallback {
             .flat_map(|value| value.split(','))
             .any(|offered| offered.trim() == SUBPROTOCOL);
         if offers_subprotocol {
-            response
-                .headers_mut()
-                .insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
         }
         self.0.borrow_mut().token = bearer_token(request).or_else(|| query_token(request));
         Ok(response)
@@ -148,7 +154,9 @@ impl Callback for UpgradeCallback {
 fn bearer_token(request: &Request) -> Option<String> {
     let value = request.headers().get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
 }
 
 fn query_token(request: &Request) -> Option<String> {
@@ -173,9 +181,7 @@ enum State {
         session: Session,
     },
     /// Only leftover output remains (an HTTP error response, a close frame).
-    Finished {
-        output: Vec<u8>,
-    },
+    Finished { output: Vec<u8> },
 }
 
 /// One WebSocket connection, from the first byte to the close frame.
@@ -254,7 +260,10 @@ impl WsConnection {
 
     /// Timers: auth, heartbeat, idle, linger.
     pub fn on_tick(&mut self, now: Now) {
-        if self.linger_deadline.is_some_and(|deadline| now.instant >= deadline) {
+        if self
+            .linger_deadline
+            .is_some_and(|deadline| now.instant >= deadline)
+        {
             self.on_peer_gone();
             return;
         }
@@ -277,7 +286,9 @@ impl WsConnection {
     /// The earliest instant `on_tick` should run.
     pub fn next_deadline(&self) -> Option<Instant> {
         let state_deadline = match &self.state {
-            State::Handshaking { .. } => Some(self.accepted + self.session_config.limits.auth_timeout),
+            State::Handshaking { .. } => {
+                Some(self.accepted + self.session_config.limits.auth_timeout)
+            }
             State::Open { session, .. } => session.next_deadline(),
             State::Finished { .. } => None,
         };
@@ -335,7 +346,12 @@ impl WsConnection {
     }
 
     fn on_handshake_bytes(&mut self, now: Now, data: &[u8]) {
-        let State::Handshaking { handshake, upgrade, received } = &mut self.state else {
+        let State::Handshaking {
+            handshake,
+            upgrade,
+            received,
+        } = &mut self.state
+        else {
             return;
         };
         *received += data.len();
@@ -458,7 +474,12 @@ impl Drop for WsConnection {
 }
 
 /// Read every complete message the pipe holds and hand it to the session.
-fn read_messages(ws: &mut WebSocket<Pipe>, session: &mut Session, metrics: &ShardMetrics, now: Now) {
+fn read_messages(
+    ws: &mut WebSocket<Pipe>,
+    session: &mut Session,
+    metrics: &ShardMetrics,
+    now: Now,
+) {
     while !session.is_closing() {
         match ws.read() {
             Ok(Message::Text(text)) => {
@@ -475,11 +496,13 @@ fn read_messages(ws: &mut WebSocket<Pipe>, session: &mut Session, metrics: &Shar
                 session.on_peer_closed();
             }
             Err(WsError::Io(error)) if error.kind() == io::ErrorKind::WouldBlock => return,
-            Err(WsError::Capacity(_)) => {
-                session.protocol_violation(CloseCode::MessageTooBig, "frame exceeds max_frame_hard_bytes")
-            }
+            Err(WsError::Capacity(_)) => session.protocol_violation(
+                CloseCode::MessageTooBig,
+                "frame exceeds max_frame_hard_bytes",
+            ),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => session.on_peer_closed(),
-            Err(_) => session.protocol_violation(CloseCode::ProtocolViolation, "WebSocket protocol violation"),
+            Err(_) => session
+                .protocol_violation(CloseCode::ProtocolViolation, "WebSocket protocol violation"),
         }
     }
 }

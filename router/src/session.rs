@@ -107,10 +107,15 @@ pub enum Note {
 
 #[derive(Debug)]
 enum Phase {
-    AwaitingAuth { deadline: Instant },
+    AwaitingAuth {
+        deadline: Instant,
+    },
     Active(Identity),
     /// Closing: nothing more is read; queued documents go out, then the close frame.
-    Closing { code: CloseCode, reason: &'static str },
+    Closing {
+        code: CloseCode,
+        reason: &'static str,
+    },
 }
 
 /// Liveness of a quiet peer: one ping per silence, then the idle timeout.
@@ -316,7 +321,11 @@ impl Session {
         if self.is_closing() || !self.take_rate_token(now) {
             return;
         }
-        self.reject(None, ErrorCode::BadRequest, "binary frames are not supported; send text");
+        self.reject(
+            None,
+            ErrorCode::BadRequest,
+            "binary frames are not supported; send text",
+        );
     }
 
     /// The earliest instant at which `on_tick` has something to do.
@@ -441,12 +450,21 @@ impl Session {
         match (&self.phase, op) {
             (_, "hello") => self.on_hello(now, id, document),
             (Phase::AwaitingAuth { .. }, _) => {
-                self.reply_err(id, ErrorCode::Unauthorized, "authenticate first: send hello with a token");
+                self.reply_err(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "authenticate first: send hello with a token",
+                );
                 self.close(CloseCode::Unauthorized, "command before authentication");
             }
             (_, "ping") => {
                 self.strikes = 0;
-                self.reply_ok(id, &Pong { server_ts: now.unix_ms });
+                self.reply_ok(
+                    id,
+                    &Pong {
+                        server_ts: now.unix_ms,
+                    },
+                );
             }
             (_, op) if ROUTER_OPS.contains(&op) => {
                 self.strikes = 0;
@@ -499,7 +517,11 @@ impl Session {
                 }
                 match verified {
                     Some(Ok(claims)) if claims.sub != identity.user => {
-                        self.reply_err(id, ErrorCode::Unauthorized, "hello token names another user");
+                        self.reply_err(
+                            id,
+                            ErrorCode::Unauthorized,
+                            "hello token names another user",
+                        );
                         return self.close(CloseCode::Unauthorized, "token user mismatch");
                     }
                     Some(Err(error)) => {
@@ -557,7 +579,11 @@ impl Session {
         if self.rate.try_take(now.instant) {
             return true;
         }
-        self.reject(None, ErrorCode::RateLimited, "slow down: per-session rate limit");
+        self.reject(
+            None,
+            ErrorCode::RateLimited,
+            "slow down: per-session rate limit",
+        );
         false
     }
 
@@ -591,7 +617,10 @@ impl Session {
         {
             self.outbound.clear();
             self.outbound_bytes = 0;
-            self.close(CloseCode::TooSlow, "outbound queue overflow: reconnect and sync");
+            self.close(
+                CloseCode::TooSlow,
+                "outbound queue overflow: reconnect and sync",
+            );
             return Err(QueueOverflow);
         }
         self.outbound_bytes += document.len();
@@ -741,7 +770,10 @@ mod tests {
     #[test]
     fn hello_with_resume_ends_with_synced() {
         let mut h = Harness::authed();
-        h.send(1, r#"{"id":1,"op":"hello","resume":[{"conv":"c1","after":3}]}"#);
+        h.send(
+            1,
+            r#"{"id":1,"op":"hello","resume":[{"conv":"c1","after":3}]}"#,
+        );
         let replies = h.replies();
         assert_eq!(replies[1], json!({"ev": "synced"}));
     }
@@ -768,7 +800,10 @@ mod tests {
             exp: u64::MAX,
             dev: None,
         });
-        h.send(1, &json!({"id": 1, "op": "hello", "token": wrong}).to_string());
+        h.send(
+            1,
+            &json!({"id": 1, "op": "hello", "token": wrong}).to_string(),
+        );
         // The close waits for the queued error reply.
         assert_eq!(h.session.poll_action(), None);
         let replies = h.replies();
@@ -790,7 +825,7 @@ mod tests {
             exp: T0_UNIX_MS / 1000,
             dev: None,
         });
-        let mut h = Harness::new(limits(), Some(&expired));
+        let h = Harness::new(limits(), Some(&expired));
         assert!(!h.session.is_authenticated());
         assert!(h.session.is_closing());
     }
@@ -839,7 +874,10 @@ mod tests {
     #[test]
     fn batched_frame_gets_one_reply_per_document() {
         let mut h = Harness::authed();
-        h.send(1, "{\"id\":1,\"op\":\"ping\"}\n{\"id\":2,\"op\":\"ping\"}\n");
+        h.send(
+            1,
+            "{\"id\":1,\"op\":\"ping\"}\n{\"id\":2,\"op\":\"ping\"}\n",
+        );
         let ids: Vec<Value> = h.replies().iter().map(|r| r["re"].clone()).collect();
         assert_eq!(ids, vec![json!(1), json!(2)]);
     }
@@ -868,7 +906,10 @@ mod tests {
     #[test]
     fn router_ops_are_answered_not_dropped() {
         let mut h = Harness::authed();
-        h.send(1, r#"{"id":1,"op":"send","conv":"c","cmid":"m","body":"hi"}"#);
+        h.send(
+            1,
+            r#"{"id":1,"op":"send","conv":"c","cmid":"m","body":"hi"}"#,
+        );
         let reply = &h.replies()[0];
         assert_eq!(reply["re"], 1);
         assert_eq!(reply["err"]["code"], "bad_request");
@@ -948,7 +989,10 @@ mod tests {
         for id in 0..4 {
             h.send(0, &format!(r#"{{"id":{id},"op":"ping"}}"#));
         }
-        let first = h.session.take_outbound_batch(1).expect("one document at least");
+        let first = h
+            .session
+            .take_outbound_batch(1)
+            .expect("one document at least");
         assert_eq!(first.split('\n').count(), 1);
         let rest = h.session.take_outbound_batch(usize::MAX).expect("rest");
         assert_eq!(rest.split('\n').count(), 3);

@@ -43,7 +43,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => value * 60,
         "h" => value * 3600,
         "d" => value * 86_400,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h or d)"
+            ))
+        }
     };
     Ok(Duration::from_secs(seconds))
 }

@@ -99,9 +99,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let token = match token {
                 Some(token) => token,
                 None => {
-                    let secret =
-                        load_secret(secret.secret.as_deref(), secret.data_dir.as_deref())?;
-                    mint_token(&secret, &user, device.as_deref(), Duration::from_secs(86_400))
+                    let secret = load_secret(secret.secret.as_deref(), secret.data_dir.as_deref())?;
+                    mint_token(
+                        &secret,
+                        &user,
+                        device.as_deref(),
+                        Duration::from_secs(86_400),
+                    )
                 }
             };
             connect(&url, &token, device.as_deref())

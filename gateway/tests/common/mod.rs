@@ -1,0 +1,328 @@
+//! Test harness: starts the real `parleyd` binary on free ports and talks to it over
+//! real sockets with tungstenite's client.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parley_router::auth::{Claims, JwtKey};
+use serde_json::Value;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &str = "integration-test-secret";
+/// Upper bound on any single wait in these tests; reaching it is a failure, not a pass.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub ws: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Run parleyd to completion (for startup failures): exit status and stderr.
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parleyd"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn parleyd");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return (status, stderr);
+        }
+        if started.elapsed() > WAIT {
+            let _ = child.kill();
+            panic!("parleyd {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Daemon {
+    /// Start on free ports with two shards and the test secret, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Daemon {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    pub fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.path().display().to_string(),
+            "--ws-listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--jwt-secret".into(),
+            SECRET.into(),
+            "--shards".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn parleyd");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("parleyd {args:?} never said it was listening");
+            };
+            if let Some(rest) = line.split("listening ws=").nth(1) {
+                let mut words = rest.split_whitespace();
+                let ws = words.next().unwrap().parse().unwrap();
+                let admin = words
+                    .next()
+                    .unwrap()
+                    .trim_start_matches("admin=")
+                    .parse()
+                    .unwrap();
+                return Daemon {
+                    child: Some(child),
+                    ws,
+                    admin,
+                    data_dir,
+                    stderr: rx,
+                };
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/ws", self.ws)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Send a signal and wait for the exit, bounded by WAIT.
+    pub fn signal_and_wait(&mut self, signal: i32) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), signal) };
+        let mut child = self.child.take().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > WAIT {
+                let _ = child.kill();
+                panic!("parleyd did not exit after signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lines parleyd logged since the last call.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    /// `GET path` on the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    /// Sum of a metric over every label set that contains `labels`.
+    pub fn metric(&self, name: &str, labels: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect admin");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+pub fn token(user: &str, device: Option<&str>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    JwtKey::new(SECRET.as_bytes()).sign(&Claims {
+        sub: user.into(),
+        exp: now + 3600,
+        dev: device.map(Into::into),
+    })
+}
+
+/// A test client session.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    next_id: u64,
+    /// Documents of a batched frame not yet returned.
+    pending: std::collections::VecDeque<Value>,
+}
+
+/// What a read returned.
+#[derive(Debug)]
+pub enum Event {
+    Docs(Vec<Value>),
+    Ping,
+    Closed(Option<u16>, String),
+}
+
+impl Client {
+    /// Connect with an optional `Authorization: Bearer` token.
+    pub fn connect(daemon: &Daemon, bearer: Option<&str>) -> Client {
+        Self::connect_stream(
+            daemon,
+            bearer,
+            TcpStream::connect(daemon.ws).expect("connect"),
+        )
+    }
+
+    pub fn connect_stream(daemon: &Daemon, bearer: Option<&str>, stream: TcpStream) -> Client {
+        let mut request = daemon.url().into_client_request().unwrap();
+        if let Some(token) = bearer {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let (ws, _) = tungstenite::client(request, stream).expect("upgrade");
+        Client {
+            ws,
+            next_id: 1,
+            pending: Default::default(),
+        }
+    }
+
+    /// Connected and authenticated as `user` through the upgrade header.
+    pub fn authed(daemon: &Daemon, user: &str) -> Client {
+        Self::connect(daemon, Some(&token(user, None)))
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    /// Send `{"id": <next>, "op": op, ...fields}` and return the id.
+    pub fn command(&mut self, op: &str, fields: Value) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut doc = fields;
+        doc["id"] = id.into();
+        doc["op"] = op.into();
+        self.send_text(&doc.to_string());
+        id
+    }
+
+    pub fn next_event(&mut self) -> Event {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    let docs = text
+                        .split('\n')
+                        .map(|d| serde_json::from_str(d).expect("server sends JSON"))
+                        .collect();
+                    return Event::Docs(docs);
+                }
+                Ok(Message::Ping(_)) => return Event::Ping,
+                Ok(Message::Close(frame)) => {
+                    let (code, reason) = frame
+                        .map(|CloseFrame { code, reason }| {
+                            (Some(u16::from(code)), reason.to_string())
+                        })
+                        .unwrap_or((None, String::new()));
+                    return Event::Closed(code, reason);
+                }
+                Ok(_) => {}
+                Err(error) => panic!("read failed: {error}"),
+            }
+        }
+    }
+
+    /// The next document, skipping pings.
+    pub fn next_doc(&mut self) -> Value {
+        loop {
+            if let Some(doc) = self.pending.pop_front() {
+                return doc;
+            }
+            match self.next_event() {
+                Event::Docs(docs) => self.pending.extend(docs),
+                Event::Ping => {}
+                Event::Closed(code, reason) => {
+                    panic!("closed ({code:?} {reason}) while waiting for a document")
+                }
+            }
+        }
+    }
+
+    /// The reply to command `id`, skipping other documents.
+    pub fn reply(&mut self, id: u64) -> Value {
+        loop {
+            let doc = self.next_doc();
+            if doc["re"] == id {
+                return doc;
+            }
+        }
+    }
+
+    /// Read until the close frame; its code.
+    pub fn expect_close(&mut self) -> (Option<u16>, String) {
+        loop {
+            if let Event::Closed(code, reason) = self.next_event() {
+                return (code, reason);
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! parleyd's process lifecycle: the drain on SIGTERM/SIGINT and each startup failure.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::{run_to_exit, Client, Daemon};
+use serde_json::json;
+
+fn last_line(stderr: &str) -> &str {
+    stderr.lines().last().unwrap_or("")
+}
+
+#[test]
+fn sigterm_drains_sessions_with_1001_and_exits_0() {
+    let mut daemon = Daemon::start(&["--drain-timeout-ms", "3000"]);
+    let mut clients: Vec<Client> = (0..4)
+        .map(|i| Client::authed(&daemon, &format!("user{i}")))
+        .collect();
+    for client in &mut clients {
+        let id = client.command("ping", json!({}));
+        client.reply(id);
+    }
+    assert_eq!(daemon.admin_get("/readyz").0, 200);
+    let admin = daemon.admin;
+    let (status, took) = daemon.signal_and_wait(libc::SIGTERM);
+    for client in &mut clients {
+        let (code, reason) = client.expect_close();
+        assert_eq!(code, Some(1001));
+        assert_eq!(reason, "server shutting down");
+    }
+    assert_eq!(status.code(), Some(0), "drain exits 0");
+    assert!(took < Duration::from_secs(3), "drain took {took:?}");
+    // The listeners are gone.
+    assert!(std::net::TcpStream::connect(daemon.ws).is_err());
+    assert!(std::net::TcpStream::connect(admin).is_err());
+}
+
+#[test]
+fn sigint_drains_too() {
+    let mut daemon = Daemon::start(&[]);
+    let mut client = Client::authed(&daemon, "alice");
+    let (status, _) = daemon.signal_and_wait(libc::SIGINT);
+    assert_eq!(client.expect_close().0, Some(1001));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn drain_is_bounded_by_drain_timeout() {
+    let mut daemon = Daemon::start(&[
+        "--drain-timeout-ms",
+        "500",
+        "--outbound-queue-len",
+        "100000000",
+        "--outbound-queue-bytes",
+        "1000000000",
+        "--rate-limit-per-sec",
+        "100000000",
+        "--rate-limit-burst",
+        "100000000",
+    ]);
+    // A session that never reads while its replies pile up: the drain's 1001 waits
+    // behind them forever, so only drain_timeout_ms ends it.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&daemon.ws.into()).unwrap();
+    let mut client =
+        Client::connect_stream(&daemon, Some(&common::token("stuck", None)), socket.into());
+    let ping = br#"{"id":1,"op":"ping"}"#;
+    let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(ping);
+    let burst = frame.repeat(1000);
+    let stream = client.ws.get_mut();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..300 {
+        use std::io::Write;
+        stream.write_all(&burst).unwrap();
+    }
+    let (status, took) = daemon.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(450),
+        "drain ended early ({took:?}): was it stuck?"
+    );
+    assert!(took < Duration::from_secs(3), "drain took {took:?}");
+}
+
+#[test]
+fn port_in_use_is_one_clear_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_exit(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ws-listen",
+            &addr,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        last_line(&stderr),
+        format!("parleyd: error: cannot listen on ws_listen {addr}: Address already in use (os error 98)")
+    );
+
+    let (status, stderr) = run_to_exit(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr).starts_with(&format!(
+            "parleyd: error: cannot listen on admin_listen {addr}"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_second_parleyd_on_the_same_port_is_refused() {
+    // SO_REUSEPORT alone would let a second daemon share the port silently.
+    let first = Daemon::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let ws = first.ws.to_string();
+    let (status, stderr) = run_to_exit(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ws-listen",
+            &ws,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr).contains("Address already in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unusable_data_dir_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let data_dir = file.join("data");
+    let (status, stderr) = run_to_exit(&["--data-dir", data_dir.to_str().unwrap()], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        last_line(&stderr),
+        format!(
+            "parleyd: error: data dir {}: Not a directory (os error 20)",
+            data_dir.display()
+        )
+    );
+}
+
+#[test]
+fn data_dir_in_use_is_refused() {
+    let first = Daemon::start(&[]);
+    let data_dir = first.data_dir.path().to_str().unwrap().to_string();
+    let (status, stderr) = run_to_exit(
+        &[
+            "--data-dir",
+            &data_dir,
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr).contains("is in use by another parleyd"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_config_values_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+
+    let (status, stderr) = run_to_exit(&["--data-dir", data_dir, "--max-frame-bytes", "0"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        last_line(&stderr),
+        "parleyd: error: setting max_frame_bytes: must be greater than 0"
+    );
+
+    let (status, stderr) = run_to_exit(
+        &["--data-dir", data_dir],
+        &[("PARLEY_AUTH_TIMEOUT_MS", "soon")],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr)
+            .starts_with("parleyd: error: environment variable PARLEY_AUTH_TIMEOUT_MS=\"soon\""),
+        "{stderr}"
+    );
+
+    let config = dir.path().join("parley.toml");
+    std::fs::write(&config, "idle_timeout_ms = \"long\"\n").unwrap();
+    let (status, stderr) = run_to_exit(
+        &["--data-dir", data_dir, "--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr)
+            .starts_with(&format!("parleyd: error: config file {}", config.display())),
+        "{stderr}"
+    );
+
+    let (status, stderr) = run_to_exit(&["--ws-listen", "not-an-address"], &[]);
+    assert_eq!(status.code(), Some(2));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--ws-listen"), "{stderr}");
+
+    let (status, stderr) = run_to_exit(&["--shards", "4096"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        last_line(&stderr).starts_with("parleyd: error: setting shards:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn generated_secret_is_reused_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap().to_string();
+    let args = [
+        "--data-dir",
+        &data_dir,
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let run = |args: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parleyd"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let path = dir.path().join("jwt-secret");
+        let deadline = std::time::Instant::now() + common::WAIT;
+        while !path.exists() {
+            assert!(std::time::Instant::now() < deadline, "no secret file");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(path).unwrap()
+    };
+    let first = run(&args);
+    let second = run(&args);
+    assert_eq!(first, second);
+    assert_eq!(first.trim().len(), 64);
+    let mode = std::fs::metadata(dir.path().join("jwt-secret"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -1,0 +1,303 @@
+"""Fixtures and helpers for the independent-client tests of parleyd.
+
+Nothing here imports or calls Parley's Rust code: tokens are minted with hmac/hashlib,
+the daemon is driven only through its command line, its WebSocket listener and its
+admin HTTP listener.
+
+The binary is $PARLEYD if set, else <repo>/target/debug/parleyd, where <repo> is three
+directories above this file. Build it with:
+
+    cargo build -p parley-gateway -p parley-tools
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SECRET = "independent-client-secret"
+STARTUP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 15.0
+# Every exchange with the gateway is bounded by this (seconds).
+IO_TIMEOUT_S = 5.0
+
+_LISTENING = re.compile(r"listening ws=(\S+):(\d+) admin=(\S+):(\d+)")
+
+
+def parleyd_binary() -> Path:
+    override = os.environ.get("PARLEYD")
+    path = Path(override) if override else REPO_ROOT / "target" / "debug" / "parleyd"
+    if not path.is_file() or not os.access(path, os.X_OK):
+        pytest.fail(
+            f"parleyd binary not found at {path}: run "
+            f"`cd {REPO_ROOT} && cargo build -p parley-gateway -p parley-tools` "
+            "(or set PARLEYD to the binary)",
+            pytrace=False,
+        )
+    return path
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint_token(
+    sub: str,
+    *,
+    secret: str = SECRET,
+    exp: int | None = None,
+    dev: str | None = None,
+) -> str:
+    """An HS256 JWT, built by hand so the client is independent of parley's signer."""
+    header = {"alg": "HS256", "typ": "JWT"}
+    claims: dict = {"sub": sub, "exp": int(time.time()) + 3600 if exp is None else exp}
+    if dev is not None:
+        claims["dev"] = dev
+    signing_input = (
+        _b64url(json.dumps(header, separators=(",", ":")).encode())
+        + "."
+        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    )
+    signature = hmac.new(secret.encode("utf-8"), signing_input.encode("ascii"), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(signature)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+@dataclass
+class Parleyd:
+    """One running parleyd; stderr is drained by a thread so the pipe never fills."""
+
+    proc: subprocess.Popen
+    ws_port: int = 0
+    admin_port: int = 0
+    secret: str = SECRET
+    log: list[str] = field(default_factory=list)
+    _lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/v1/ws"
+
+    def url(self, path: str = "/v1/ws", query: str = "") -> str:
+        return f"ws://127.0.0.1:{self.ws_port}{path}" + (f"?{query}" if query else "")
+
+    def stderr_text(self) -> str:
+        return "".join(self.log)
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.log.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_listening(self) -> None:
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                pytest.fail(
+                    f"parleyd did not log 'listening ws=... admin=...' within "
+                    f"{STARTUP_TIMEOUT_S}s; stderr:\n{self.stderr_text()}",
+                    pytrace=False,
+                )
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+                pytest.fail(
+                    f"parleyd exited with {code} before listening; stderr:\n{self.stderr_text()}",
+                    pytrace=False,
+                )
+            match = _LISTENING.search(line)
+            if match:
+                self.ws_port = int(match.group(2))
+                self.admin_port = int(match.group(4))
+                return
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, then wait for the drain; SIGKILL if it takes longer than `timeout`.
+        Returns the exit status (negative: killed by that signal)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    # admin listener
+
+    def admin_get(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        # No proxy: the admin listener is local.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(url, timeout=IO_TIMEOUT_S) as response:
+                return response.status, response.read().decode("utf-8")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode("utf-8")
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples as {'name{labels}': value}."""
+        status, body = self.admin_get("/metrics")
+        assert status == 200, f"/metrics returned {status}: {body}"
+        samples: dict[str, float] = {}
+        for line in body.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+        return samples
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Sum of `name` over every sample whose labels include `labels` (e.g. all shards)."""
+        total = 0.0
+        found = False
+        for key, value in self.metrics().items():
+            metric, _, rest = key.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += value
+                found = True
+        assert found, f"no sample of {name} with labels {labels} in /metrics"
+        return total
+
+
+def start_parleyd(data_dir: Path, *extra: str, secret: str = SECRET) -> Parleyd:
+    binary = parleyd_binary()
+    args = [
+        str(binary),
+        "--data-dir", str(data_dir),
+        "--ws-listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0",
+        "--jwt-secret", secret,
+        "--shards", "2",
+        *extra,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    env["PARLEY_LOG"] = "info"
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    daemon = Parleyd(proc=proc, secret=secret)
+    daemon.wait_listening()
+    return daemon
+
+
+@pytest.fixture
+def spawn_parleyd(tmp_path_factory):
+    """Start a parleyd with extra flags; every one started is stopped at teardown."""
+    started: list[Parleyd] = []
+
+    def spawn(*extra: str) -> Parleyd:
+        daemon = start_parleyd(tmp_path_factory.mktemp("parleyd-data"), *extra)
+        started.append(daemon)
+        return daemon
+
+    yield spawn
+    for daemon in started:
+        try:
+            daemon.terminate()
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ---------------------------------------------------------------- the client
+
+
+def run(coro, timeout: float = 30.0):
+    """Run one test coroutine with an overall bound."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def ws_connect(url: str, *, token: str | None = None, subprotocols=None, headers=None):
+    """websockets client with no proxy, no compression and no client keepalive pings
+    (they would count as inbound traffic), bounded handshake and close."""
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    return connect(
+        url,
+        additional_headers=all_headers or None,
+        subprotocols=subprotocols,
+        compression=None,
+        proxy=None,
+        ping_interval=None,
+        open_timeout=IO_TIMEOUT_S,
+        close_timeout=IO_TIMEOUT_S,
+        max_size=None,
+    )
+
+
+class Client:
+    """Splits every text frame into its `\\n`-separated documents and buffers them."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.pending: list[dict] = []
+        self.frames = 0
+
+    async def send(self, *documents: dict | str) -> None:
+        """Send the documents in one text frame, joined by `\\n`."""
+        parts = [d if isinstance(d, str) else json.dumps(d) for d in documents]
+        await self.ws.send("\n".join(parts))
+
+    async def next_doc(self, timeout: float = IO_TIMEOUT_S) -> dict:
+        while not self.pending:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            assert isinstance(frame, str), f"server sent a binary frame: {frame!r}"
+            self.frames += 1
+            self.pending.extend(json.loads(doc) for doc in frame.split("\n") if doc.strip())
+        return self.pending.pop(0)
+
+    async def request(self, document: dict, timeout: float = IO_TIMEOUT_S) -> dict:
+        """Send one command and return its reply (the next document; no events are
+        expected on these connections)."""
+        await self.send(document)
+        reply = await self.next_doc(timeout)
+        assert reply.get("re") == document["id"], f"reply {reply} does not answer {document}"
+        return reply
+
+    async def expect_close(self, timeout: float = IO_TIMEOUT_S):
+        """Wait for the server's close; fail on any document before it.
+        Returns the received close frame (code, reason)."""
+        try:
+            doc = await self.next_doc(timeout)
+        except websockets.exceptions.ConnectionClosed as closed:
+            assert closed.rcvd is not None, f"connection ended without a close frame: {closed!r}"
+            return closed.rcvd
+        raise AssertionError(f"expected a close, got document {doc}")
