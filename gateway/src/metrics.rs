@@ -44,108 +44,113 @@ pub fn dec(counter: &AtomicU64) {
 }
 
 /// A per-shard series: name, type, help, and where its value lives.
-type PerShardGauge = (
+type PerShardSeries = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&ShardMetrics) -> &AtomicU64,
+    fn(&ShardMetrics) -> u64,
 );
+
+const PER_SHARD: [PerShardSeries; 8] = [
+    (
+        "parley_connections",
+        "gauge",
+        "Open client connections.",
+        |m| m.connections_open.load(Relaxed),
+    ),
+    ("parley_sessions", "gauge", "Authenticated sessions.", |m| {
+        m.sessions_authenticated.load(Relaxed)
+    }),
+    (
+        "parley_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |m| m.connections_accepted.load(Relaxed),
+    ),
+    (
+        "parley_connections_refused_total",
+        "counter",
+        "Connections refused at max_connections_per_shard.",
+        |m| m.connections_refused.load(Relaxed),
+    ),
+    (
+        "parley_frames_in_total",
+        "counter",
+        "WebSocket data frames received.",
+        |m| m.frames_in.load(Relaxed),
+    ),
+    (
+        "parley_frames_out_total",
+        "counter",
+        "WebSocket data frames sent.",
+        |m| m.frames_out.load(Relaxed),
+    ),
+    (
+        "parley_handshake_failures_total",
+        "counter",
+        "Connections dropped before a WebSocket session started.",
+        |m| m.handshake_failures.load(Relaxed),
+    ),
+    (
+        "parley_shard_ready",
+        "gauge",
+        "1 when the shard serves and its state is recovered.",
+        |m| u64::from(m.ready.load(Relaxed)),
+    ),
+];
+
+/// One metric: its header, then one line per (labels, value).
+fn series(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    rows: impl Iterator<Item = (String, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        let _ = match labels.is_empty() {
+            true => writeln!(out, "{name} {value}"),
+            false => writeln!(out, "{name}{{{labels}}} {value}"),
+        };
+    }
+}
 
 /// Prometheus text exposition of every shard's counters.
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [PerShardGauge; 7] = [
-        (
-            "parley_connections",
-            "gauge",
-            "Open client connections.",
-            |m| &m.connections_open,
-        ),
-        ("parley_sessions", "gauge", "Authenticated sessions.", |m| {
-            &m.sessions_authenticated
-        }),
-        (
-            "parley_connections_accepted_total",
-            "counter",
-            "Connections accepted.",
-            |m| &m.connections_accepted,
-        ),
-        (
-            "parley_connections_refused_total",
-            "counter",
-            "Connections refused at max_connections_per_shard.",
-            |m| &m.connections_refused,
-        ),
-        (
-            "parley_frames_in_total",
-            "counter",
-            "WebSocket data frames received.",
-            |m| &m.frames_in,
-        ),
-        (
-            "parley_frames_out_total",
-            "counter",
-            "WebSocket data frames sent.",
-            |m| &m.frames_out,
-        ),
-        (
-            "parley_handshake_failures_total",
-            "counter",
-            "Connections dropped before a WebSocket session started.",
-            |m| &m.handshake_failures,
-        ),
-    ];
-    for (name, kind, help, field) in per_shard {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (shard, metrics) in shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}{{shard=\"{shard}\"}} {}",
-                field(metrics).load(Relaxed)
-            );
-        }
+    let by_shard = || shards.iter().enumerate();
+    for (name, kind, help, value) in PER_SHARD {
+        let rows = by_shard().map(|(shard, m)| (format!("shard=\"{shard}\""), value(m)));
+        series(&mut out, (name, kind, help), rows);
     }
-    let name = "parley_errors_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Error replies sent, by code.\n# TYPE {name} counter"
+    let errors = by_shard().flat_map(|(shard, m)| {
+        ErrorCode::ALL.map(|code| {
+            let labels = format!("shard=\"{shard}\",code=\"{}\"", code.as_str());
+            (labels, m.errors[code.index()].load(Relaxed))
+        })
+    });
+    let header = (
+        "parley_errors_total",
+        "counter",
+        "Error replies sent, by code.",
     );
-    for (shard, metrics) in shards.iter().enumerate() {
-        for code in ErrorCode::ALL {
-            let value = metrics.errors[code.index()].load(Relaxed);
-            let code = code.as_str();
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\",code=\"{code}\"}} {value}");
-        }
-    }
-    let name = "parley_closes_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Close frames sent, by close code.\n# TYPE {name} counter"
+    series(&mut out, header, errors);
+    let closes = by_shard().flat_map(|(shard, m)| {
+        CloseCode::ALL.map(|code| {
+            let labels = format!("shard=\"{shard}\",code=\"{}\"", code.code());
+            (labels, m.closes[code.index()].load(Relaxed))
+        })
+    });
+    let header = (
+        "parley_closes_total",
+        "counter",
+        "Close frames sent, by close code.",
     );
-    for (shard, metrics) in shards.iter().enumerate() {
-        for code in CloseCode::ALL {
-            let value = metrics.closes[code.index()].load(Relaxed);
-            let code = code.code();
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\",code=\"{code}\"}} {value}");
-        }
-    }
-    let name = "parley_shard_ready";
-    let _ = writeln!(
-        out,
-        "# HELP {name} 1 when the shard serves and its state is recovered.\n# TYPE {name} gauge"
-    );
-    for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}{{shard=\"{shard}\"}} {}",
-            u8::from(metrics.ready.load(Relaxed))
-        );
-    }
-    let name = "parley_draining";
-    let _ = writeln!(
-        out,
-        "# HELP {name} 1 while the process drains.\n# TYPE {name} gauge\n{name} {}",
-        u8::from(draining)
+    series(&mut out, header, closes);
+    let header = ("parley_draining", "gauge", "1 while the process drains.");
+    series(
+        &mut out,
+        header,
+        std::iter::once((String::new(), u64::from(draining))),
     );
     out
 }

@@ -8,6 +8,26 @@ use std::time::Duration;
 use common::{run_to_exit, Client, Daemon};
 use serde_json::json;
 
+/// Start a parleyd expected to fail: exit status and stderr.
+fn start_failing(
+    data_dir: &std::path::Path,
+    ws: &str,
+    admin: &str,
+) -> (std::process::ExitStatus, String) {
+    let data_dir = data_dir.to_str().unwrap();
+    run_to_exit(
+        &[
+            "--data-dir",
+            data_dir,
+            "--ws-listen",
+            ws,
+            "--admin-listen",
+            admin,
+        ],
+        &[],
+    )
+}
+
 fn last_line(stderr: &str) -> &str {
     stderr.lines().last().unwrap_or("")
 }
@@ -62,23 +82,12 @@ fn drain_is_bounded_by_drain_timeout() {
     ]);
     // A session that never reads while its replies pile up: the drain's 1001 waits
     // behind them forever, so only drain_timeout_ms ends it.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&daemon.ws.into()).unwrap();
-    let mut client =
-        Client::connect_stream(&daemon, Some(&common::token("stuck", None)), socket.into());
-    let ping = br#"{"id":1,"op":"ping"}"#;
-    let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(ping);
-    let burst = frame.repeat(1000);
-    let stream = client.ws.get_mut();
-    stream
-        .set_write_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    for _ in 0..300 {
-        use std::io::Write;
-        stream.write_all(&burst).unwrap();
-    }
+    let mut client = Client::slow_reader(&daemon, "stuck");
+    assert_eq!(
+        client.flood_pings(300),
+        300,
+        "the server reads until the drain"
+    );
     let (status, took) = daemon.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -93,34 +102,14 @@ fn port_in_use_is_one_clear_line() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--ws-listen",
-            &addr,
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let (status, stderr) = start_failing(dir.path(), &addr, "127.0.0.1:0");
     assert_eq!(status.code(), Some(1));
     assert_eq!(
         last_line(&stderr),
         format!("parleyd: error: cannot listen on ws_listen {addr}: Address already in use (os error 98)")
     );
 
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            &addr,
-        ],
-        &[],
-    );
+    let (status, stderr) = start_failing(dir.path(), "127.0.0.1:0", &addr);
     assert_eq!(status.code(), Some(1));
     assert!(
         last_line(&stderr).starts_with(&format!(
@@ -136,17 +125,7 @@ fn a_second_parleyd_on_the_same_port_is_refused() {
     let first = Daemon::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let ws = first.ws.to_string();
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--ws-listen",
-            &ws,
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let (status, stderr) = start_failing(dir.path(), &ws, "127.0.0.1:0");
     assert_eq!(status.code(), Some(1));
     assert!(
         last_line(&stderr).contains("Address already in use"),
@@ -174,18 +153,7 @@ fn unusable_data_dir_is_one_clear_line() {
 #[test]
 fn data_dir_in_use_is_refused() {
     let first = Daemon::start(&[]);
-    let data_dir = first.data_dir.path().to_str().unwrap().to_string();
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            &data_dir,
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let (status, stderr) = start_failing(first.data_dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     assert_eq!(status.code(), Some(1));
     assert!(
         last_line(&stderr).contains("is in use by another parleyd"),

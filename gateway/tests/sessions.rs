@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{token, Client, Daemon, Event};
@@ -206,30 +204,8 @@ fn slow_consumer_is_closed_4009() {
         "--rate-limit-burst",
         "10000000",
     ]);
-    // A small receive buffer so the server's writes back up quickly.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&daemon.ws.into()).unwrap();
-    let mut client = Client::connect_stream(&daemon, Some(&token("slow", None)), socket.into());
-
-    // Flood pings without reading replies. Raw masked frames (mask key 0) on the socket,
-    // so tungstenite's own write state stays clean for reading afterwards.
-    let ping = br#"{"id":1,"op":"ping"}"#;
-    let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(ping);
-    let burst: Vec<u8> = frame.repeat(1000);
-    let stream: &mut TcpStream = client.ws.get_mut();
-    stream
-        .set_write_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut sent = 0usize;
-    while sent < 2_000 {
-        if stream.write_all(&burst).is_err() {
-            break; // The server stopped reading: it has closed the session.
-        }
-        sent += 1;
-    }
-    stream.set_write_timeout(None).unwrap();
+    let mut client = Client::slow_reader(&daemon, "slow");
+    let sent = client.flood_pings(2_000);
     let code = loop {
         if let Event::Closed(code, _) = client.next_event() {
             break code;

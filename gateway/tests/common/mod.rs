@@ -246,6 +246,35 @@ impl Client {
         }
     }
 
+    /// Authenticated as `user` over a socket with a tiny receive buffer, so the server's
+    /// writes back up after a few KiB of unread replies.
+    pub fn slow_reader(daemon: &Daemon, user: &str) -> Client {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&daemon.ws.into()).unwrap();
+        Self::connect_stream(daemon, Some(&token(user, None)), socket.into())
+    }
+
+    /// Write up to `thousands` x 1000 pings without reading a reply, as raw masked frames
+    /// (mask key 0) on the socket so tungstenite's write state stays clean for reading
+    /// afterwards. Stops early once the server stops reading; returns the thousands sent.
+    pub fn flood_pings(&mut self, thousands: usize) -> usize {
+        let ping = br#"{"id":1,"op":"ping"}"#;
+        let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(ping);
+        let burst = frame.repeat(1000);
+        let stream = self.ws.get_mut();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let sent = (0..thousands)
+            .take_while(|_| stream.write_all(&burst).is_ok())
+            .count();
+        stream.set_write_timeout(None).unwrap();
+        sent
+    }
+
     /// Connected and authenticated as `user` through the upgrade header.
     pub fn authed(daemon: &Daemon, user: &str) -> Client {
         Self::connect(daemon, Some(&token(user, None)))
