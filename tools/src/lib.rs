@@ -69,12 +69,8 @@ pub fn mint_token(secret: &str, user: &str, device: Option<&str>, ttl: Duration)
 pub fn line_to_command(line: &str, id: u64) -> Result<String, String> {
     let line = line.trim();
     let mut command = if line.starts_with('{') {
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|error| format!("not valid JSON: {error}"))?;
-        match value {
-            serde_json::Value::Object(map) => map,
-            _ => return Err("a command is a JSON object".into()),
-        }
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+            .map_err(|error| format!("not a JSON object: {error}"))?
     } else {
         let mut words = line.split_whitespace();
         let op = words.next().ok_or("empty line")?;
@@ -119,7 +115,7 @@ mod tests {
         let doc: serde_json::Value =
             serde_json::from_str(&line_to_command(r#"{"op":"ping","id":1}"#, 9).unwrap()).unwrap();
         assert_eq!(doc["id"], 1);
-        assert!(line_to_command("[1]", 1).is_err());
+        assert!(line_to_command("{not json", 1).is_err());
         assert!(line_to_command("send conv", 1).is_err());
     }
 
