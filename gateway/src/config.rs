@@ -104,7 +104,7 @@ settings! {
     rate_limit_per_sec: u32 = 100, shown "100";
     /// Commands per session allowed in a burst above the sustained rate.
     rate_limit_burst: u32 = 200, shown "200";
-    /// Consecutive rejected commands (rate-limited or malformed) before close 4008.
+    /// Consecutive rejected documents (rate-limited, malformed, unknown op, oversized or binary frame) before close 4008.
     abuse_strikes: u32 = 50, shown "50";
     /// Documents queued for a slow client before close 4009.
     outbound_queue_len: usize = 1024, shown "1024";
@@ -185,8 +185,9 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 12] = [
+        let positive: [(&'static str, u64); 13] = [
             ("auth_timeout_ms", self.auth_timeout_ms),
+            ("rate_limit_per_sec", u64::from(self.rate_limit_per_sec)),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("max_frame_bytes", self.max_frame_bytes as u64),
@@ -238,7 +239,20 @@ impl Settings {
                 ),
             ));
         }
-        if !self.node_name.is_empty() && !parley_router::auth::is_valid_id(&self.node_name) {
+        // One frame's replies (every token of the burst, the welcome's `synced`, and the
+        // rejections up to the abuse close) must fit the queue, or a client that reads
+        // promptly could still be closed as too slow.
+        let one_frame = u64::from(self.rate_limit_burst) + u64::from(self.abuse_strikes) + 1;
+        if (self.outbound_queue_len as u64) < one_frame {
+            return Err(invalid(
+                "outbound_queue_len",
+                format!(
+                    "must be at least rate_limit_burst + abuse_strikes + 1 ({one_frame}), \
+                     so the replies to one frame fit"
+                ),
+            ));
+        }
+        if !parley_router::auth::is_valid_id(&self.node_name) {
             return Err(invalid(
                 "node_name",
                 "must be 1-64 bytes of [A-Za-z0-9._@-]",
@@ -341,6 +355,25 @@ mod tests {
         let error = resolve(&["--max-frame-bytes", "0"], &[]).unwrap_err();
         assert!(
             error.to_string().starts_with("setting max_frame_bytes"),
+            "{error}"
+        );
+        let error = resolve(
+            &["--outbound-queue-len", "100", "--rate-limit-burst", "200"],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting outbound_queue_len"),
+            "{error}"
+        );
+        let error = resolve(&["--rate-limit-per-sec", "0"], &[]).unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting rate_limit_per_sec"),
+            "{error}"
+        );
+        let error = resolve(&["--node-name", ""], &[]).unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting node_name"),
             "{error}"
         );
         let error = resolve(

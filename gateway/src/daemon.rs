@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use parley_router::auth::JwtKey;
 use parley_router::session::SessionConfig;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use socket2::{Domain, Socket, Type};
 
 use crate::admin::{self, AdminState};
@@ -92,10 +93,17 @@ fn init_logging() {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, StartupError> {
+    // Handlers first, so a SIGTERM during startup waits for the drain instead of killing
+    // the process outright; the signal thread starts once there are shards to drain.
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| {
+        StartupError::Spawn {
+            what: "signal handling".into(),
+            source,
+        }
+    })?;
     let settings = Settings::resolve(cli, &|name| std::env::var(name).ok())?;
     let shard_count = settings.shard_count();
     let _lock = lock_data_dir(&settings.data_dir)?;
-    let secret = jwt_secret(&settings)?;
 
     let (ws_addr, ws_listeners) =
         bind_ws(settings.ws_listen, shard_count, settings.listen_backlog)?;
@@ -113,6 +121,8 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             source,
         })?;
 
+    // After the listeners, so a start that fails on a port leaves no new secret behind.
+    let secret = jwt_secret(&settings)?;
     let session_config = Arc::new(SessionConfig {
         limits: settings.session_limits(),
         jwt: JwtKey::new(secret.as_bytes()),
@@ -166,6 +176,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
         source,
     })?;
     spawn_signal_thread(
+        signals,
         controls,
         draining.clone(),
         Duration::from_millis(settings.drain_timeout_ms),
@@ -314,17 +325,15 @@ fn core_affinity_cpus() -> Vec<usize> {
 }
 
 fn spawn_signal_thread(
+    mut signals: signal_hook::iterator::Signals,
     controls: Vec<Arc<ShardControl>>,
     draining: Arc<AtomicBool>,
     drain_timeout: Duration,
 ) -> Result<(), StartupError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
     let spawn_error = |source| StartupError::Spawn {
         what: "the signal thread".into(),
         source,
     };
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(spawn_error)?;
     std::thread::Builder::new()
         .name("parley-signals".into())
         .spawn(move || {

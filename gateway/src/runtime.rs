@@ -101,8 +101,11 @@ struct Shard {
     ws_limits: Rc<WsLimits>,
     session_config: Arc<SessionConfig>,
     scratch: RefCell<Box<[u8]>>,
-    /// Live connections, to wake them for the drain.
+    /// Live sessions, to wake them for the drain.
     connections: RefCell<HashMap<u64, Waker>>,
+    /// Open sockets, including connections lingering after their close frame: what
+    /// `max_connections_per_shard` bounds.
+    open_sockets: Cell<usize>,
     next_connection: Cell<u64>,
     draining: Cell<bool>,
     /// Woken when the last connection ends during a drain.
@@ -122,6 +125,7 @@ async fn run_shard(plan: ShardPlan) {
         session_config: plan.session_config,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
         connections: RefCell::new(HashMap::new()),
+        open_sockets: Cell::new(0),
         next_connection: Cell::new(0),
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
@@ -171,12 +175,14 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, max_connections:
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                if shard.connections.borrow().len() >= max_connections {
+                if shard.open_sockets.get() >= max_connections {
                     inc(&shard.metrics.connections_refused);
                     drop(stream);
                     continue;
                 }
                 inc(&shard.metrics.connections_accepted);
+                inc(&shard.metrics.connections_open);
+                shard.open_sockets.set(shard.open_sockets.get() + 1);
                 let id = shard.next_connection.get();
                 shard.next_connection.set(id + 1);
                 glommio::spawn_local(serve_connection(shard.clone(), stream, id)).detach();
@@ -199,7 +205,6 @@ enum Step {
 }
 
 async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
-    inc(&shard.metrics.connections_open);
     let _nodelay_is_an_optimisation = stream.set_nodelay(true);
     let session_id = format!("{}.{id}", shard.index);
     let mut conn = WsConnection::new(
@@ -239,6 +244,7 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
     }
     linger_close(&shard, &mut stream).await;
     drop(stream);
+    shard.open_sockets.set(shard.open_sockets.get() - 1);
     dec(&shard.metrics.connections_open);
 }
 

@@ -165,7 +165,25 @@ fn query_token(request: &Request) -> Option<String> {
         .query()?
         .split('&')
         .find_map(|pair| pair.strip_prefix("token="))
-        .map(str::to_string)
+        .and_then(percent_decode)
+}
+
+/// Undo URL percent-encoding; `None` for a malformed escape or non-UTF-8 result.
+/// (JWTs need no escaping, but a client's URL builder may escape them anyway.)
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 type Handshake = MidHandshake<ServerHandshake<Pipe, UpgradeCallback>>;
@@ -504,5 +522,19 @@ fn read_messages(
             Err(_) => session
                 .protocol_violation(CloseCode::ProtocolViolation, "WebSocket protocol violation"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a.b_c-d").as_deref(), Some("a.b_c-d"));
+        assert_eq!(percent_decode("a%2Eb%2e").as_deref(), Some("a.b."));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
     }
 }

@@ -75,10 +75,12 @@ fn drain_is_bounded_by_drain_timeout() {
         "100000000",
         "--outbound-queue-bytes",
         "1000000000",
+        // Bursts that cover one 64 KiB read of pings, refilled between reads (see the
+        // slow-consumer test).
         "--rate-limit-per-sec",
-        "100000000",
+        "1000000000",
         "--rate-limit-burst",
-        "100000000",
+        "3000",
     ]);
     // A session that never reads while its replies pile up: the drain's 1001 waits
     // behind them forever, so only drain_timeout_ms ends it.

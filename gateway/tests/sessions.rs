@@ -179,6 +179,7 @@ fn rate_limit_replies_then_closes_4008() {
                         ok += 1;
                     } else {
                         assert_eq!(doc["err"]["code"], "rate_limited", "{doc}");
+                        assert!(doc["re"].is_u64(), "answered by id: {doc}");
                         limited += 1;
                     }
                 }
@@ -188,21 +189,27 @@ fn rate_limit_replies_then_closes_4008() {
         }
     };
     assert_eq!(ok, 3, "the burst is served");
-    assert_eq!(limited, 9, "rate_limited until the tenth strike");
+    assert_eq!(
+        limited, 10,
+        "every rejected command is answered, the tenth then closes"
+    );
     assert_eq!(code, Some(4008));
 }
 
 #[test]
 fn slow_consumer_is_closed_4009() {
     let daemon = Daemon::start(&[
+        // One socket read holds at most 64 KiB, about 2,500 pings, all within the burst;
+        // the fast refill restores it between reads. So no ping is rate-limited, and
+        // only the backed-up socket can fill the queue.
         "--outbound-queue-len",
-        "64",
+        "3100",
         "--write-batch-bytes",
         "4096",
         "--rate-limit-per-sec",
-        "10000000",
+        "1000000000",
         "--rate-limit-burst",
-        "10000000",
+        "3000",
     ]);
     let mut client = Client::slow_reader(&daemon, "slow");
     let sent = client.flood_pings(2_000);

@@ -34,7 +34,8 @@ pub struct SessionLimits {
     pub rate_per_sec: u32,
     /// Inbound documents allowed in a burst above the sustained rate.
     pub rate_burst: u32,
-    /// Consecutive rejected documents (rate-limited or malformed) before close 4008.
+    /// Consecutive rejected documents (rate-limited, malformed, unknown op, oversized or
+    /// binary frame) before close 4008.
     pub abuse_strikes: u32,
     /// Documents waiting for the socket before the session is closed with 4009.
     pub outbound_queue_len: usize,
@@ -305,7 +306,7 @@ impl Session {
     /// A frame the transport discarded unread because it exceeded `max_frame_bytes`.
     pub fn on_oversized_frame(&mut self, now: Now, len: usize) {
         self.on_inbound(now);
-        if self.is_closing() || !self.take_rate_token(now) {
+        if self.is_closing() || !self.take_rate_token(now, None) {
             return;
         }
         let msg = format!(
@@ -318,7 +319,7 @@ impl Session {
     /// A binary frame: the protocol uses text frames only.
     pub fn on_binary(&mut self, now: Now) {
         self.on_inbound(now);
-        if self.is_closing() || !self.take_rate_token(now) {
+        if self.is_closing() || !self.take_rate_token(now, None) {
             return;
         }
         self.reject(
@@ -429,10 +430,14 @@ impl Session {
     }
 
     fn on_document(&mut self, now: Now, document: &str) {
-        if !self.take_rate_token(now) {
+        // The envelope is parsed before the rate check (it is cheap next to any command)
+        // so that even a rate-limited command gets its reply by id.
+        let envelope = serde_json::from_str::<Envelope>(document);
+        let re = envelope.as_ref().ok().and_then(|envelope| envelope.id);
+        if !self.take_rate_token(now, re) {
             return;
         }
-        let envelope: Envelope = match serde_json::from_str(document) {
+        let envelope = match envelope {
             Ok(envelope) => envelope,
             Err(error) => {
                 let msg = format!("malformed command: {error}");
@@ -524,6 +529,10 @@ impl Session {
                         );
                         return self.close(CloseCode::Unauthorized, "token user mismatch");
                     }
+                    Some(Ok(Claims { dev: Some(dev), .. })) => {
+                        identity.device = dev;
+                        identity.device_from_token = true;
+                    }
                     Some(Err(error)) => {
                         self.reply_err(id, ErrorCode::Unauthorized, &error.to_string());
                         return self.close(CloseCode::Unauthorized, "invalid token");
@@ -575,27 +584,27 @@ impl Session {
         self.notes.push(Note::Authenticated);
     }
 
-    fn take_rate_token(&mut self, now: Now) -> bool {
+    fn take_rate_token(&mut self, now: Now, re: Option<u64>) -> bool {
         if self.rate.try_take(now.instant) {
             return true;
         }
         self.reject(
-            None,
+            re,
             ErrorCode::RateLimited,
             "slow down: per-session rate limit",
         );
         false
     }
 
-    /// An error caused by bad input: it counts toward the abuse policy (close 4008).
+    /// An error caused by bad input: it counts toward the abuse policy (close 4008,
+    /// sent after this reply).
     fn reject(&mut self, re: Option<u64>, code: ErrorCode, msg: &str) {
         self.strikes += 1;
-        if self.strikes >= self.config.limits.abuse_strikes {
-            self.close(CloseCode::Policy, "too many rejected commands");
-            return;
-        }
         self.notes.push(Note::ErrorSent(code));
         let _overflow_closes_the_session = self.enqueue(encode_err(re, code, msg));
+        if self.strikes >= self.config.limits.abuse_strikes {
+            self.close(CloseCode::Policy, "too many rejected commands");
+        }
     }
 
     fn reply_err(&mut self, id: u64, code: ErrorCode, msg: &str) {
@@ -751,6 +760,14 @@ mod tests {
     fn token_device_wins_over_hello_device() {
         let mut h = Harness::new(limits(), Some(&token("alice", Some("phone"))));
         h.send(1, r#"{"id":1,"op":"hello","device":"laptop"}"#);
+        assert_eq!(h.replies()[0]["ok"]["device"], "phone");
+    }
+
+    #[test]
+    fn hello_token_device_applies_after_upgrade_auth() {
+        let mut h = Harness::authed();
+        let hello = json!({"id": 1, "op": "hello", "token": token("alice", Some("phone")), "device": "laptop"});
+        h.send(1, &hello.to_string());
         assert_eq!(h.replies()[0]["ok"]["device"], "phone");
     }
 
@@ -937,6 +954,10 @@ mod tests {
         h.send(0, r#"{"id":3,"op":"ping"}"#);
         let replies = h.replies();
         assert_eq!(replies[2]["err"]["code"], "rate_limited");
+        assert_eq!(
+            replies[2]["re"], 3,
+            "a rate-limited command is answered by id"
+        );
         assert!(!h.session.is_closing());
         // One token per second: a second later the session is usable again.
         h.send(1000, r#"{"id":4,"op":"ping"}"#);

@@ -322,8 +322,9 @@ def test_abuse_strikes_close_4008(spawn_parleyd):
             for _ in range(2):
                 await client.send("{nope")
                 assert_err(await client.next_doc(), None, "bad_request")
-            # The third consecutive one closes the session.
+            # The third consecutive one is answered, then the session is closed.
             await client.send("{nope")
+            assert_err(await client.next_doc(), None, "bad_request")
             close = await client.expect_close()
             assert close.code == 4008, close
 
