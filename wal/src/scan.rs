@@ -1,0 +1,309 @@
+//! Recovery's reading of one segment, as a pure function over its bytes.
+//!
+//! The scan walks records while each verifies and carries the next LSN; zeros after a
+//! record are padding up to the next block. It stops at the first thing that is not the
+//! next record, and then classifies that stop:
+//! - nothing but zeros after it: the clean end of the log;
+//! - a later flush starts after it (here, or any valid record in a later segment): the
+//!   damaged bytes were already durable when that flush was issued, so this is
+//!   corruption in the middle, and the log must not open;
+//! - otherwise: a torn tail from the final, unacknowledged flush, to be cut.
+//!
+//! Then an incomplete batch at the end is cut too: batches are atomic.
+
+use crate::format::{
+    align_up, decode_record, decode_segment_header, Decoded, Lsn, RecordHeader, BLOCK,
+    RECORD_ALIGN, SEGMENT_HEADER,
+};
+
+/// Keep every Nth record's position for reads by LSN.
+pub const INDEX_EVERY: u64 = 64;
+
+/// How a segment's records end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentEnd {
+    /// Valid records, then zeros.
+    Clean,
+    /// Damage at `offset` with no later flush in this segment: a torn tail, unless a
+    /// later segment holds records (the caller decides).
+    Stopped { offset: usize, nonzero_bytes: usize },
+    /// Damage at `offset` followed by a later flush in the same segment.
+    Corrupt { offset: usize },
+}
+
+/// The result of scanning one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentScan {
+    pub first_lsn: Lsn,
+    /// LSN after the last record of the last complete batch.
+    pub next_lsn: Lsn,
+    /// Byte offset just past that record: where the log ends after recovery.
+    pub committed_end: usize,
+    /// Bytes of whole records after `committed_end` that belong to an incomplete batch.
+    pub incomplete_batch_bytes: usize,
+    pub end: SegmentEnd,
+    /// (lsn, offset) of the first record and every INDEX_EVERY-th after it.
+    pub index: Vec<(Lsn, usize)>,
+    /// Epoch of the last complete record, if any.
+    pub last_epoch: Option<u32>,
+}
+
+/// Why a segment could not be scanned at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanError {
+    BadHeader(String),
+    /// The header's first LSN is not the one the file name says.
+    LsnMismatch {
+        header: Lsn,
+        expected: Lsn,
+    },
+}
+
+/// Scan a whole segment file's bytes. `expected_first_lsn` comes from the file name.
+pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan, ScanError> {
+    let header =
+        decode_segment_header(data).map_err(|error| ScanError::BadHeader(format!("{error:?}")))?;
+    if header.first_lsn != expected_first_lsn {
+        return Err(ScanError::LsnMismatch {
+            header: header.first_lsn,
+            expected: expected_first_lsn,
+        });
+    }
+    let mut scan = SegmentScan {
+        first_lsn: header.first_lsn,
+        next_lsn: header.first_lsn,
+        committed_end: SEGMENT_HEADER,
+        incomplete_batch_bytes: 0,
+        end: SegmentEnd::Clean,
+        index: Vec::new(),
+        last_epoch: None,
+    };
+    let mut pos = SEGMENT_HEADER;
+    let mut records_end = SEGMENT_HEADER;
+    let mut expected = header.first_lsn;
+    let mut pending_index: Vec<(Lsn, usize)> = Vec::new();
+    let stop = loop {
+        if pos >= data.len() {
+            break None;
+        }
+        match decode_record(&data[pos..]) {
+            Decoded::Record(record, _) if record.lsn == expected => {
+                if (record.lsn - header.first_lsn) % INDEX_EVERY == 0 {
+                    pending_index.push((record.lsn, pos));
+                }
+                pos += record.stored_len();
+                records_end = pos;
+                expected += 1;
+                if record.batch_end() {
+                    scan.committed_end = pos;
+                    scan.next_lsn = expected;
+                    scan.last_epoch = Some(record.epoch);
+                    scan.index.append(&mut pending_index);
+                }
+            }
+            // Padding after the last record of a flush, up to the next block.
+            Decoded::Zero if pos % BLOCK != 0 => pos = align_up(pos, BLOCK),
+            _ => break Some(pos),
+        }
+    };
+    scan.incomplete_batch_bytes = records_end - scan.committed_end;
+    scan.end = match stop {
+        None => SegmentEnd::Clean,
+        Some(offset) if has_flush_start_after(data, offset) => SegmentEnd::Corrupt { offset },
+        Some(offset) => {
+            let nonzero_bytes = data[offset..]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |last| last + 1);
+            if nonzero_bytes == 0 {
+                SegmentEnd::Clean
+            } else {
+                SegmentEnd::Stopped {
+                    offset,
+                    nonzero_bytes,
+                }
+            }
+        }
+    };
+    Ok(scan)
+}
+
+/// Whether a valid flush-start record begins at any block boundary after `offset`.
+fn has_flush_start_after(data: &[u8], offset: usize) -> bool {
+    let mut block = align_up(offset + 1, BLOCK);
+    while block < data.len() {
+        if let Decoded::Record(header, _) = decode_record(&data[block..]) {
+            if header.flush_start() {
+                return true;
+            }
+        }
+        block += BLOCK;
+    }
+    false
+}
+
+/// Whether a segment holds any valid record at all (for the segments after a stop).
+pub fn has_any_record(data: &[u8]) -> bool {
+    let mut pos = SEGMENT_HEADER;
+    while pos + RECORD_ALIGN <= data.len() {
+        if matches!(decode_record(&data[pos..]), Decoded::Record(..)) {
+            return true;
+        }
+        pos += RECORD_ALIGN;
+    }
+    false
+}
+
+/// Walk the records of a segment from `offset` (a record boundary) while they verify.
+pub fn records_from(
+    data: &[u8],
+    mut offset: usize,
+) -> impl Iterator<Item = (usize, RecordHeader, &[u8])> {
+    std::iter::from_fn(move || loop {
+        if offset >= data.len() {
+            return None;
+        }
+        match decode_record(&data[offset..]) {
+            Decoded::Record(header, payload) => {
+                let at = offset;
+                offset += header.stored_len();
+                return Some((at, header, payload));
+            }
+            Decoded::Zero if offset % BLOCK != 0 => offset = align_up(offset, BLOCK),
+            _ => return None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{
+        encode_record, encode_segment_header, set_flush_start, SegmentHeader, FLAG_BATCH_END,
+    };
+
+    const SIZE: usize = 16 * BLOCK;
+
+    /// A segment with flushes of `flushes[i]` single-record batches each.
+    fn segment(flushes: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        let mut data = encode_segment_header(&SegmentHeader {
+            first_lsn: 1,
+            segment_size: SIZE as u64,
+        });
+        let mut lsn = 1;
+        let mut flush_offsets = Vec::new();
+        for &records in flushes {
+            let start = data.len();
+            flush_offsets.push(start);
+            for _ in 0..records {
+                let payload = vec![lsn as u8; 100];
+                let header = RecordHeader {
+                    payload_len: 100,
+                    lsn,
+                    epoch: 1,
+                    record_type: 1,
+                    flags: FLAG_BATCH_END,
+                    timestamp: 0,
+                };
+                encode_record(&mut data, &header, &payload);
+                lsn += 1;
+            }
+            set_flush_start(&mut data[start..]);
+            data.resize(align_up(data.len(), BLOCK), 0);
+        }
+        data.resize(SIZE, 0);
+        (data, flush_offsets)
+    }
+
+    #[test]
+    fn clean_log_scans_to_its_end() {
+        let (data, _) = segment(&[3, 50, 1]);
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.end, SegmentEnd::Clean);
+        assert_eq!(scan.next_lsn, 55);
+        assert_eq!(scan.incomplete_batch_bytes, 0);
+        assert_eq!(scan.index.first(), Some(&(1, SEGMENT_HEADER)));
+        assert_eq!(scan.index.len(), 1); // LSN 1; LSN 65 does not exist
+    }
+
+    #[test]
+    fn garbage_in_the_last_flush_is_a_torn_tail() {
+        let (mut data, flushes) = segment(&[3, 5]);
+        let last = flushes[1];
+        data[last + 200] ^= 0xff; // inside the last flush's second record
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.next_lsn, 5);
+        assert!(matches!(scan.end, SegmentEnd::Stopped { offset, .. } if offset == last + 136));
+    }
+
+    #[test]
+    fn damage_before_a_later_flush_is_corruption() {
+        let (mut data, flushes) = segment(&[3, 5, 2]);
+        data[flushes[1] + 10] ^= 1;
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.end, SegmentEnd::Corrupt { offset: flushes[1] });
+    }
+
+    #[test]
+    fn a_zeroed_block_before_a_later_flush_is_corruption() {
+        let (mut data, flushes) = segment(&[3, 5, 2]);
+        data[flushes[1]..flushes[1] + BLOCK].fill(0);
+        assert_eq!(
+            scan_segment(&data, 1).unwrap().end,
+            SegmentEnd::Corrupt { offset: flushes[1] }
+        );
+    }
+
+    #[test]
+    fn zeroed_tail_is_a_clean_end() {
+        let (mut data, flushes) = segment(&[3, 5]);
+        data[flushes[1]..].fill(0);
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.end, SegmentEnd::Clean);
+        assert_eq!(scan.next_lsn, 4);
+    }
+
+    #[test]
+    fn incomplete_batch_is_cut() {
+        let (mut data, _) = segment(&[]);
+        data.truncate(SEGMENT_HEADER);
+        for (lsn, flags) in [(1, FLAG_BATCH_END), (2, 0), (3, 0)] {
+            let header = RecordHeader {
+                payload_len: 8,
+                lsn,
+                epoch: 1,
+                record_type: 1,
+                flags,
+                timestamp: 0,
+            };
+            encode_record(&mut data, &header, &[0xaa; 8]);
+        }
+        set_flush_start(&mut data[SEGMENT_HEADER..]);
+        data.resize(SIZE, 0);
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.next_lsn, 2);
+        assert_eq!(scan.committed_end, SEGMENT_HEADER + 40);
+        assert_eq!(scan.incomplete_batch_bytes, 80);
+    }
+
+    #[test]
+    fn header_lsn_must_match_the_name() {
+        let (data, _) = segment(&[1]);
+        assert_eq!(
+            scan_segment(&data, 7),
+            Err(ScanError::LsnMismatch {
+                header: 1,
+                expected: 7
+            })
+        );
+    }
+
+    #[test]
+    fn records_iterate_across_padding() {
+        let (data, _) = segment(&[2, 3]);
+        let lsns: Vec<Lsn> = records_from(&data, SEGMENT_HEADER)
+            .map(|(_, h, _)| h.lsn)
+            .collect();
+        assert_eq!(lsns, vec![1, 2, 3, 4, 5]);
+    }
+}
