@@ -73,7 +73,7 @@ pub fn align_up(n: usize, to: usize) -> usize {
 
 /// Append one record to `out` (which must end on a record boundary).
 pub fn encode_record(out: &mut Vec<u8>, header: &RecordHeader, payload: &[u8]) {
-    debug_assert_eq!(out.len() % RECORD_ALIGN, 0);
+    debug_assert!(out.len().is_multiple_of(RECORD_ALIGN));
     debug_assert_eq!(header.payload_len as usize, payload.len());
     let start = out.len();
     out.extend_from_slice(&[0; 4]);

@@ -102,7 +102,7 @@ pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan,
                 }
             }
             // Padding after the last record of a flush, up to the next block.
-            Decoded::Zero if pos % BLOCK != 0 => pos = align_up(pos, BLOCK),
+            Decoded::Zero if !pos.is_multiple_of(BLOCK) => pos = align_up(pos, BLOCK),
             _ => break Some(pos),
         }
     };
@@ -169,7 +169,7 @@ pub fn records_from(
                 offset += header.stored_len();
                 return Some((at, header, payload));
             }
-            Decoded::Zero if offset % BLOCK != 0 => offset = align_up(offset, BLOCK),
+            Decoded::Zero if !offset.is_multiple_of(BLOCK) => offset = align_up(offset, BLOCK),
             _ => return None,
         }
     })
