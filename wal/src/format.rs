@@ -71,23 +71,32 @@ pub fn align_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
+/// Encode one record at the start of `out`, which must hold `stored_len(payload.len())`
+/// bytes; returns the bytes used (padding zeroed).
+pub fn encode_record_into(out: &mut [u8], header: &RecordHeader, payload: &[u8]) -> usize {
+    debug_assert_eq!(header.payload_len as usize, payload.len());
+    let len = stored_len(payload.len());
+    let out = &mut out[..len];
+    out[4..8].copy_from_slice(&header.payload_len.to_le_bytes());
+    out[8..16].copy_from_slice(&header.lsn.to_le_bytes());
+    out[16..20].copy_from_slice(&header.epoch.to_le_bytes());
+    out[20] = header.record_type;
+    out[21] = header.flags;
+    out[22..24].fill(0);
+    out[24..32].copy_from_slice(&header.timestamp.to_le_bytes());
+    out[RECORD_HEADER..RECORD_HEADER + payload.len()].copy_from_slice(payload);
+    out[RECORD_HEADER + payload.len()..].fill(0);
+    let crc = crc32c::crc32c(&out[4..RECORD_HEADER + payload.len()]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+    len
+}
+
 /// Append one record to `out` (which must end on a record boundary).
 pub fn encode_record(out: &mut Vec<u8>, header: &RecordHeader, payload: &[u8]) {
     debug_assert!(out.len().is_multiple_of(RECORD_ALIGN));
-    debug_assert_eq!(header.payload_len as usize, payload.len());
     let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&header.payload_len.to_le_bytes());
-    out.extend_from_slice(&header.lsn.to_le_bytes());
-    out.extend_from_slice(&header.epoch.to_le_bytes());
-    out.push(header.record_type);
-    out.push(header.flags);
-    out.extend_from_slice(&[0; 2]);
-    out.extend_from_slice(&header.timestamp.to_le_bytes());
-    out.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&out[start + 4..]);
-    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
     out.resize(start + stored_len(payload.len()), 0);
+    encode_record_into(&mut out[start..], header, payload);
 }
 
 /// Mark the record at the start of `record` as the first of a flush, re-sealing its checksum.

@@ -154,9 +154,12 @@ pub fn has_any_record(data: &[u8]) -> bool {
     false
 }
 
-/// Walk the records of a segment from `offset` (a record boundary) while they verify.
+/// Walk records while they verify. `data` holds segment bytes starting at file offset
+/// `base` (padding runs to file block boundaries, so the walk must know where it is);
+/// the walk starts at `data[offset]`, a record boundary. Yields offsets within `data`.
 pub fn records_from(
     data: &[u8],
+    base: usize,
     mut offset: usize,
 ) -> impl Iterator<Item = (usize, RecordHeader, &[u8])> {
     std::iter::from_fn(move || loop {
@@ -169,7 +172,9 @@ pub fn records_from(
                 offset += header.stored_len();
                 return Some((at, header, payload));
             }
-            Decoded::Zero if !offset.is_multiple_of(BLOCK) => offset = align_up(offset, BLOCK),
+            Decoded::Zero if !(base + offset).is_multiple_of(BLOCK) => {
+                offset = align_up(base + offset, BLOCK) - base;
+            }
             _ => return None,
         }
     })
@@ -301,7 +306,7 @@ mod tests {
     #[test]
     fn records_iterate_across_padding() {
         let (data, _) = segment(&[2, 3]);
-        let lsns: Vec<Lsn> = records_from(&data, SEGMENT_HEADER)
+        let lsns: Vec<Lsn> = records_from(&data, 0, SEGMENT_HEADER)
             .map(|(_, h, _)| h.lsn)
             .collect();
         assert_eq!(lsns, vec![1, 2, 3, 4, 5]);

@@ -1,0 +1,52 @@
+//! The log's errors. Each names what failed and where.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::format::Lsn;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("corruption in {path} at offset {offset}: {detail}")]
+    Corruption {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    #[error(
+        "the log is poisoned by an earlier I/O failure ({0}); nothing after it is acknowledged"
+    )]
+    Poisoned(Arc<str>),
+    #[error("a batch of {size} bytes exceeds the largest batch the log takes ({max} bytes)")]
+    TooLarge { size: usize, max: usize },
+    #[error("the log's buffer is full: the disk is behind")]
+    Full,
+    #[error("stale epoch {got}: the log is at epoch {current}")]
+    StaleEpoch { got: u32, current: u32 },
+    #[error("expected LSN {expected}, got {got}")]
+    LsnMismatch { expected: Lsn, got: Lsn },
+    #[error("replicated bytes are not valid records at LSN {lsn}: {detail}")]
+    BadReplicatedRecords { lsn: Lsn, detail: String },
+    #[error("LSN {0} is not in the log")]
+    NotFound(Lsn),
+    #[error("the log directory {0} is in use by another process")]
+    Locked(PathBuf),
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl WalError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        WalError::Io {
+            op,
+            path: path.into(),
+            source: Arc::new(source),
+        }
+    }
+}

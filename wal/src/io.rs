@@ -1,0 +1,255 @@
+//! The log's I/O: block-aligned buffers, and the one operation the writer needs, "write
+//! these blocks and make them durable", behind a trait so tests can inject faults.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+
+use crate::format::BLOCK;
+
+/// A zero-initialised, block-aligned byte buffer of fixed capacity, for direct I/O.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `capacity` is rounded up to whole blocks.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(BLOCK).div_ceil(BLOCK) * BLOCK;
+        let layout = Layout::from_size_align(capacity, BLOCK).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self {
+            ptr,
+            capacity,
+            len: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+
+    /// The used bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.full()[..self.len]
+    }
+
+    /// The whole capacity (bytes past `len` are zero unless written through `spare_mut`).
+    fn full(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity initialised bytes (alloc_zeroed).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.capacity) }
+    }
+
+    pub fn full_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `full`, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+
+    /// Grow `len` by `n` bytes that the caller wrote past it.
+    pub fn commit(&mut self, n: usize) {
+        assert!(self.len + n <= self.capacity, "AlignedBuf overflow");
+        self.len += n;
+    }
+
+    /// The used bytes padded with zeros to a whole number of blocks, for a direct write.
+    /// Bytes between `len` and the block end are zeroed first: a reused buffer holds stale data.
+    pub fn padded_blocks(&mut self) -> &[u8] {
+        let padded = self.len.div_ceil(BLOCK) * BLOCK;
+        let len = self.len;
+        self.full_mut()[len..padded].fill(0);
+        &self.full()[..padded]
+    }
+
+    /// Forget the contents (the bytes stay until overwritten; `padded_blocks` zeroes them).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, BLOCK).expect("valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+/// The writer's I/O: make `buf` durable at `offset` of `file`.
+pub trait LogIo: Send + 'static {
+    /// Write all of `buf` at `offset`, then fdatasync. Ok only when both completed.
+    fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// fdatasync alone (new segment headers, directory entries).
+    fn sync(&mut self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    /// Which path this is, for the log line.
+    fn name(&self) -> &'static str;
+}
+
+/// io_uring: the write and the fdatasync go in one submission, linked so the fsync runs
+/// only after the write completed.
+pub struct UringIo {
+    ring: io_uring::IoUring,
+}
+
+impl UringIo {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            ring: io_uring::IoUring::new(8)?,
+        })
+    }
+}
+
+impl LogIo for UringIo {
+    fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+        use io_uring::{opcode, squeue, types};
+        let fd = types::Fd(file.as_raw_fd());
+        let mut written = 0usize;
+        // A short write is legal; finish it before the fsync is linked behind it.
+        while written < buf.len() {
+            let rest = &buf[written..];
+            let write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                .offset(offset + written as u64)
+                .build()
+                .user_data(1)
+                .flags(squeue::Flags::IO_LINK);
+            let fsync = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(2);
+            // SAFETY: `rest` outlives the submission: we wait for both completions below.
+            unsafe {
+                let mut queue = self.ring.submission();
+                queue
+                    .push(&write)
+                    .map_err(|_| io::Error::other("submission queue full"))?;
+                queue
+                    .push(&fsync)
+                    .map_err(|_| io::Error::other("submission queue full"))?;
+            }
+            self.ring.submit_and_wait(2)?;
+            let mut write_result = None;
+            let mut fsync_result = None;
+            for cqe in self.ring.completion() {
+                match cqe.user_data() {
+                    1 => write_result = Some(cqe.result()),
+                    _ => fsync_result = Some(cqe.result()),
+                }
+            }
+            let (Some(write_result), Some(fsync_result)) = (write_result, fsync_result) else {
+                return Err(io::Error::other("io_uring lost a completion"));
+            };
+            if write_result < 0 {
+                return Err(io::Error::from_raw_os_error(-write_result));
+            }
+            if write_result == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write wrote nothing",
+                ));
+            }
+            written += write_result as usize;
+            // A short write cancels the linked fsync (-ECANCELED); loop to finish and sync.
+            if written == buf.len() && fsync_result < 0 {
+                return Err(io::Error::from_raw_os_error(-fsync_result));
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+/// pwrite + fdatasync: the fallback where io_uring is unavailable.
+pub struct SyncIo;
+
+impl LogIo for SyncIo {
+    fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+        file.write_all_at(buf, offset)?;
+        file.sync_data()
+    }
+
+    fn name(&self) -> &'static str {
+        "pwrite+fdatasync"
+    }
+}
+
+/// Which operation a [`FaultyIo`] fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The write itself fails (ENOSPC, as on a full disk).
+    Write,
+    /// The write succeeds and the fdatasync fails (EIO).
+    Sync,
+}
+
+/// Fault injection: the `fail_at`-th durable write (counting from 1) and every one after
+/// it fail, the way a full or failing disk does.
+pub struct FaultyIo<I> {
+    inner: I,
+    fail_at: u64,
+    fault: Fault,
+    calls: u64,
+}
+
+impl<I: LogIo> FaultyIo<I> {
+    pub fn new(inner: I, fail_at: u64, fault: Fault) -> Self {
+        Self {
+            inner,
+            fail_at,
+            fault,
+            calls: 0,
+        }
+    }
+}
+
+impl<I: LogIo> LogIo for FaultyIo<I> {
+    fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.calls += 1;
+        if self.calls < self.fail_at {
+            return self.inner.write_durable(file, offset, buf);
+        }
+        match self.fault {
+            Fault::Write => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            Fault::Sync => {
+                // The bytes may reach the disk; only the durability promise fails.
+                file.write_all_at(buf, offset)?;
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
+    }
+
+    fn sync(&mut self, file: &File) -> io::Result<()> {
+        self.inner.sync(file)
+    }
+
+    fn name(&self) -> &'static str {
+        "fault-injecting"
+    }
+}

@@ -1,0 +1,311 @@
+//! The log's contract, on a real directory with real I/O.
+
+use std::time::{Duration, SystemTime};
+
+use parley_wal::io::{Fault, FaultyIo, UringIo};
+use parley_wal::{Entry, Retention, Wal, WalError, WalOptions};
+
+fn small() -> WalOptions {
+    WalOptions {
+        segment_size: 256 * 1024,
+        max_batch_bytes: 64 * 1024,
+        direct_io: true,
+    }
+}
+
+fn open(dir: &std::path::Path, options: WalOptions) -> (Wal, parley_wal::RecoveryReport) {
+    Wal::open(dir, options, &mut |_| {}).expect("open")
+}
+
+fn payload(lsn: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (lsn as usize * 31 + i) as u8).collect()
+}
+
+#[test]
+fn append_returns_lsns_at_once_and_reads_back_after_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, report) = open(dir.path(), small());
+    assert_eq!(report.last_lsn, 0);
+    assert_eq!(report.io_path, "io_uring");
+    assert!(report.direct_io);
+    let mut last = 0;
+    for i in 1..=500u64 {
+        last = wal
+            .append(7, i * 10, &payload(i, (i % 300) as usize))
+            .unwrap();
+        assert_eq!(last, i);
+    }
+    wal.wait_durable(last).unwrap();
+    assert_eq!(wal.durable_lsn(), 500);
+    for i in [1u64, 2, 63, 64, 65, 128, 499, 500] {
+        let record = wal.read(i).unwrap();
+        assert_eq!(record.lsn, i);
+        assert_eq!(record.record_type, 7);
+        assert_eq!(record.timestamp, i * 10);
+        assert_eq!(record.payload, payload(i, (i % 300) as usize));
+    }
+    let lsns: Vec<u64> = wal.iter(60, 130).map(|r| r.unwrap().lsn).collect();
+    assert_eq!(lsns, (60..=130).collect::<Vec<_>>());
+    assert!(matches!(wal.read(501), Err(WalError::NotFound(501))));
+    assert!(matches!(wal.read(0), Err(WalError::NotFound(0))));
+}
+
+#[test]
+fn records_survive_reopen_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (wal, _) = open(dir.path(), small());
+        for i in 1..=3000u64 {
+            wal.append(1, i, &payload(i, 200)).unwrap();
+        }
+        wal.close().unwrap();
+    }
+    let segments = parley_wal::recovery::list_segments(dir.path()).unwrap();
+    assert!(
+        segments.len() > 2,
+        "expected roll-over, got {} segments",
+        segments.len()
+    );
+    let (wal, report) = open(dir.path(), small());
+    assert_eq!(report.last_lsn, 3000);
+    assert_eq!(report.torn_bytes_cut, 0);
+    for (i, record) in wal.iter(1, 3000).enumerate() {
+        let record = record.unwrap();
+        assert_eq!(record.lsn, i as u64 + 1);
+        assert_eq!(record.payload, payload(record.lsn, 200));
+    }
+    assert_eq!(wal.append(1, 0, b"next").unwrap(), 3001);
+    wal.wait_durable(3001).unwrap();
+    assert_eq!(wal.read(3001).unwrap().payload, b"next");
+}
+
+#[test]
+fn batches_get_consecutive_lsns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), small());
+    wal.append(1, 0, b"one").unwrap();
+    let entries: Vec<Entry> = (0..10)
+        .map(|_| Entry {
+            record_type: 2,
+            timestamp: 5,
+            payload: b"batched",
+        })
+        .collect();
+    assert_eq!(wal.append_batch(&entries).unwrap(), 11);
+    wal.wait_durable(11).unwrap();
+    assert_eq!(wal.read(11).unwrap().record_type, 2);
+}
+
+#[test]
+fn oversized_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), small());
+    let big = vec![0u8; 70 * 1024];
+    assert!(matches!(
+        wal.append(1, 0, &big),
+        Err(WalError::TooLarge { .. })
+    ));
+    assert_eq!(wal.append(1, 0, b"fine").unwrap(), 1);
+}
+
+#[test]
+fn follow_sees_records_as_they_become_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), small());
+    std::thread::scope(|scope| {
+        let wal = &wal;
+        let follower = scope.spawn(move || {
+            let mut follow = wal.follow(1);
+            (0..100)
+                .map(|_| {
+                    follow
+                        .next_timeout(Duration::from_secs(10))
+                        .unwrap()
+                        .unwrap()
+                        .lsn
+                })
+                .collect::<Vec<_>>()
+        });
+        for i in 0..100u64 {
+            wal.append(1, i, b"x").unwrap();
+        }
+        assert_eq!(follower.join().unwrap(), (1..=100).collect::<Vec<_>>());
+    });
+    let mut follow = wal.follow(101);
+    assert_eq!(
+        follow.next_timeout(Duration::from_millis(20)).unwrap(),
+        None
+    );
+}
+
+#[test]
+fn durable_future_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), small());
+    let lsn = wal.append(1, 0, b"x").unwrap();
+    block_on(wal.durable(lsn)).unwrap();
+    assert!(wal.durable_lsn() >= lsn);
+}
+
+/// A minimal executor for one future: park the thread until woken.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn a_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_wal, _) = open(dir.path(), small());
+    assert!(matches!(
+        Wal::open(dir.path(), small(), &mut |_| {}),
+        Err(WalError::Locked(_))
+    ));
+}
+
+#[test]
+fn write_failure_poisons_with_no_false_acknowledgement() {
+    for fault in [Fault::Write, Fault::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        // Call 1 writes the first segment's header; calls 2-3 are the first two flushes.
+        let io = FaultyIo::new(UringIo::new().unwrap(), 4, fault);
+        let (wal, report) =
+            Wal::open_with_io(dir.path(), small(), Box::new(io), &mut |_| {}).unwrap();
+        assert_eq!(report.io_path, "fault-injecting");
+        let a = wal.append(1, 0, b"a").unwrap();
+        wal.wait_durable(a).unwrap();
+        let b = wal.append(1, 0, b"b").unwrap();
+        wal.wait_durable(b).unwrap();
+        let c = wal.append(1, 0, b"c").unwrap();
+        let error = wal.wait_durable(c).unwrap_err();
+        assert!(matches!(error, WalError::Poisoned(_)), "{fault:?}: {error}");
+        assert!(error.to_string().contains("write and fdatasync"), "{error}");
+        assert_eq!(
+            wal.durable_lsn(),
+            b,
+            "{fault:?}: nothing acknowledged after the failure"
+        );
+        assert!(matches!(wal.append(1, 0, b"d"), Err(WalError::Poisoned(_))));
+        assert!(matches!(
+            block_on(wal.durable(c)),
+            Err(WalError::Poisoned(_))
+        ));
+        assert!(wal.close().is_err());
+    }
+}
+
+#[test]
+fn replication_fences_older_epochs_and_truncates_divergent_tails() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let (leader, _) = open(leader_dir.path(), small());
+    leader.set_epoch(3).unwrap();
+    for i in 1..=20u64 {
+        leader.append(1, i, &payload(i, 50)).unwrap();
+    }
+    leader.wait_durable(20).unwrap();
+    // Ship the leader's records as stored.
+    let mut shipped = Vec::new();
+    for record in leader.iter(1, 20) {
+        let record = record.unwrap();
+        let header = parley_wal::format::RecordHeader {
+            payload_len: record.payload.len() as u32,
+            lsn: record.lsn,
+            epoch: record.epoch,
+            record_type: record.record_type,
+            flags: parley_wal::format::FLAG_BATCH_END,
+            timestamp: record.timestamp,
+        };
+        parley_wal::format::encode_record(&mut shipped, &header, &record.payload);
+    }
+    let (follower, _) = open(follower_dir.path(), small());
+    assert_eq!(follower.append_replicated(1, 3, &shipped).unwrap(), 20);
+    follower.wait_durable(20).unwrap();
+    assert_eq!(follower.read(7).unwrap(), leader.read(7).unwrap());
+    assert_eq!(follower.epoch(), 3);
+    // A deposed leader's epoch is refused.
+    assert!(matches!(
+        follower.append_replicated(21, 2, &shipped),
+        Err(WalError::StaleEpoch { got: 2, current: 3 })
+    ));
+    // Wrong position.
+    assert!(matches!(
+        follower.append_replicated(5, 3, &shipped),
+        Err(WalError::BadReplicatedRecords { .. }) | Err(WalError::LsnMismatch { .. })
+    ));
+    // Garbage.
+    assert!(matches!(
+        follower.append_replicated(21, 3, &[1, 2, 3]),
+        Err(WalError::BadReplicatedRecords { .. })
+    ));
+    // Divergent tail: keep 1..=12, then new records continue at 13.
+    follower.truncate_after(12).unwrap();
+    assert_eq!(follower.next_lsn(), 13);
+    assert!(matches!(follower.read(13), Err(WalError::NotFound(13))));
+    assert_eq!(follower.append(1, 0, b"new 13").unwrap(), 13);
+    follower.wait_durable(13).unwrap();
+    drop(follower);
+    let (follower, report) = open(follower_dir.path(), small());
+    assert_eq!(report.last_lsn, 13);
+    assert_eq!(report.torn_bytes_cut, 0);
+    assert_eq!(follower.read(13).unwrap().payload, b"new 13");
+    assert_eq!(follower.read(12).unwrap().payload, payload(12, 50));
+    assert_eq!(follower.epoch(), 3);
+}
+
+#[test]
+fn retention_deletes_only_snapshotted_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), small());
+    for i in 1..=3000u64 {
+        wal.append(1, i, &payload(i, 200)).unwrap();
+    }
+    wal.wait_durable(3000).unwrap();
+    let before = parley_wal::recovery::list_segments(dir.path()).unwrap();
+    let keep_all = Retention {
+        max_age: Duration::from_secs(3600),
+        max_bytes: u64::MAX,
+    };
+    let expire_all = Retention {
+        max_age: Duration::ZERO,
+        max_bytes: 0,
+    };
+    // No snapshot: nothing goes.
+    assert!(wal
+        .apply_retention(expire_all, SystemTime::now())
+        .unwrap()
+        .is_empty());
+    wal.record_snapshot(1500).unwrap();
+    // Within retention: nothing goes.
+    assert!(wal
+        .apply_retention(keep_all, SystemTime::now())
+        .unwrap()
+        .is_empty());
+    let later = SystemTime::now() + Duration::from_secs(1);
+    let deleted = wal.apply_retention(expire_all, later).unwrap();
+    assert!(!deleted.is_empty());
+    let after = parley_wal::recovery::list_segments(dir.path()).unwrap();
+    assert_eq!(after.len(), before.len() - deleted.len());
+    // What remains starts at or before the snapshot's next record, and still reads.
+    assert!(after[0].0 <= 1501, "{after:?}");
+    assert_eq!(wal.read(1501).unwrap().payload, payload(1501, 200));
+    assert_eq!(wal.snapshot_lsn().unwrap(), Some(1500));
+    drop(wal);
+    let (_, report) = open(dir.path(), small());
+    assert_eq!(report.last_lsn, 3000);
+}
