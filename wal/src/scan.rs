@@ -101,9 +101,10 @@ pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan,
                     scan.index.append(&mut pending_index);
                 }
             }
-            // Padding after the last record of a flush, up to the next block.
-            Decoded::Zero if !pos.is_multiple_of(BLOCK) => pos = align_up(pos, BLOCK),
-            _ => break Some(pos),
+            _ => match padding_end(data, 0, pos) {
+                Some(next_block) => pos = next_block,
+                None => break Some(pos),
+            },
         }
     };
     scan.incomplete_batch_bytes = records_end - scan.committed_end;
@@ -126,6 +127,19 @@ pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan,
         }
     };
     Ok(scan)
+}
+
+/// Where the zero padding at `data[offset]` ends (the next block boundary), if `offset`
+/// is inside a block and only zeros follow it up to that boundary. Padding is checked up
+/// to the block end only: a record header may not fit there, and the next block already
+/// belongs to the next flush. `data` starts at file offset `base`.
+fn padding_end(data: &[u8], base: usize, offset: usize) -> Option<usize> {
+    if (base + offset).is_multiple_of(BLOCK) {
+        return None;
+    }
+    let next_block = align_up(base + offset, BLOCK) - base;
+    let tail = &data[offset..next_block.min(data.len())];
+    tail.iter().all(|&b| b == 0).then_some(next_block)
 }
 
 /// Whether a valid flush-start record begins at any block boundary after `offset`.
@@ -172,10 +186,10 @@ pub fn records_from(
                 offset += header.stored_len();
                 return Some((at, header, payload));
             }
-            Decoded::Zero if !(base + offset).is_multiple_of(BLOCK) => {
-                offset = align_up(base + offset, BLOCK) - base;
-            }
-            _ => return None,
+            _ => match padding_end(data, base, offset) {
+                Some(next_block) => offset = next_block,
+                None => return None,
+            },
         }
     })
 }
@@ -185,6 +199,7 @@ mod tests {
     use super::*;
     use crate::format::{
         encode_record, encode_segment_header, set_flush_start, SegmentHeader, FLAG_BATCH_END,
+        RECORD_HEADER,
     };
 
     const SIZE: usize = 16 * BLOCK;
@@ -266,6 +281,38 @@ mod tests {
         let scan = scan_segment(&data, 1).unwrap();
         assert_eq!(scan.end, SegmentEnd::Clean);
         assert_eq!(scan.next_lsn, 4);
+    }
+
+    #[test]
+    fn padding_shorter_than_a_header_is_skipped() {
+        // A flush whose last record ends 16 bytes before a block boundary, then a flush.
+        let mut data = encode_segment_header(&SegmentHeader {
+            first_lsn: 1,
+            segment_size: SIZE as u64,
+        });
+        let mut lsn = 1;
+        for target_end in [2 * BLOCK - 16, 3 * BLOCK - 8] {
+            let start = data.len();
+            let payload_len = target_end - start - RECORD_HEADER;
+            let header = RecordHeader {
+                payload_len: payload_len as u32,
+                lsn,
+                epoch: 1,
+                record_type: 1,
+                flags: FLAG_BATCH_END,
+                timestamp: 0,
+            };
+            encode_record(&mut data, &header, &vec![7; payload_len]);
+            assert_eq!(data.len(), target_end);
+            set_flush_start(&mut data[start..]);
+            data.resize(align_up(data.len(), BLOCK), 0);
+            lsn += 1;
+        }
+        data.resize(SIZE, 0);
+        let scan = scan_segment(&data, 1).unwrap();
+        assert_eq!(scan.end, SegmentEnd::Clean);
+        assert_eq!(scan.next_lsn, 3);
+        assert_eq!(records_from(&data, 0, SEGMENT_HEADER).count(), 2);
     }
 
     #[test]
