@@ -290,8 +290,7 @@ mod tests {
             first_lsn: 1,
             segment_size: SIZE as u64,
         });
-        let mut lsn = 1;
-        for target_end in [2 * BLOCK - 16, 3 * BLOCK - 8] {
+        for (lsn, target_end) in (1..).zip([2 * BLOCK - 16, 3 * BLOCK - 8]) {
             let start = data.len();
             let payload_len = target_end - start - RECORD_HEADER;
             let header = RecordHeader {
@@ -306,7 +305,6 @@ mod tests {
             assert_eq!(data.len(), target_end);
             set_flush_start(&mut data[start..]);
             data.resize(align_up(data.len(), BLOCK), 0);
-            lsn += 1;
         }
         data.resize(SIZE, 0);
         let scan = scan_segment(&data, 1).unwrap();
