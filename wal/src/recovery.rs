@@ -56,12 +56,16 @@ pub struct GoodSegment {
     pub index: Vec<(Lsn, u64)>,
 }
 
-/// A tail to cut: `bytes` from `offset` of `path`.
+/// A tail to cut from `offset` of `path`: where the log ends after recovery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TornTail {
     pub path: PathBuf,
     pub offset: u64,
+    /// Bytes of data cut: records of an incomplete batch and the non-zero bytes of the
+    /// damaged tail (padding that was zero already is not counted).
     pub bytes: u64,
+    /// Recovery zeroes `offset..zero_to`.
+    pub zero_to: u64,
 }
 
 /// What a directory holds.
@@ -145,11 +149,10 @@ pub fn analyze(dir: &Path, progress: &mut dyn FnMut(Progress)) -> Result<Analysi
             SegmentEnd::Stopped {
                 offset,
                 nonzero_bytes,
-            } => Some((offset, offset + nonzero_bytes)),
-            SegmentEnd::Clean if scan.incomplete_batch_bytes > 0 => Some((
-                scan.committed_end,
-                scan.committed_end + scan.incomplete_batch_bytes,
-            )),
+            } => Some((offset, nonzero_bytes)),
+            SegmentEnd::Clean if scan.incomplete_batch_bytes > 0 => {
+                Some((scan.committed_end + scan.incomplete_batch_bytes, 0))
+            }
             SegmentEnd::Clean => None,
         };
         analysis.max_epoch = analysis.max_epoch.max(scan.last_epoch.unwrap_or(0));
@@ -161,7 +164,7 @@ pub fn analyze(dir: &Path, progress: &mut dyn FnMut(Progress)) -> Result<Analysi
             end: scan.committed_end as u64,
             index: scan.index.iter().map(|&(l, o)| (l, o as u64)).collect(),
         });
-        if let Some((stop, damaged_end)) = tail_end {
+        if let Some((stop, damaged_bytes)) = tail_end {
             if later_hold_records()? {
                 return Err(corruption(
                     stop as u64,
@@ -171,7 +174,8 @@ pub fn analyze(dir: &Path, progress: &mut dyn FnMut(Progress)) -> Result<Analysi
             analysis.torn_tail = Some(TornTail {
                 path: path.clone(),
                 offset: scan.committed_end as u64,
-                bytes: (damaged_end - scan.committed_end) as u64,
+                bytes: (scan.incomplete_batch_bytes + damaged_bytes) as u64,
+                zero_to: (stop + damaged_bytes) as u64,
             });
             analysis
                 .removable
@@ -190,7 +194,7 @@ pub fn repair(dir: &Path, analysis: &Analysis) -> Result<(), WalError> {
             .write(true)
             .open(&torn.path)
             .map_err(|e| WalError::io("open", &torn.path, e))?;
-        let zeros = vec![0u8; torn.bytes as usize];
+        let zeros = vec![0u8; (torn.zero_to - torn.offset) as usize];
         file.write_all_at(&zeros, torn.offset)
             .and_then(|()| file.sync_data())
             .map_err(|e| WalError::io("cut torn tail of", &torn.path, e))?;
