@@ -35,6 +35,8 @@ pub enum WalError {
     BadReplicatedRecords { lsn: Lsn, detail: String },
     #[error("LSN {0} is not in the log")]
     NotFound(Lsn),
+    #[error("LSN {0} is inside a batch: a log can only be cut at a batch's end")]
+    NotBatchEnd(Lsn),
     #[error("the log directory {0} is in use by another process")]
     Locked(PathBuf),
     #[error("the log is closed")]

@@ -556,8 +556,9 @@ impl Wal {
         self.append_inner(&entries, Some((lsn, epoch, &headers)), true)
     }
 
-    /// Remove every record after `lsn` (a follower's divergent tail). Waits for pending
-    /// appends to become durable first.
+    /// Remove every record after `lsn` (a follower's divergent tail), which must end a
+    /// batch (batches replicate whole, so a divergence point always does). Waits for
+    /// pending appends to become durable first.
     pub fn truncate_after(&self, lsn: Lsn) -> Result<(), WalError> {
         let last = self.next_lsn() - 1;
         if lsn >= last {
@@ -1009,16 +1010,25 @@ impl Writer {
         let Some(keep) = segments.iter().rposition(|s| s.first_lsn <= cut) else {
             return Err(WalError::NotFound(cut));
         };
+        let mut data = vec![0u8; segments[keep].end as usize];
+        segments[keep]
+            .file
+            .read_exact_at(&mut data, 0)
+            .map_err(|e| WalError::io("read", &segments[keep].path, e))?;
+        // Batches are atomic, so the log may only end at a batch's end. (The last record
+        // of an earlier segment always is one: batches never span segments.)
+        let kept_last = records_from(&data, 0, SEGMENT_HEADER).find(|(_, h, _)| h.lsn == lsn);
+        if kept_last.is_some_and(|(_, h, _)| !h.batch_end()) {
+            return Err(WalError::NotBatchEnd(lsn));
+        }
+        // Later segments go first: a crash before the zeroing below leaves the kept
+        // segment whole, a consistent log that was simply not cut yet.
         for removed in segments.drain(keep + 1..) {
             std::fs::remove_file(&removed.path)
                 .map_err(|e| WalError::io("remove", &removed.path, e))?;
         }
+        sync_dir(&self.shared.dir)?;
         let segment = &mut segments[keep];
-        let mut data = vec![0u8; segment.end as usize];
-        segment
-            .file
-            .read_exact_at(&mut data, 0)
-            .map_err(|e| WalError::io("read", &segment.path, e))?;
         let cut_at = records_from(&data, 0, SEGMENT_HEADER)
             .find(|(_, h, _)| h.lsn == cut)
             .map_or(segment.end, |(at, _, _)| at as u64);
