@@ -6,7 +6,7 @@
 //! with one write and one fdatasync, while appenders fill the spare: that is the group
 //! commit. An I/O error poisons the log: nothing after it is acknowledged, ever.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -155,7 +155,8 @@ struct Shared {
     command_done: Condvar,
     durable_lsn: AtomicU64,
     poison: OnceLock<Arc<str>>,
-    wakers: Mutex<Vec<Waker>>,
+    /// Who waits for which LSN; the writer wakes only those a flush covers.
+    waiters: Mutex<Waiters>,
     segments: RwLock<Vec<SegmentIndex>>,
     stats: WalStats,
 }
@@ -176,14 +177,56 @@ impl Shared {
         let _guard = self.lock();
         self.durable_changed.notify_all();
         drop(_guard);
-        self.wake_futures();
+        // Only the waiters this flush covers; after a poison, everyone (to see it).
+        let woken = {
+            let mut waiters = self.waiters();
+            if self.poison.get().is_some() {
+                std::mem::take(&mut waiters.by_lsn)
+            } else {
+                let later = waiters.by_lsn.split_off(&(lsn + 1, 0));
+                std::mem::replace(&mut waiters.by_lsn, later)
+            }
+        };
+        for wake in woken.into_values() {
+            match wake {
+                Wake::Thread(thread) => thread.unpark(),
+                Wake::Task(waker) => waker.wake(),
+            }
+        }
     }
 
-    fn wake_futures(&self) {
-        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
-        for waker in wakers {
-            waker.wake();
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Done waiting for `lsn`: durable, or never will be.
+    fn wait_outcome(&self, lsn: Lsn) -> Option<Result<(), WalError>> {
+        if self.durable_lsn.load(Ordering::Acquire) >= lsn {
+            Some(Ok(()))
+        } else {
+            self.poisoned().map(Err)
         }
+    }
+}
+
+/// How to wake one waiter.
+enum Wake {
+    Thread(std::thread::Thread),
+    Task(Waker),
+}
+
+/// Waiters ordered by the LSN they wait for, so a flush wakes exactly the ones it covers
+/// (waking every waiter on every flush costs a context switch per waiter per flush).
+#[derive(Default)]
+struct Waiters {
+    by_lsn: BTreeMap<(Lsn, u64), Wake>,
+    next_id: u64,
+}
+
+impl Waiters {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
     }
 }
 
@@ -292,7 +335,7 @@ impl Wal {
             command_done: Condvar::new(),
             durable_lsn: AtomicU64::new(next_lsn - 1),
             poison: OnceLock::new(),
-            wakers: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Waiters::default()),
             segments: RwLock::new(segments),
             stats: WalStats::default(),
         });
@@ -451,24 +494,27 @@ impl Wal {
         self.shared.lock().next_lsn
     }
 
-    /// Block until `lsn` is durable, or the log is poisoned or closed.
+    /// Block until `lsn` is durable, or the log is poisoned.
     pub fn wait_durable(&self, lsn: Lsn) -> Result<(), WalError> {
-        let mut state = self.shared.lock();
+        let shared = &self.shared;
+        if let Some(outcome) = shared.wait_outcome(lsn) {
+            return outcome;
+        }
+        if lsn >= self.next_lsn() {
+            return Err(WalError::NotFound(lsn));
+        }
+        let id = shared.waiters().id();
         loop {
-            if self.durable_lsn() >= lsn {
-                return Ok(());
+            shared
+                .waiters()
+                .by_lsn
+                .insert((lsn, id), Wake::Thread(std::thread::current()));
+            // Re-check after registering: the writer may have published in between.
+            if let Some(outcome) = shared.wait_outcome(lsn) {
+                shared.waiters().by_lsn.remove(&(lsn, id));
+                return outcome;
             }
-            if let Some(poisoned) = self.shared.poisoned() {
-                return Err(poisoned);
-            }
-            if lsn >= state.next_lsn {
-                return Err(WalError::NotFound(lsn));
-            }
-            state = self
-                .shared
-                .durable_changed
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+            std::thread::park();
         }
     }
 
@@ -478,6 +524,7 @@ impl Wal {
         Durable {
             shared: self.shared.clone(),
             lsn,
+            id: None,
         }
     }
 
@@ -734,30 +781,36 @@ impl Drop for Wal {
 pub struct Durable {
     shared: Arc<Shared>,
     lsn: Lsn,
+    /// Its key among the waiters, once registered.
+    id: Option<u64>,
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.shared.waiters().by_lsn.remove(&(self.lsn, id));
+        }
+    }
 }
 
 impl std::future::Future for Durable {
     type Output = Result<(), WalError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let ready = |s: &Shared| {
-            if s.durable_lsn.load(Ordering::Acquire) >= self.lsn {
-                Some(Ok(()))
-            } else {
-                s.poisoned().map(Err)
-            }
-        };
-        if let Some(result) = ready(&self.shared) {
-            return Poll::Ready(result);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let lsn = self.lsn;
+        if let Some(outcome) = self.shared.wait_outcome(lsn) {
+            return Poll::Ready(outcome);
         }
-        self.shared
-            .wakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(cx.waker().clone());
+        let shared = self.shared.clone();
+        let mut waiters = shared.waiters();
+        let id = *self.id.get_or_insert_with(|| waiters.id());
+        waiters
+            .by_lsn
+            .insert((lsn, id), Wake::Task(cx.waker().clone()));
+        drop(waiters);
         // Re-check: the writer may have published between the check and the registration.
-        match ready(&self.shared) {
-            Some(result) => Poll::Ready(result),
+        match shared.wait_outcome(lsn) {
+            Some(outcome) => Poll::Ready(outcome),
             None => Poll::Pending,
         }
     }
