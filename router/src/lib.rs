@@ -2,6 +2,8 @@
 //! take inputs with `now` passed in and return effects (ARCHITECTURE.md, "Style").
 
 pub mod auth;
+pub mod mesh;
+pub mod ownership;
 pub mod protocol;
 pub mod rate;
 pub mod session;
