@@ -2,25 +2,13 @@
 //! latency from a parked state.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use parley_router::mesh::{mesh, MeshEnds};
 
 fn wait_ready<T>(ends: &MeshEnds<T>) {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Arc::new(Unpark(std::thread::current())).into();
-    let mut cx = Context::from_waker(&waker);
-    while ends.poll_ready(&mut cx) == Poll::Pending {
-        std::thread::park();
-    }
+    futures::executor::block_on(ends.ready());
 }
 
 /// Send `entries` from shard 0 to shard 1 in batches of `batch`; the receiver parks when

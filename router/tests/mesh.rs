@@ -3,25 +3,13 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake};
 use std::time::Duration;
 
 use parley_router::mesh::{mesh, MeshEnds};
 
 /// Block the thread on a shard's doorbell: the thread parks until a producer wakes it.
 fn wait_ready<T>(ends: &MeshEnds<T>) {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Arc::new(Unpark(std::thread::current())).into();
-    let mut cx = Context::from_waker(&waker);
-    while ends.poll_ready(&mut cx) == Poll::Pending {
-        std::thread::park();
-    }
+    futures::executor::block_on(ends.ready());
 }
 
 fn thread_cpu_time() -> Duration {

@@ -28,16 +28,20 @@ pub fn load_secret(secret: Option<&str>, data_dir: Option<&Path>) -> Result<Stri
     }
 }
 
-/// Parse `90`, `90s`, `15m`, `1h` or `2d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// Split `16KiB` into `(16, "KiB")`; `None` without leading digits.
+pub fn split_number_unit(text: &str) -> Option<(u64, &str)> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 90s, 15m, 1h or 2d"))?;
+    Some((digits.parse().ok()?, unit))
+}
+
+/// Parse `90`, `90s`, `15m`, `1h` or `2d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = split_number_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 15m, 1h or 2d"))?;
     let seconds = match unit {
         "" | "s" => value,
         "m" => value * 60,

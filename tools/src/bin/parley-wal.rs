@@ -569,13 +569,8 @@ fn stat(dir: &Path, json: bool) -> Result<u8, String> {
 /// Parse `100`, `1K`, `16KiB`, `8M`, `1G` (binary multiples).
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 100, 16K, 8M or 1G"))?;
+    let (value, unit) = parley_tools::split_number_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a size such as 100, 16K, 8M or 1G"))?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
