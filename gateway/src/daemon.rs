@@ -22,7 +22,7 @@ use socket2::{Domain, Socket, Type};
 use crate::admin::{self, AdminState};
 use crate::config::{Cli, ConfigError, Settings};
 use crate::metrics::ShardMetrics;
-use crate::runtime::{spawn_shard, ShardControl, ShardPlan};
+use crate::runtime::{spawn_shard, ShardControl, ShardEvent, ShardPlan};
 use crate::ws::WsLimits;
 
 /// Name of the generated secret inside the data directory.
@@ -139,6 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     let mut metrics = Vec::with_capacity(shard_count);
     let mut controls = Vec::with_capacity(shard_count);
     let mut threads = Vec::with_capacity(shard_count);
+    let (lifecycle, shard_events) = std::sync::mpsc::channel();
     for (index, ws_listener) in ws_listeners.into_iter().enumerate() {
         let shard_metrics = Arc::new(ShardMetrics::default());
         let control = Arc::new(ShardControl::default());
@@ -153,6 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             session_config: session_config.clone(),
             max_connections: settings.max_connections_per_shard,
             drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
+            lifecycle: lifecycle.clone(),
         };
         let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
             what: format!("shard {index} on CPU {cpu}"),
@@ -182,7 +184,8 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
         Duration::from_millis(settings.drain_timeout_ms),
     )?;
 
-    wait_until_ready(&metrics, &threads)?;
+    drop(lifecycle);
+    wait_until_serving(&shard_events, shard_count)?;
     tracing::info!(
         shards = shard_count,
         data_dir = %settings.data_dir.display(),
@@ -368,22 +371,25 @@ fn spawn_signal_thread(
     Ok(())
 }
 
-fn wait_until_ready(
-    metrics: &[Arc<ShardMetrics>],
-    threads: &[std::thread::JoinHandle<()>],
+/// Block until every shard says it serves; a shard that stops first fails the start.
+fn wait_until_serving(
+    events: &std::sync::mpsc::Receiver<ShardEvent>,
+    shards: usize,
 ) -> Result<(), StartupError> {
-    let started = Instant::now();
-    while !metrics.iter().all(|m| m.ready.load(Ordering::Acquire)) {
-        if let Some(index) = threads.iter().position(|t| t.is_finished()) {
-            return Err(StartupError::Spawn {
-                what: format!("shard {index}"),
-                source: io::Error::other("its executor stopped during startup"),
-            });
+    let deadline = Instant::now() + SHARD_START_TIMEOUT;
+    let mut serving = 0;
+    while serving < shards {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(ShardEvent::Serving(_)) => serving += 1,
+            Ok(ShardEvent::Stopped(index)) => {
+                return Err(StartupError::Spawn {
+                    what: format!("shard {index}"),
+                    source: io::Error::other("its executor stopped during startup"),
+                })
+            }
+            Err(_) => return Err(StartupError::NotReady(SHARD_START_TIMEOUT)),
         }
-        if started.elapsed() > SHARD_START_TIMEOUT {
-            return Err(StartupError::NotReady(SHARD_START_TIMEOUT));
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
 }

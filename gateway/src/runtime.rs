@@ -76,6 +76,15 @@ pub struct ShardPlan {
     pub session_config: Arc<SessionConfig>,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Where the shard says it serves, or that its executor stopped.
+    pub lifecycle: std::sync::mpsc::Sender<ShardEvent>,
+}
+
+/// What a shard tells the process about its start and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardEvent {
+    Serving(usize),
+    Stopped(usize),
 }
 
 /// Start the shard's pinned executor on its own thread.
@@ -84,6 +93,7 @@ pub fn spawn_shard(plan: ShardPlan) -> io::Result<std::thread::JoinHandle<()>> {
     let builder = LocalExecutorBuilder::new(Placement::Fixed(plan.cpu))
         .name(&name)
         .io_memory(IO_MEMORY_BYTES);
+    let (index, lifecycle) = (plan.index, plan.lifecycle.clone());
     let handle = builder
         .spawn(move || run_shard(plan))
         .map_err(|error| io::Error::other(error.to_string()))?;
@@ -91,6 +101,8 @@ pub fn spawn_shard(plan: ShardPlan) -> io::Result<std::thread::JoinHandle<()>> {
         if let Err(error) = handle.join() {
             tracing::error!(%error, "shard executor failed");
         }
+        // Nobody listens once the process is up; that is fine.
+        let _ = lifecycle.send(ShardEvent::Stopped(index));
     }))
 }
 
@@ -132,6 +144,7 @@ async fn run_shard(plan: ShardPlan) {
     });
     // No state to recover yet: the shard is ready as soon as it accepts.
     plan.metrics.ready.store(true, Ordering::Release);
+    let _ = plan.lifecycle.send(ShardEvent::Serving(plan.index));
     tracing::debug!(shard = plan.index, cpu = plan.cpu, "shard serving");
 
     let accepting = Box::pin(accept_loop(&shard, &listener, plan.max_connections));
