@@ -38,24 +38,80 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
     for (key, value) in env {
         command.env(key, value);
     }
-    let mut child = command.spawn().expect("spawn parleyd");
-    let started = Instant::now();
+    let child = command.spawn().expect("spawn parleyd");
+    let output = wait_exit(child, &format!("parleyd {args:?}"));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status, stderr)
+}
+
+/// Wait (blocking, on a helper thread) for `child` to exit and collect what it piped;
+/// kill it and fail if that takes longer than WAIT.
+pub fn wait_exit(child: Child, what: &str) -> std::process::Output {
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(output) => output.expect("wait for child"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{what} did not exit within {WAIT:?}");
+        }
+    }
+}
+
+/// A started parleyd: its process, addresses and log lines.
+pub struct Launched {
+    pub child: Child,
+    pub ws: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+/// Start parleyd with `args` and wait for its "listening" line (logged once every shard
+/// serves, after the data dir and secret are ready).
+pub fn launch(args: &[String]) -> Launched {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn parleyd");
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut stderr = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            return (status, stderr);
-        }
-        if started.elapsed() > WAIT {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
-            panic!("parleyd {args:?} did not exit");
+            let _ = child.wait();
+            panic!("parleyd {args:?} never said it was listening");
+        };
+        if let Some(rest) = line.split("listening ws=").nth(1) {
+            let mut words = rest.split_whitespace();
+            let ws = words.next().unwrap().parse().unwrap();
+            let admin = words
+                .next()
+                .unwrap()
+                .trim_start_matches("admin=")
+                .parse()
+                .unwrap();
+            return Launched {
+                child,
+                ws,
+                admin,
+                stderr: rx,
+            };
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -79,47 +135,18 @@ impl Daemon {
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn parleyd");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("parleyd {args:?} never said it was listening");
-            };
-            if let Some(rest) = line.split("listening ws=").nth(1) {
-                let mut words = rest.split_whitespace();
-                let ws = words.next().unwrap().parse().unwrap();
-                let admin = words
-                    .next()
-                    .unwrap()
-                    .trim_start_matches("admin=")
-                    .parse()
-                    .unwrap();
-                return Daemon {
-                    child: Some(child),
-                    ws,
-                    admin,
-                    data_dir,
-                    stderr: rx,
-                };
-            }
+        let Launched {
+            child,
+            ws,
+            admin,
+            stderr,
+        } = launch(&args);
+        Daemon {
+            child: Some(child),
+            ws,
+            admin,
+            data_dir,
+            stderr,
         }
     }
 
@@ -136,17 +163,9 @@ impl Daemon {
         let started = Instant::now();
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.pid(), signal) };
-        let mut child = self.child.take().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            if started.elapsed() > WAIT {
-                let _ = child.kill();
-                panic!("parleyd did not exit after signal {signal}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = self.child.take().unwrap();
+        let output = wait_exit(child, &format!("parleyd after signal {signal}"));
+        (output.status, started.elapsed())
     }
 
     /// Lines parleyd logged since the last call.
