@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use parley_router::auth::{Claims, JwtKey};
+use parley_router::limits::ChatLimits;
 use parley_router::session::{Now, Session, SessionConfig, SessionLimits};
 
 fn config() -> Arc<SessionConfig> {
@@ -16,6 +17,7 @@ fn config() -> Arc<SessionConfig> {
             rate_burst: u32::MAX,
             ..SessionLimits::default()
         },
+        chat: ChatLimits::default(),
         jwt: JwtKey::new(b"bench-secret"),
         node: "bench".into(),
     })

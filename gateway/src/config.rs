@@ -8,6 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use parley_router::limits::{ChatLimits, MAX_GROUP_MEMBERS_CEILING};
+use parley_router::presence::MAX_SHARDS;
 use parley_router::session::SessionLimits;
 
 /// Why the configuration could not be used. Each renders as one line naming the setting.
@@ -122,6 +124,30 @@ settings! {
     close_linger_ms: u64 = 5_000, shown "5000";
     /// Longest a SIGTERM/SIGINT drain may take before parleyd exits anyway, in milliseconds.
     drain_timeout_ms: u64 = 10_000, shown "10000";
+    /// Largest message body, in bytes; larger sends get too_large.
+    max_body_bytes: usize = 16 * 1024, shown "16384";
+    /// Largest media object of a message, in bytes of JSON.
+    max_media_bytes: usize = 4 * 1024, shown "4096";
+    /// Members per group, the creator included (at most 100000).
+    max_group_members: usize = 1_000, shown "1000";
+    /// Largest history page a client may ask for (the default page is 50, or this if smaller).
+    history_page_max: usize = 200, shown "200";
+    /// Resent cmids are recognised for at least this long, in milliseconds...
+    dedupe_window_ms: u64 = 24 * 3600 * 1000, shown "86400000";
+    /// ...and for at least this many of each conversation's latest sends.
+    dedupe_window_sends: usize = 10_000, shown "10000";
+    /// Messages replayed per conversation by one sync or hello resume; the rest is named in synced.more.
+    sync_max_messages: usize = 500, shown "500";
+    /// Cursors one sync or resume may name.
+    sync_max_convs: usize = 1_000, shown "1000";
+    /// Users one presence.get may name.
+    presence_get_max_users: usize = 500, shown "500";
+    /// Newest messages per conversation kept in memory; older ones are read from the log.
+    message_cache_per_conv: usize = 64, shown "64";
+    /// Entries each shard-to-shard ring holds; a full ring stops reading client sockets.
+    mesh_ring_entries: usize = 4096, shown "4096";
+    /// Size each WAL segment file is preallocated to, in bytes.
+    wal_segment_bytes: u64 = 64 << 20, shown "67108864";
 }
 
 fn env_name(setting: &str) -> String {
@@ -185,7 +211,15 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 13] = [
+        let positive: [(&'static str, u64); 21] = [
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_media_bytes", self.max_media_bytes as u64),
+            ("history_page_max", self.history_page_max as u64),
+            ("dedupe_window_sends", self.dedupe_window_sends as u64),
+            ("sync_max_messages", self.sync_max_messages as u64),
+            ("sync_max_convs", self.sync_max_convs as u64),
+            ("presence_get_max_users", self.presence_get_max_users as u64),
+            ("mesh_ring_entries", self.mesh_ring_entries as u64),
             ("auth_timeout_ms", self.auth_timeout_ms),
             ("rate_limit_per_sec", u64::from(self.rate_limit_per_sec)),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
@@ -252,6 +286,18 @@ impl Settings {
                 ),
             ));
         }
+        if !(2..=MAX_GROUP_MEMBERS_CEILING).contains(&self.max_group_members) {
+            return Err(invalid(
+                "max_group_members",
+                format!("must be 2-{MAX_GROUP_MEMBERS_CEILING}"),
+            ));
+        }
+        if self.shard_count() > MAX_SHARDS {
+            return Err(invalid("shards", format!("at most {MAX_SHARDS}")));
+        }
+        if self.wal_segment_bytes < 1 << 20 {
+            return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
+        }
         if !parley_router::auth::is_valid_id(&self.node_name) {
             return Err(invalid(
                 "node_name",
@@ -267,6 +313,22 @@ impl Settings {
             online_cpus()
         } else {
             self.shards
+        }
+    }
+
+    pub fn chat_limits(&self) -> ChatLimits {
+        ChatLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_media_bytes: self.max_media_bytes,
+            max_group_members: self.max_group_members,
+            history_page_default: 50.min(self.history_page_max),
+            history_page_max: self.history_page_max,
+            dedupe_window: Duration::from_millis(self.dedupe_window_ms),
+            dedupe_window_sends: self.dedupe_window_sends,
+            sync_max_messages: self.sync_max_messages,
+            sync_max_convs: self.sync_max_convs,
+            presence_get_max_users: self.presence_get_max_users,
+            message_cache_per_conv: self.message_cache_per_conv,
         }
     }
 

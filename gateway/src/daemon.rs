@@ -24,6 +24,7 @@ use crate::config::{Cli, ConfigError, Settings};
 use crate::metrics::ShardMetrics;
 use crate::runtime::{spawn_shard, ShardControl, ShardEvent, ShardPlan};
 use crate::ws::WsLimits;
+use parley_wal::WalOptions;
 
 /// Name of the generated secret inside the data directory.
 pub const JWT_SECRET_FILE: &str = "jwt-secret";
@@ -52,6 +53,14 @@ pub enum StartupError {
     },
     #[error("cannot start {what}: {source}")]
     Spawn { what: String, source: io::Error },
+    #[error("shard {index}: {reason}")]
+    Shard { index: usize, reason: String },
+    #[error("data dir {path} was written by {found} shards, and this start has {configured}; conversations are homed by shard, so start with --shards {found}")]
+    ShardCountChanged {
+        path: PathBuf,
+        found: usize,
+        configured: usize,
+    },
     #[error("shards did not become ready within {0:?}")]
     NotReady(Duration),
 }
@@ -123,8 +132,10 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
 
     // After the listeners, so a start that fails on a port leaves no new secret behind.
     let secret = jwt_secret(&settings)?;
+    let chat_limits = settings.chat_limits();
     let session_config = Arc::new(SessionConfig {
         limits: settings.session_limits(),
+        chat: chat_limits.clone(),
         jwt: JwtKey::new(secret.as_bytes()),
         node: settings.node_name.clone(),
     });
@@ -140,7 +151,14 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     let mut controls = Vec::with_capacity(shard_count);
     let mut threads = Vec::with_capacity(shard_count);
     let (lifecycle, shard_events) = std::sync::mpsc::channel();
-    for (index, ws_listener) in ws_listeners.into_iter().enumerate() {
+    check_layout(&settings.data_dir, shard_count)?;
+    let chat_limits = Arc::new(chat_limits);
+    let wal_options = WalOptions {
+        segment_size: settings.wal_segment_bytes,
+        ..WalOptions::default()
+    };
+    let meshes = parley_router::mesh::mesh(shard_count, settings.mesh_ring_entries);
+    for ((index, ws_listener), mesh) in ws_listeners.into_iter().enumerate().zip(meshes) {
         let shard_metrics = Arc::new(ShardMetrics::default());
         let control = Arc::new(ShardControl::default());
         let cpu = cpus[index % cpus.len()];
@@ -155,6 +173,11 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             max_connections: settings.max_connections_per_shard,
             drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
             lifecycle: lifecycle.clone(),
+            shards: shard_count,
+            wal_dir: settings.data_dir.join(format!("shard-{index}")),
+            wal_options: wal_options.clone(),
+            chat_limits: chat_limits.clone(),
+            mesh,
         };
         let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
             what: format!("shard {index} on CPU {cpu}"),
@@ -202,6 +225,49 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     } else {
         tracing::error!("a shard stopped without a drain request");
         Ok(ExitCode::from(1))
+    }
+}
+
+/// Name of the file that records how many shards wrote the data directory.
+pub const SHARDS_FILE: &str = "shards";
+
+/// Conversations live in the log of their home shard, and the home depends on the shard
+/// count: a data directory is only usable with the count that wrote it.
+fn check_layout(data_dir: &Path, shards: usize) -> Result<(), StartupError> {
+    let path = data_dir.join(SHARDS_FILE);
+    let data_dir_error = |source| StartupError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: usize = text.trim().parse().map_err(|_| {
+                data_dir_error(io::Error::other(format!(
+                    "holds {:?}, not a shard count",
+                    text.trim()
+                )))
+            })?;
+            if found != shards {
+                return Err(StartupError::ShardCountChanged {
+                    path: data_dir.to_path_buf(),
+                    found,
+                    configured: shards,
+                });
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            let temporary = data_dir.join(format!("{SHARDS_FILE}.tmp"));
+            let mut file = File::create(&temporary).map_err(data_dir_error)?;
+            file.write_all(format!("{shards}\n").as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(data_dir_error)?;
+            std::fs::rename(&temporary, &path).map_err(data_dir_error)?;
+            File::open(data_dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(data_dir_error)
+        }
+        Err(error) => Err(data_dir_error(error)),
     }
 }
 
@@ -376,12 +442,17 @@ fn wait_until_serving(
     events: &std::sync::mpsc::Receiver<ShardEvent>,
     shards: usize,
 ) -> Result<(), StartupError> {
-    let deadline = Instant::now() + SHARD_START_TIMEOUT;
+    let mut deadline = Instant::now() + SHARD_START_TIMEOUT;
     let mut serving = 0;
     while serving < shards {
         let left = deadline.saturating_duration_since(Instant::now());
         match events.recv_timeout(left) {
             Ok(ShardEvent::Serving(_)) => serving += 1,
+            // A long recovery is progress, not a hung start.
+            Ok(ShardEvent::Recovering(_)) => deadline = Instant::now() + SHARD_START_TIMEOUT,
+            Ok(ShardEvent::Failed(index, reason)) => {
+                return Err(StartupError::Shard { index, reason })
+            }
             Ok(ShardEvent::Stopped(index)) => {
                 return Err(StartupError::Spawn {
                     what: format!("shard {index}"),

@@ -1,16 +1,22 @@
 //! The shard runtime: one glommio executor per shard, pinned to its CPU. This is the only
 //! module that names glommio (ARCHITECTURE.md: the runtime must stay replaceable).
 //!
-//! A shard accepts on its own SO_REUSEPORT socket and runs one task per connection. The
-//! task owns the socket and a [`WsConnection`]; it moves bytes between the two. Reads go
-//! through one scratch buffer per shard: glommio's stream reads are readiness-based, so a
-//! pending read pins no buffer, and an idle connection holds no read memory of ours.
+//! A shard first recovers its chat state from its WAL, then accepts on its own
+//! SO_REUSEPORT socket and runs one task per connection. The task owns the socket and a
+//! [`WsConnection`]; it moves bytes between the two, hands chat commands to the shard's
+//! [`ShardCore`] and takes documents for its session from a mailbox. Reads go through
+//! one scratch buffer per shard: glommio's stream reads are readiness-based, so a pending
+//! read pins no buffer, and an idle connection holds no read memory of ours.
+//!
+//! One more task per shard, the router, moves entries between the core and the mesh of
+//! rings, waits for the log's durability, and fills the sessions' mailboxes.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::os::fd::{IntoRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +30,14 @@ use futures::task::AtomicWaker;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
+use parley_router::chat_log::WalLog;
+use parley_router::limits::ChatLimits;
+use parley_router::mesh::MeshEnds;
+use parley_router::protocol::Doc;
+use parley_router::record::CHAT_RECORD_TYPE;
 use parley_router::session::{Now, SessionConfig};
+use parley_router::shard::{MeshEntry, ShardCore};
+use parley_wal::{Wal, WalOptions};
 
 use crate::metrics::{dec, inc, ShardMetrics};
 use crate::ws::{WsConnection, WsLimits};
@@ -39,6 +52,12 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Reads discarded per wake while lingering on close.
 const LINGER_READS_PER_WAKE: usize = 16;
+/// Mesh entries the router takes per turn, so one busy peer cannot starve the sockets.
+const MESH_ENTRIES_PER_TURN: usize = 1024;
+/// How soon the router retries a full ring or a log that had no room.
+const RETRY_AFTER: Duration = Duration::from_micros(200);
+/// Recovery reports progress this often.
+const RECOVERY_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The cross-thread handle of a shard: the signal thread asks it to drain.
 #[derive(Debug, Default)]
@@ -78,12 +97,22 @@ pub struct ShardPlan {
     pub drain_timeout: Duration,
     /// Where the shard says it serves, or that its executor stopped.
     pub lifecycle: std::sync::mpsc::Sender<ShardEvent>,
+    pub shards: usize,
+    /// This shard's log directory, `<data_dir>/shard-<k>`.
+    pub wal_dir: PathBuf,
+    pub wal_options: WalOptions,
+    pub chat_limits: Arc<ChatLimits>,
+    pub mesh: MeshEnds<MeshEntry>,
 }
 
 /// What a shard tells the process about its start and end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShardEvent {
+    /// Still recovering (sent every second, so a long recovery is not a hung start).
+    Recovering(usize),
     Serving(usize),
+    /// The shard cannot start: why.
+    Failed(usize, String),
     Stopped(usize),
 }
 
@@ -106,6 +135,21 @@ pub fn spawn_shard(plan: ShardPlan) -> io::Result<std::thread::JoinHandle<()>> {
     }))
 }
 
+/// Documents from the core for one session, and the waker of its task.
+#[derive(Default)]
+struct Mailbox {
+    documents: RefCell<VecDeque<(Doc, bool)>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Mailbox {
+    fn wake(&self) {
+        if let Some(waker) = self.waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
 /// Shard-local state, shared by the shard's tasks (never across threads).
 struct Shard {
     index: usize,
@@ -113,8 +157,16 @@ struct Shard {
     ws_limits: Rc<WsLimits>,
     session_config: Arc<SessionConfig>,
     scratch: RefCell<Box<[u8]>>,
-    /// Live sessions, to wake them for the drain.
-    connections: RefCell<HashMap<u64, Waker>>,
+    core: RefCell<ShardCore>,
+    /// Wakes the router task after a connection handed the core something.
+    router_waker: RefCell<Option<Waker>>,
+    /// Set while the core's entries for other shards exceed what the rings take: the
+    /// connections stop reading until it clears.
+    backpressure: Cell<bool>,
+    /// Connection tasks parked by backpressure.
+    blocked: RefCell<Vec<Waker>>,
+    /// Live sessions' mailboxes, also used to wake them for the drain.
+    connections: RefCell<HashMap<u64, Rc<Mailbox>>>,
     /// Open sockets, including connections lingering after their close frame: what
     /// `max_connections_per_shard` bounds.
     open_sockets: Cell<usize>,
@@ -124,25 +176,88 @@ struct Shard {
     idle_waker: Cell<Option<Waker>>,
 }
 
+/// Open the shard's log and rebuild its state, reporting progress.
+fn recover(plan: &ShardPlan) -> Result<(Arc<Wal>, ShardCore), String> {
+    let index = plan.index;
+    let mut last_report = Instant::now();
+    let mut report = |what: &str, done: u64, total: u64| {
+        if last_report.elapsed() >= RECOVERY_PROGRESS_EVERY {
+            last_report = Instant::now();
+            tracing::info!(shard = index, done, total, "recovery: {what}");
+            let _ = plan.lifecycle.send(ShardEvent::Recovering(index));
+        }
+    };
+    let (wal, recovery) = Wal::open(&plan.wal_dir, plan.wal_options.clone(), &mut |p| {
+        report("scanning the log (bytes)", p.bytes_done, p.bytes_total)
+    })
+    .map_err(|error| format!("log {}: {error}", plan.wal_dir.display()))?;
+    let wal = Arc::new(wal);
+    let mut core = ShardCore::new(
+        index,
+        plan.shards,
+        plan.chat_limits.clone(),
+        Box::new(WalLog(wal.clone())),
+    );
+    let last = recovery.last_lsn;
+    for record in wal.iter(1, last) {
+        let record = record.map_err(|error| format!("log {}: {error}", plan.wal_dir.display()))?;
+        if record.record_type != CHAT_RECORD_TYPE {
+            return Err(format!(
+                "log {}: record {} has type {}, which this build does not know",
+                plan.wal_dir.display(),
+                record.lsn,
+                record.record_type
+            ));
+        }
+        core.replay(record.lsn, &record.payload)
+            .map_err(|error| format!("log {}: {error}", plan.wal_dir.display()))?;
+        report("replaying records", record.lsn, last);
+    }
+    tracing::info!(
+        shard = index,
+        records = last,
+        conversations = core.sequencer().conversations(),
+        torn_bytes_cut = recovery.torn_bytes_cut,
+        io = recovery.io_path,
+        direct_io = recovery.direct_io,
+        took_ms = recovery.duration.as_millis() as u64,
+        "recovered"
+    );
+    Ok((wal, core))
+}
+
 async fn run_shard(plan: ShardPlan) {
+    let (wal, core) = match recover(&plan) {
+        Ok(recovered) => recovered,
+        Err(reason) => {
+            let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
+            return;
+        }
+    };
     // SAFETY: main created this listening socket for this shard alone and gave up its fd.
     let listener = unsafe {
         use std::os::fd::FromRawFd;
         TcpListener::from_raw_fd(plan.ws_listener.into_raw_fd())
     };
+    let mesh = plan.mesh;
     let shard = Rc::new(Shard {
         index: plan.index,
         metrics: plan.metrics.clone(),
         ws_limits: Rc::new(plan.ws_limits),
         session_config: plan.session_config,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
+        core: RefCell::new(core),
+        router_waker: RefCell::new(None),
+        backpressure: Cell::new(false),
+        blocked: RefCell::new(Vec::new()),
         connections: RefCell::new(HashMap::new()),
         open_sockets: Cell::new(0),
         next_connection: Cell::new(0),
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
     });
-    // No state to recover yet: the shard is ready as soon as it accepts.
+    glommio::spawn_local(run_router(shard.clone(), mesh, wal)).detach();
+    // State is recovered: the shard is ready as soon as it accepts.
     plan.metrics.ready.store(true, Ordering::Release);
     let _ = plan.lifecycle.send(ShardEvent::Serving(plan.index));
     tracing::debug!(shard = plan.index, cpu = plan.cpu, "shard serving");
@@ -155,8 +270,8 @@ async fn run_shard(plan: ShardPlan) {
     drop(listener);
     plan.metrics.ready.store(false, Ordering::Release);
     shard.draining.set(true);
-    for waker in shard.connections.borrow().values() {
-        waker.wake_by_ref();
+    for mailbox in shard.connections.borrow().values() {
+        mailbox.wake();
     }
     let open = shard.connections.borrow().len();
     tracing::info!(
@@ -227,19 +342,20 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
         session_id,
         Now::system(),
     );
-    let mut timer: Option<(Instant, Timer)> = None;
-    let mut drained = false;
-    let mut registered = false;
+    let mailbox = Rc::new(Mailbox::default());
+    shard.connections.borrow_mut().insert(id, mailbox.clone());
+    let mut task = ConnectionTask {
+        id,
+        timer: None,
+        drained: false,
+        opened: false,
+    };
     loop {
         let step = futures::future::poll_fn(|cx| {
-            if !registered {
-                shard
-                    .connections
-                    .borrow_mut()
-                    .insert(id, cx.waker().clone());
-                registered = true;
+            if mailbox.waker.borrow().is_none() {
+                *mailbox.waker.borrow_mut() = Some(cx.waker().clone());
             }
-            poll_connection(cx, &shard, &mut stream, &mut conn, &mut timer, &mut drained)
+            poll_connection(cx, &shard, &mut stream, &mut conn, &mailbox, &mut task)
         })
         .await;
         if let Step::Done = step {
@@ -247,9 +363,13 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
         }
         glommio::yield_if_needed().await;
     }
+    shard.connections.borrow_mut().remove(&id);
+    if task.opened {
+        shard.core.borrow_mut().session_closed(id, Now::system());
+        shard.kick();
+    }
     // The close frame is flushed: the session is over, so a drain need not wait for the
     // lingering below (the executor drops lingering tasks when the shard stops).
-    shard.connections.borrow_mut().remove(&id);
     if shard.draining.get() && shard.connections.borrow().is_empty() {
         if let Some(waker) = shard.idle_waker.take() {
             waker.wake();
@@ -261,6 +381,41 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
     dec(&shard.metrics.connections_open);
 }
 
+/// A connection task's own bookkeeping.
+struct ConnectionTask {
+    id: u64,
+    timer: Option<(Instant, Timer)>,
+    drained: bool,
+    /// The core knows this session (it authenticated).
+    opened: bool,
+}
+
+impl Shard {
+    /// Wake the router: the core has output to move.
+    fn kick(&self) {
+        if let Some(waker) = self.router_waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+/// Hand what the session accepted to the core: its authentication, then its commands.
+fn forward_to_core(shard: &Shard, conn: &mut WsConnection, task: &mut ConnectionTask, now: Now) {
+    let requests = conn.take_requests();
+    let Some((user, device)) = conn.identity() else {
+        return;
+    };
+    let mut core = shard.core.borrow_mut();
+    if !task.opened {
+        task.opened = true;
+        core.session_opened(task.id, user, now);
+    }
+    for request in requests {
+        core.on_request(task.id, request.re, user, device, request.command, now);
+    }
+    drop(core);
+    shard.kick();
+}
 /// Close gracefully: send FIN, then read and discard until the peer's EOF or the linger
 /// deadline. Closing a socket with unread input makes Linux send RST, which can destroy
 /// the replies and close frame the peer has not read yet.
@@ -293,14 +448,19 @@ fn poll_connection(
     shard: &Shard,
     stream: &mut TcpStream,
     conn: &mut WsConnection,
-    timer: &mut Option<(Instant, Timer)>,
-    drained: &mut bool,
+    mailbox: &Mailbox,
+    task: &mut ConnectionTask,
 ) -> Poll<Step> {
     let now = Now::system();
     let mut progress = false;
-    if shard.draining.get() && !*drained {
-        *drained = true;
+    if shard.draining.get() && !task.drained {
+        task.drained = true;
         conn.drain(now);
+        progress = true;
+    }
+    if !mailbox.documents.borrow().is_empty() {
+        let documents = std::mem::take(&mut *mailbox.documents.borrow_mut());
+        conn.push_documents(now, documents.into_iter());
         progress = true;
     }
     while !conn.output().is_empty() {
@@ -319,11 +479,16 @@ fn poll_connection(
     if conn.is_finished() && conn.output().is_empty() {
         return Poll::Ready(Step::Done);
     }
-    if conn.wants_input() {
+    if conn.wants_input() && shard.backpressure.get() {
+        // The rings to other shards are full: leave this socket's data in the kernel.
+        shard.blocked.borrow_mut().push(cx.waker().clone());
+    } else if conn.wants_input() {
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(n)) if n > 0 => {
                 conn.on_bytes(now, &scratch[..n]);
+                drop(scratch);
+                forward_to_core(shard, conn, task, now);
                 return Poll::Ready(Step::Progress);
             }
             Poll::Ready(_) => {
@@ -334,6 +499,7 @@ fn poll_connection(
         }
     }
     if let Some(deadline) = conn.next_deadline() {
+        let timer = &mut task.timer;
         if deadline <= now.instant {
             *timer = None;
             conn.on_tick(now);
@@ -357,4 +523,151 @@ fn poll_connection(
     } else {
         Poll::Pending
     }
+}
+
+/// The router task's own state between wake-ups.
+struct Router {
+    mesh: MeshEnds<MeshEntry>,
+    wal: Arc<Wal>,
+    inbound: Vec<(usize, MeshEntry)>,
+    /// The durability wait in flight: (LSN, its future).
+    durable: Option<(u64, parley_wal::log::Durable)>,
+    timer: Option<(Instant, Timer)>,
+}
+
+/// Move entries between the core and the mesh, release what became durable, and fill
+/// the sessions' mailboxes. Parks (no CPU) when there is nothing to do.
+async fn run_router(shard: Rc<Shard>, mesh: MeshEnds<MeshEntry>, wal: Arc<Wal>) {
+    let mut router = Router {
+        mesh,
+        wal,
+        inbound: Vec::with_capacity(MESH_ENTRIES_PER_TURN),
+        durable: None,
+        timer: None,
+    };
+    loop {
+        futures::future::poll_fn(|cx| {
+            let registered = shard
+                .router_waker
+                .borrow()
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            if !registered {
+                *shard.router_waker.borrow_mut() = Some(cx.waker().clone());
+            }
+            poll_router(cx, &shard, &mut router)
+        })
+        .await;
+        glommio::yield_if_needed().await;
+    }
+}
+
+fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll<()> {
+    let now = Now::system();
+    let mut progress = false;
+    let mut core = shard.core.borrow_mut();
+
+    let inbound = &mut router.inbound;
+    if router.mesh.receive(MESH_ENTRIES_PER_TURN, |from, entry| {
+        inbound.push((from, entry))
+    }) > 0
+    {
+        core.on_entries(inbound.drain(..), now);
+        progress = true;
+    }
+
+    // Durability: wait for the last record written; release what it covers.
+    loop {
+        let target = core.last_appended();
+        if target <= core.durable_lsn() {
+            router.durable = None;
+            break;
+        }
+        let (_, waiting) = router
+            .durable
+            .get_or_insert_with(|| (target, router.wal.durable(target)));
+        match Pin::new(waiting).poll(cx) {
+            Poll::Ready(Ok(())) => {
+                router.durable = None;
+                core.on_durable(router.wal.durable_lsn());
+                progress = true;
+            }
+            Poll::Ready(Err(error)) => fail_stop(shard.index, &error.to_string()),
+            Poll::Pending => break,
+        }
+    }
+    if let Some(error) = core.failed() {
+        fail_stop(shard.index, &error.to_string());
+    }
+
+    // Timers: typing expiry; retries of a full ring or a log without room.
+    let retry = core.flush_pending() || core.backlog() > 0;
+    let deadline = match (core.next_deadline(), retry) {
+        (Some(at), true) => Some(at.min(now.instant + RETRY_AFTER)),
+        (at, true) => at.or(Some(now.instant + RETRY_AFTER)),
+        (at, false) => at,
+    };
+    if let Some(deadline) = deadline {
+        if deadline <= now.instant {
+            router.timer = None;
+            core.on_tick(now);
+            progress = true;
+        } else {
+            if router.timer.as_ref().is_none_or(|(at, _)| *at > deadline) {
+                router.timer = Some((deadline, Timer::new(deadline - now.instant)));
+            }
+            if let Some((_, armed)) = &mut router.timer {
+                if Pin::new(armed).poll(cx).is_ready() {
+                    router.timer = None;
+                    core.on_tick(now);
+                    progress = true;
+                }
+            }
+        }
+    }
+
+    // Out to the rings, and into the mailboxes.
+    for to in 0..router.mesh.shards() {
+        if to != shard.index && !core.outgoing(to).is_empty() {
+            router.mesh.send_batch(to, core.outgoing(to));
+        }
+    }
+    let connections = shard.connections.borrow();
+    for (conn, document, ephemeral) in core.take_local() {
+        // A session that ended meanwhile simply misses it; it will resume.
+        if let Some(mailbox) = connections.get(&conn) {
+            mailbox
+                .documents
+                .borrow_mut()
+                .push_back((document, ephemeral));
+            mailbox.wake();
+        }
+    }
+    drop(connections);
+
+    // Backpressure: stop reading sockets while the rings cannot take the core's output.
+    let backlog = core.backlog();
+    let limit = router.mesh.shards().max(1) * MESH_ENTRIES_PER_TURN;
+    if backlog > limit {
+        shard.backpressure.set(true);
+    } else if shard.backpressure.get() && backlog <= limit / 2 {
+        shard.backpressure.set(false);
+        for waker in shard.blocked.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+    drop(core);
+
+    if progress || router.mesh.poll_ready(cx).is_ready() {
+        // Go round again after yielding: there may be more.
+        cx.waker().wake_by_ref();
+    }
+    Poll::Pending
+}
+
+/// The log failed: nothing after this can be acknowledged. Stop the process, so a
+/// supervisor restarts it and recovery decides what is durable (never retry and pretend).
+fn fail_stop(shard: usize, error: &str) -> ! {
+    eprintln!("parleyd: error: shard {shard}: the log failed, stopping: {error}");
+    std::process::exit(1);
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_router::protocol::CloseCode;
-use parley_router::session::{Action, Note, Now, Session, SessionConfig};
+use parley_router::protocol::Doc;
+use parley_router::session::{Action, ChatRequest, Note, Now, Session, SessionConfig};
 use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::http::{HeaderValue, StatusCode};
@@ -355,6 +356,35 @@ impl WsConnection {
     }
 
     /// True when the connection has nothing left to do once its output is written.
+    /// The authenticated (user, device), once the session has one.
+    pub fn identity(&self) -> Option<(&str, &str)> {
+        match &self.state {
+            State::Open { session, .. } => session.user().zip(session.device()),
+            _ => None,
+        }
+    }
+
+    /// Chat commands the session accepted since the last call.
+    pub fn take_requests(&mut self) -> Vec<ChatRequest> {
+        match &mut self.state {
+            State::Open { session, .. } => session.take_requests().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Replies and events from the shard's core, for this session.
+    pub fn push_documents(&mut self, now: Now, documents: impl Iterator<Item = (Doc, bool)>) {
+        let State::Open { session, .. } = &mut self.state else {
+            return;
+        };
+        for (document, ephemeral) in documents {
+            if session.push_event(document, ephemeral).is_err() {
+                break; // overflow: the session is closing with 4009
+            }
+        }
+        self.pump(now);
+    }
+
     pub fn is_finished(&self) -> bool {
         match &self.state {
             State::Finished { .. } => true,

@@ -1,7 +1,46 @@
 //! Wire vocabulary of PROTOCOL.md v1 sections 1-3: error codes, close codes, and the
 //! encoders for replies and events. Transport-independent: WebSocket and QUIC share it.
 
+use std::sync::Arc;
+
 use serde::Serialize;
+
+/// One JSON document on its way to a session: a reply of its own, or event bytes encoded
+/// once and shared by every session that receives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Doc {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl Doc {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Doc::Owned(text) => text,
+            Doc::Shared(text) => text,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_str().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_str().is_empty()
+    }
+}
+
+impl From<String> for Doc {
+    fn from(text: String) -> Self {
+        Doc::Owned(text)
+    }
+}
+
+impl From<Arc<str>> for Doc {
+    fn from(text: Arc<str>) -> Self {
+        Doc::Shared(text)
+    }
+}
 
 /// Error codes carried in `{"re": id, "err": {"code": ...}}` (PROTOCOL.md section 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{is_valid_id, Claims, JwtKey};
-use crate::protocol::{encode_bare_event, encode_err, encode_ok, CloseCode, ErrorCode};
+use crate::command::{self, ChatCommand, Cursor, CHAT_OPS};
+use crate::limits::ChatLimits;
+use crate::protocol::{encode_err, encode_ok, CloseCode, Doc, ErrorCode};
 use crate::rate::TokenBucket;
 
 /// Device id used when neither the token nor `hello` names one.
@@ -63,6 +65,7 @@ impl Default for SessionLimits {
 #[derive(Debug)]
 pub struct SessionConfig {
     pub limits: SessionLimits,
+    pub chat: ChatLimits,
     pub jwt: JwtKey,
     /// This node's name, reported in `welcome`.
     pub node: String,
@@ -146,10 +149,19 @@ pub struct Session {
     heartbeat: Heartbeat,
     rate: TokenBucket,
     strikes: u32,
-    outbound: VecDeque<String>,
+    outbound: VecDeque<Doc>,
     outbound_bytes: usize,
     close_sent: bool,
     notes: Vec<Note>,
+    /// Chat commands parsed from the last frame, for the transport to hand to the shard.
+    requests: Vec<ChatRequest>,
+}
+
+/// A chat command for the shard's core, with the id its reply answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub re: u64,
+    pub command: ChatCommand,
 }
 
 /// A document was refused because the outbound queue is full; the session is closing (4009).
@@ -171,14 +183,7 @@ struct HelloArgs {
     #[serde(default)]
     device: Option<String>,
     #[serde(default)]
-    resume: Option<Vec<ResumeCursor>>,
-}
-
-#[derive(Deserialize)]
-#[allow(dead_code)] // Fields are validated now and replayed once the router stores messages.
-struct ResumeCursor {
-    conv: String,
-    after: u64,
+    resume: Option<Vec<Cursor>>,
 }
 
 #[derive(Serialize)]
@@ -195,24 +200,6 @@ struct Welcome<'a> {
 struct Pong {
     server_ts: u64,
 }
-
-/// Commands of PROTOCOL.md section 5 that the chat router (a later milestone) serves.
-const ROUTER_OPS: &[&str] = &[
-    "conv.create",
-    "conv.list",
-    "conv.get",
-    "member.add",
-    "member.remove",
-    "conv.leave",
-    "send",
-    "ack",
-    "read",
-    "typing",
-    "history",
-    "sync",
-    "presence.get",
-    "react",
-];
 
 impl Session {
     /// A new connection. `upgrade_token` is the token the transport found at connect time
@@ -241,6 +228,7 @@ impl Session {
             outbound_bytes: 0,
             close_sent: false,
             notes: Vec::new(),
+            requests: Vec::new(),
         };
         if let Some(token) = upgrade_token {
             match session.config.jwt.verify(token, now.unix_ms / 1000) {
@@ -261,6 +249,19 @@ impl Session {
             Phase::Active(identity) => Some(&identity.user),
             _ => None,
         }
+    }
+
+    /// The authenticated user's device.
+    pub fn device(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Active(identity) => Some(&identity.device),
+            _ => None,
+        }
+    }
+
+    /// Chat commands accepted since the last call, in order.
+    pub fn take_requests(&mut self) -> std::vec::Drain<'_, ChatRequest> {
+        self.requests.drain(..)
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -380,9 +381,14 @@ impl Session {
         self.close_sent = true;
     }
 
-    /// Queue a server event for this session. On overflow the queue is dropped and the
-    /// session closes with 4009 (the client reconnects and syncs; nothing committed is lost).
-    pub fn push_event(&mut self, document: String) -> Result<(), QueueOverflow> {
+    /// Queue a server event or a reply from the shard. On overflow the queue is dropped
+    /// and the session closes with 4009 (the client reconnects and syncs; nothing
+    /// committed is lost). An ephemeral event (typing, presence) is shed instead once the
+    /// queue is half full.
+    pub fn push_event(&mut self, document: Doc, ephemeral: bool) -> Result<(), QueueOverflow> {
+        if ephemeral && self.outbound.len() * 2 >= self.config.limits.outbound_queue_len {
+            return Ok(());
+        }
         self.enqueue(document)
     }
 
@@ -394,8 +400,12 @@ impl Session {
     /// Up to `max_bytes` of queued documents joined by `\n` as one frame (always at least
     /// one document when any is queued, so an oversized event cannot wedge the queue).
     pub fn take_outbound_batch(&mut self, max_bytes: usize) -> Option<String> {
-        let mut batch = self.outbound.pop_front()?;
-        self.outbound_bytes -= batch.len();
+        let first = self.outbound.pop_front()?;
+        self.outbound_bytes -= first.len();
+        let mut batch = match first {
+            Doc::Owned(text) => text,
+            Doc::Shared(text) => text.to_string(),
+        };
         while let Some(next) = self.outbound.front() {
             if batch.len() + 1 + next.len() > max_bytes {
                 break;
@@ -403,7 +413,7 @@ impl Session {
             let next = self.outbound.pop_front().expect("front exists");
             self.outbound_bytes -= next.len();
             batch.push('\n');
-            batch.push_str(&next);
+            batch.push_str(next.as_str());
         }
         Some(batch)
     }
@@ -471,10 +481,14 @@ impl Session {
                     },
                 );
             }
-            (_, op) if ROUTER_OPS.contains(&op) => {
-                self.strikes = 0;
-                let msg = format!("op '{op}' is not served by this build yet");
-                self.reply_err(id, ErrorCode::BadRequest, &msg);
+            (_, op) if CHAT_OPS.contains(&op) => {
+                match command::parse(op, document, &self.config.chat) {
+                    Ok(command) => {
+                        self.strikes = 0;
+                        self.requests.push(ChatRequest { re: id, command });
+                    }
+                    Err(refusal) => self.reject(Some(id), refusal.code, &refusal.msg),
+                }
             }
             (_, op) => {
                 let msg = format!("unknown op '{}'", truncate(op, 64));
@@ -564,8 +578,11 @@ impl Session {
         }
         // Resume replays missed messages before `synced`; until the router stores
         // messages there is nothing to replay.
-        if args.resume.is_some() {
-            let _overflow_closes_the_session = self.enqueue(encode_bare_event("synced"));
+        if let Some(cursors) = args.resume {
+            match command::resume(cursors, &self.config.chat) {
+                Ok(command) => self.requests.push(ChatRequest { re: id, command }),
+                Err(refusal) => self.reply_err(id, refusal.code, &refusal.msg),
+            }
         }
     }
 
@@ -616,7 +633,8 @@ impl Session {
         let _overflow_closes_the_session = self.enqueue(encode_ok(id, body));
     }
 
-    fn enqueue(&mut self, document: String) -> Result<(), QueueOverflow> {
+    fn enqueue(&mut self, document: impl Into<Doc>) -> Result<(), QueueOverflow> {
+        let document = document.into();
         if self.is_closing() && self.close_sent {
             return Err(QueueOverflow);
         }
@@ -697,6 +715,7 @@ mod tests {
         fn new(limits: SessionLimits, upgrade_token: Option<&str>) -> Self {
             let config = Arc::new(SessionConfig {
                 limits,
+                chat: ChatLimits::default(),
                 jwt: JwtKey::new(SECRET),
                 node: "n1".into(),
             });
@@ -785,14 +804,26 @@ mod tests {
     }
 
     #[test]
-    fn hello_with_resume_ends_with_synced() {
+    fn hello_with_resume_hands_the_cursors_to_the_shard() {
         let mut h = Harness::authed();
         h.send(
             1,
             r#"{"id":1,"op":"hello","resume":[{"conv":"c1","after":3}]}"#,
         );
-        let replies = h.replies();
-        assert_eq!(replies[1], json!({"ev": "synced"}));
+        assert_eq!(h.replies()[0]["re"], 1);
+        let requests: Vec<ChatRequest> = h.session.take_requests().collect();
+        assert_eq!(
+            requests,
+            vec![ChatRequest {
+                re: 1,
+                command: ChatCommand::Resume {
+                    cursors: vec![Cursor {
+                        conv: "c1".into(),
+                        after: 3
+                    }]
+                }
+            }]
+        );
     }
 
     #[test]
@@ -921,15 +952,21 @@ mod tests {
     }
 
     #[test]
-    fn router_ops_are_answered_not_dropped() {
+    fn chat_ops_go_to_the_shard_and_bad_ones_are_answered() {
         let mut h = Harness::authed();
         h.send(
             1,
             r#"{"id":1,"op":"send","conv":"c","cmid":"m","body":"hi"}"#,
         );
+        assert!(h.replies().is_empty());
+        let requests: Vec<ChatRequest> = h.session.take_requests().collect();
+        assert_eq!(requests.len(), 1);
+        assert!(matches!(requests[0].command, ChatCommand::Send(_)));
+        h.send(2, r#"{"id":2,"op":"send","conv":"c"}"#);
         let reply = &h.replies()[0];
-        assert_eq!(reply["re"], 1);
+        assert_eq!(reply["re"], 2);
         assert_eq!(reply["err"]["code"], "bad_request");
+        assert_eq!(h.session.take_requests().count(), 0);
     }
 
     #[test]
@@ -992,15 +1029,21 @@ mod tests {
                 reason: "outbound queue overflow: reconnect and sync"
             })
         );
-        assert_eq!(h.session.push_event("{}".into()), Err(QueueOverflow));
+        assert_eq!(
+            h.session.push_event(Doc::Owned("{}".into()), false),
+            Err(QueueOverflow)
+        );
     }
 
     #[test]
     fn outbound_byte_limit_also_overflows() {
         let mut h = Harness::authed();
         let big = format!(r#"{{"ev":"x","pad":"{}"}}"#, "y".repeat(3000));
-        assert_eq!(h.session.push_event(big.clone()), Ok(()));
-        assert_eq!(h.session.push_event(big), Err(QueueOverflow));
+        assert_eq!(h.session.push_event(Doc::Owned(big.clone()), false), Ok(()));
+        assert_eq!(
+            h.session.push_event(Doc::Owned(big), false),
+            Err(QueueOverflow)
+        );
         assert!(h.session.is_closing());
     }
 
