@@ -2,7 +2,8 @@
 //! dedupe window, cursors, reactions, the seq -> log position index and a cache of the
 //! newest encoded messages. It changes only by applying records (see `record.rs`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use crate::fast::FastMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ type SendKey = (Arc<str>, Box<str>);
 
 #[derive(Debug, Default)]
 pub struct Dedupe {
-    by_sender: HashMap<Arc<str>, HashMap<Box<str>, u64>>,
+    by_sender: FastMap<Arc<str>, FastMap<Box<str>, u64>>,
     /// (ts, key), oldest first.
     order: VecDeque<(u64, SendKey)>,
 }
@@ -108,12 +109,12 @@ pub struct Conversation {
     recent: VecDeque<Arc<str>>,
     pub dedupe: Dedupe,
     /// Delivered cursor per (user, device).
-    pub delivered: HashMap<(Arc<str>, Arc<str>), u64>,
+    pub delivered: FastMap<(Arc<str>, Arc<str>), u64>,
     /// Per user: the highest delivered cursor of any of their devices.
-    pub user_delivered: HashMap<Arc<str>, u64>,
-    pub read: HashMap<Arc<str>, u64>,
+    pub user_delivered: FastMap<Arc<str>, u64>,
+    pub read: FastMap<Arc<str>, u64>,
     /// seq -> emoji -> users.
-    pub reactions: HashMap<u64, BTreeMap<String, BTreeSet<Arc<str>>>>,
+    pub reactions: FastMap<u64, BTreeMap<String, BTreeSet<Arc<str>>>>,
 }
 
 impl Conversation {
@@ -130,10 +131,10 @@ impl Conversation {
             lsn_by_seq: Vec::new(),
             recent: VecDeque::new(),
             dedupe: Dedupe::default(),
-            delivered: HashMap::new(),
-            user_delivered: HashMap::new(),
-            read: HashMap::new(),
-            reactions: HashMap::new(),
+            delivered: FastMap::default(),
+            user_delivered: FastMap::default(),
+            read: FastMap::default(),
+            reactions: FastMap::default(),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod chat_log;
 pub mod command;
 pub mod conversation;
 pub mod event;
+pub mod fast;
 pub mod limits;
 pub mod mesh;
 pub mod output;

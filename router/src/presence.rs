@@ -3,7 +3,7 @@
 //! a fan-out goes only to the shards that need it. On a user's home shard the same copy
 //! decides presence: online while any shard holds a session, offline when the last ends.
 
-use std::collections::HashMap;
+use crate::fast::FastMap;
 use std::sync::Arc;
 
 /// Shards a directory can name: one bit each.
@@ -20,7 +20,7 @@ pub enum PresenceChange {
 pub struct Directory {
     /// user -> bit k set while shard k holds a live session of theirs. Offline users
     /// have no entry, so the map is as large as the online population.
-    shards_of: HashMap<Arc<str>, u64>,
+    shards_of: FastMap<Arc<str>, u64>,
 }
 
 impl Directory {

@@ -6,7 +6,8 @@
 //! as [`Output`]s; the shard core holds them back until the log is durable up to the
 //! records they depend on (PROTOCOL.md 7.1).
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use crate::fast::{FastMap, FastSet};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,17 +60,17 @@ pub struct SequencerStats {
 pub struct Sequencer {
     limits: Arc<ChatLimits>,
     window: Window,
-    convs: HashMap<Arc<str>, Conversation>,
+    convs: FastMap<Arc<str>, Conversation>,
     /// user -> the conversations homed here that they belong to.
-    convs_of_user: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+    convs_of_user: FastMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// user -> when their last session ended (for users homed here).
-    last_seen: HashMap<Arc<str>, u64>,
+    last_seen: FastMap<Arc<str>, u64>,
     /// (conv, user) -> when their typing expires.
-    typing: HashMap<(Arc<str>, Arc<str>), Instant>,
+    typing: FastMap<(Arc<str>, Arc<str>), Instant>,
     /// Expiries in the order they were set (the TTL is fixed, so this is time order).
     typing_expiry: VecDeque<(Instant, Arc<str>, Arc<str>)>,
     /// Cursor advances not yet in the log: (conv, user, device or None for read) -> seq.
-    dirty_cursors: HashMap<CursorKey, u64>,
+    dirty_cursors: FastMap<CursorKey, u64>,
     /// Everything up to here is durable; the message cache keeps what is not.
     durable_lsn: u64,
     pub stats: SequencerStats,
@@ -81,12 +82,12 @@ impl Sequencer {
         Self {
             limits,
             window,
-            convs: HashMap::new(),
-            convs_of_user: HashMap::new(),
-            last_seen: HashMap::new(),
-            typing: HashMap::new(),
+            convs: FastMap::default(),
+            convs_of_user: FastMap::default(),
+            last_seen: FastMap::default(),
+            typing: FastMap::default(),
             typing_expiry: VecDeque::new(),
-            dirty_cursors: HashMap::new(),
+            dirty_cursors: FastMap::default(),
             durable_lsn: 0,
             stats: SequencerStats::default(),
         }
@@ -109,8 +110,8 @@ impl Sequencer {
     }
 
     /// Everyone who shares a conversation homed here with `user`.
-    pub fn co_members(&self, user: &str) -> HashSet<Arc<str>> {
-        let mut users = HashSet::new();
+    pub fn co_members(&self, user: &str) -> FastSet<Arc<str>> {
+        let mut users = FastSet::default();
         for conv in self.convs_of_user.get(user).into_iter().flatten() {
             if let Some(conversation) = self.convs.get(conv) {
                 users.extend(conversation.members.keys().cloned());
@@ -980,7 +981,7 @@ impl Sequencer {
     }
 
     /// Summaries of the conversations homed here that `user` belongs to.
-    pub fn summaries(&self, user: &str, device: &str, skip: &HashSet<&str>) -> Vec<ConvSummary> {
+    pub fn summaries(&self, user: &str, device: &str, skip: &FastSet<&str>) -> Vec<ConvSummary> {
         self.convs_of_user
             .get(user)
             .into_iter()
@@ -1046,7 +1047,7 @@ impl Sequencer {
             }
         }
         let convs = if list_unnamed {
-            let named: HashSet<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
+            let named: FastSet<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
             self.summaries(user, device, &named)
         } else {
             Vec::new()

@@ -9,7 +9,8 @@
 //! acknowledged or delivered before it is durable (PROTOCOL.md 7.1), and outputs leave
 //! in the order they were made.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use crate::fast::{FastMap, FastSet};
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Instant;
@@ -128,10 +129,10 @@ pub struct ShardCore {
     log: TrackedLog,
     durable_lsn: u64,
     /// conn -> user, for the sessions of this shard.
-    sessions: HashMap<u64, Arc<str>>,
+    sessions: FastMap<u64, Arc<str>>,
     /// user -> their sessions on this shard.
-    sessions_of: HashMap<Arc<str>, Vec<u64>>,
-    gathers: HashMap<u64, Gather>,
+    sessions_of: FastMap<Arc<str>, Vec<u64>>,
+    gathers: FastMap<u64, Gather>,
     next_gather: u64,
     ids: RandomState,
     next_id: u64,
@@ -168,9 +169,9 @@ impl ShardCore {
                 last_appended: 0,
             },
             durable_lsn: 0,
-            sessions: HashMap::new(),
-            sessions_of: HashMap::new(),
-            gathers: HashMap::new(),
+            sessions: FastMap::default(),
+            sessions_of: FastMap::default(),
+            gathers: FastMap::default(),
             next_gather: 0,
             ids: RandomState::new(),
             next_id: 0,
@@ -340,7 +341,7 @@ impl ShardCore {
                 );
             }
             ChatCommand::PresenceGet { users } => {
-                let mut by_home: HashMap<usize, Vec<String>> = HashMap::new();
+                let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
                 for user in &users {
                     by_home
                         .entry(user_home(user, self.shards as u32) as usize)
@@ -471,7 +472,11 @@ impl ShardCore {
             query,
         } = scatter;
         let part = match query {
-            Query::List => Part::Convs(self.sequencer.summaries(&user, &device, &HashSet::new())),
+            Query::List => Part::Convs(self.sequencer.summaries(
+                &user,
+                &device,
+                &FastSet::default(),
+            )),
             Query::Sync {
                 cursors,
                 list_unnamed,
@@ -613,7 +618,7 @@ impl ShardCore {
                     .push((conn, Doc::Owned(event::synced(&done.more)), false));
             }
             GatherKind::Presence { order } => {
-                let by_user: HashMap<&str, &PresenceInfo> =
+                let by_user: FastMap<&str, &PresenceInfo> =
                     done.presence.iter().map(|p| (p.user.as_str(), p)).collect();
                 let users = order
                     .iter()
@@ -625,8 +630,8 @@ impl ShardCore {
         }
     }
 
-    fn cursors_by_home(&self, cursors: &[Cursor]) -> HashMap<usize, Vec<Cursor>> {
-        let mut by_home: HashMap<usize, Vec<Cursor>> = HashMap::new();
+    fn cursors_by_home(&self, cursors: &[Cursor]) -> FastMap<usize, Vec<Cursor>> {
+        let mut by_home: FastMap<usize, Vec<Cursor>> = FastMap::default();
         for cursor in cursors {
             let home = conversation_home(&cursor.conv, self.shards as u32) as usize;
             by_home.entry(home).or_default().push(cursor.clone());
