@@ -17,6 +17,14 @@ pub struct ShardMetrics {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Copied from the shard's chat core by its router task.
+    pub messages_sequenced: AtomicU64,
+    pub sends_deduplicated: AtomicU64,
+    pub conversations: AtomicU64,
+    pub ephemeral_shed: AtomicU64,
+    pub mesh_backlog: AtomicU64,
+    pub wal_flushes: AtomicU64,
+    pub wal_bytes_written: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     closes: [AtomicU64; CloseCode::ALL.len()],
 }
@@ -51,7 +59,49 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 8] = [
+const PER_SHARD: [PerShardSeries; 15] = [
+    (
+        "parley_messages_sequenced_total",
+        "counter",
+        "Messages sequenced by the conversations homed on the shard.",
+        |m| m.messages_sequenced.load(Relaxed),
+    ),
+    (
+        "parley_sends_deduplicated_total",
+        "counter",
+        "Resent cmids answered with the original seq.",
+        |m| m.sends_deduplicated.load(Relaxed),
+    ),
+    (
+        "parley_conversations",
+        "gauge",
+        "Conversations homed on the shard.",
+        |m| m.conversations.load(Relaxed),
+    ),
+    (
+        "parley_ephemeral_shed_total",
+        "counter",
+        "Typing and presence events dropped because a ring was full.",
+        |m| m.ephemeral_shed.load(Relaxed),
+    ),
+    (
+        "parley_mesh_backlog",
+        "gauge",
+        "Entries waiting for room in the shard's outgoing rings.",
+        |m| m.mesh_backlog.load(Relaxed),
+    ),
+    (
+        "parley_wal_flushes_total",
+        "counter",
+        "WAL flushes (one write and one fdatasync each).",
+        |m| m.wal_flushes.load(Relaxed),
+    ),
+    (
+        "parley_wal_bytes_written_total",
+        "counter",
+        "Bytes written to the WAL.",
+        |m| m.wal_bytes_written.load(Relaxed),
+    ),
     (
         "parley_connections",
         "gauge",

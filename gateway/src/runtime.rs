@@ -545,21 +545,20 @@ async fn run_router(shard: Rc<Shard>, mesh: MeshEnds<MeshEntry>, wal: Arc<Wal>) 
         durable: None,
         timer: None,
     };
-    loop {
-        futures::future::poll_fn(|cx| {
-            let registered = shard
-                .router_waker
-                .borrow()
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()));
-            if !registered {
-                *shard.router_waker.borrow_mut() = Some(cx.waker().clone());
-            }
-            poll_router(cx, &shard, &mut router)
-        })
-        .await;
-        glommio::yield_if_needed().await;
-    }
+    // Never resolves: a turn with progress wakes itself to go round again, so the
+    // executor interleaves the router with the connection tasks.
+    futures::future::poll_fn(|cx| {
+        let registered = shard
+            .router_waker
+            .borrow()
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !registered {
+            *shard.router_waker.borrow_mut() = Some(cx.waker().clone());
+        }
+        poll_router(cx, &shard, &mut router)
+    })
+    .await
 }
 
 fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll<()> {
@@ -656,13 +655,37 @@ fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll
             waker.wake();
         }
     }
+    publish_metrics(&shard.metrics, &core, &router.wal);
     drop(core);
 
     if progress || router.mesh.poll_ready(cx).is_ready() {
-        // Go round again after yielding: there may be more.
+        // Go round again after the other tasks had a turn: there may be more.
         cx.waker().wake_by_ref();
     }
-    Poll::Pending
+    Poll::<()>::Pending
+}
+
+/// Copy the core's counters where the admin thread reads them (plain stores, no contention).
+fn publish_metrics(metrics: &ShardMetrics, core: &ShardCore, wal: &Wal) {
+    let store =
+        |gauge: &std::sync::atomic::AtomicU64, value: u64| gauge.store(value, Ordering::Relaxed);
+    let stats = core.sequencer().stats;
+    store(&metrics.messages_sequenced, stats.sequenced);
+    store(&metrics.sends_deduplicated, stats.duplicates);
+    store(
+        &metrics.conversations,
+        core.sequencer().conversations() as u64,
+    );
+    store(&metrics.ephemeral_shed, core.stats.shed_ephemeral);
+    store(&metrics.mesh_backlog, core.backlog() as u64);
+    store(
+        &metrics.wal_flushes,
+        wal.stats().flushes.load(Ordering::Relaxed),
+    );
+    store(
+        &metrics.wal_bytes_written,
+        wal.stats().bytes_written.load(Ordering::Relaxed),
+    );
 }
 
 /// The log failed: nothing after this can be acknowledged. Stop the process, so a
