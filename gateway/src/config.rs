@@ -136,10 +136,10 @@ settings! {
     dedupe_window_ms: u64 = 24 * 3600 * 1000, shown "86400000";
     /// ...and for at least this many of each conversation's latest sends.
     dedupe_window_sends: usize = 10_000, shown "10000";
-    /// Messages replayed per conversation by one sync or hello resume; the rest is named in synced.more.
+    /// Messages one sync or hello resume replays in all, shared by the named conversations; the rest is named in synced.more.
     sync_max_messages: usize = 500, shown "500";
     /// Cursors one sync or resume may name.
-    sync_max_convs: usize = 1_000, shown "1000";
+    sync_max_convs: usize = 256, shown "256";
     /// Users one presence.get may name.
     presence_get_max_users: usize = 500, shown "500";
     /// Newest messages per conversation kept in memory; older ones are read from the log.
@@ -290,6 +290,17 @@ impl Settings {
             return Err(invalid(
                 "max_group_members",
                 format!("must be 2-{MAX_GROUP_MEMBERS_CEILING}"),
+            ));
+        }
+        // A replay (every named conversation gets at least one message) and its reply and
+        // `synced` must fit the queue of a client that reads promptly.
+        let replay = self.sync_max_messages.max(self.sync_max_convs) as u64 + 2;
+        if (self.outbound_queue_len as u64) < replay {
+            return Err(invalid(
+                "outbound_queue_len",
+                format!(
+                    "must be at least the larger of sync_max_messages and sync_max_convs, plus 2 ({replay}), so one sync's replay fits"
+                ),
             ));
         }
         if self.shard_count() > MAX_SHARDS {

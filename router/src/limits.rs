@@ -22,8 +22,9 @@ pub struct ChatLimits {
     pub dedupe_window: Duration,
     /// ...and for at least this many of the conversation's latest sends.
     pub dedupe_window_sends: usize,
-    /// Messages replayed per conversation by one `sync` or `hello` resume; the rest is
-    /// named in `synced.more` for the client to fetch.
+    /// Messages one `sync` or `hello` resume replays in all, shared evenly by the named
+    /// conversations (at least one each); the rest is named in `synced.more` for the
+    /// client to fetch. Bounded so that a replay fits the session's outbound queue.
     pub sync_max_messages: usize,
     /// Cursors one `sync` or `resume` may name.
     pub sync_max_convs: usize,
@@ -44,7 +45,7 @@ impl Default for ChatLimits {
             dedupe_window: Duration::from_secs(24 * 3600),
             dedupe_window_sends: 10_000,
             sync_max_messages: 500,
-            sync_max_convs: 1_000,
+            sync_max_convs: 256,
             presence_get_max_users: 500,
             message_cache_per_conv: 64,
         }

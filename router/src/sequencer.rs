@@ -1015,6 +1015,7 @@ impl Sequencer {
         device: &str,
         cursors: &[Cursor],
         list_unnamed: bool,
+        per_conv: usize,
         log: &mut dyn ChatLog,
         out: &mut Vec<Output>,
     ) -> Result<(), LogError> {
@@ -1024,11 +1025,7 @@ impl Sequencer {
                 continue;
             };
             let last = conversation.last_seq;
-            let end = last.min(
-                cursor
-                    .after
-                    .saturating_add(self.limits.sync_max_messages as u64),
-            );
+            let end = last.min(cursor.after.saturating_add(per_conv as u64));
             for seq in cursor.after.saturating_add(1)..=end {
                 match self.message_doc(&cursor.conv, seq, log) {
                     Ok(doc) => out.push(Output::ToSession {

@@ -69,6 +69,8 @@ pub enum Query {
     Sync {
         cursors: Vec<Cursor>,
         list_unnamed: bool,
+        /// Messages to replay per named conversation at most.
+        per_conv: usize,
     },
     /// Presence of these users (homed on the receiver).
     Presence { users: Vec<String> },
@@ -306,6 +308,7 @@ impl ShardCore {
                 );
             }
             ChatCommand::Sync { cursors } => {
+                let per_conv = self.replay_share(cursors.len());
                 let shards: Vec<usize> = (0..self.shards).collect();
                 let by_home = self.cursors_by_home(&cursors);
                 self.scatter(
@@ -318,11 +321,13 @@ impl ShardCore {
                     |shard| Query::Sync {
                         cursors: by_home.get(&shard).cloned().unwrap_or_default(),
                         list_unnamed: true,
+                        per_conv,
                     },
                     now,
                 );
             }
             ChatCommand::Resume { cursors } => {
+                let per_conv = self.replay_share(cursors.len());
                 let by_home = self.cursors_by_home(&cursors);
                 let mut shards: Vec<usize> = by_home.keys().copied().collect();
                 shards.sort_unstable();
@@ -336,6 +341,7 @@ impl ShardCore {
                     |shard| Query::Sync {
                         cursors: by_home.get(&shard).cloned().unwrap_or_default(),
                         list_unnamed: false,
+                        per_conv,
                     },
                     now,
                 );
@@ -480,6 +486,7 @@ impl ShardCore {
             Query::Sync {
                 cursors,
                 list_unnamed,
+                per_conv,
             } => {
                 let result = self.sequencer.sync(
                     origin,
@@ -488,6 +495,7 @@ impl ShardCore {
                     &device,
                     &cursors,
                     list_unnamed,
+                    per_conv,
                     &mut self.log,
                     &mut self.turn,
                 );
@@ -628,6 +636,11 @@ impl ShardCore {
                 self.local.push((conn, Doc::Owned(doc), false));
             }
         }
+    }
+
+    /// Each named conversation's share of one replay's `sync_max_messages`.
+    fn replay_share(&self, named: usize) -> usize {
+        (self.limits.sync_max_messages / named.max(1)).max(1)
     }
 
     fn cursors_by_home(&self, cursors: &[Cursor]) -> FastMap<usize, Vec<Cursor>> {
