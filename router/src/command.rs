@@ -400,7 +400,8 @@ fn check(command: &ChatCommand, limits: &ChatLimits) -> Result<(), Refusal> {
                     "a direct conversation names exactly one other member",
                 ));
             }
-            if members.len() >= limits.max_group_members {
+            // The creator may or may not be listed; the home counts exactly.
+            if members.len() > limits.max_group_members {
                 return Err(too_large_group(limits));
             }
             if title.as_ref().is_some_and(|t| t.len() > MAX_TITLE_BYTES) {
@@ -572,15 +573,14 @@ mod tests {
             max_group_members: 3,
             ..ChatLimits::default()
         };
-        let doc = r#"{"kind":"group","members":["a","b","c"]}"#;
-        let refused = parse("conv.create", doc, &limits).expect_err("4 with the creator");
+        let doc = r#"{"kind":"group","members":["a","b","c","d"]}"#;
+        let refused = parse("conv.create", doc, &limits).expect_err("over the limit");
         assert_eq!(refused.code, ErrorCode::TooLarge);
-        assert!(parse(
-            "conv.create",
-            r#"{"kind":"group","members":["a","b"]}"#,
-            &limits
-        )
-        .is_ok());
+        let doc = r#"{"kind":"group","members":["a","b","c"]}"#;
+        assert!(
+            parse("conv.create", doc, &limits).is_ok(),
+            "the creator may be listed"
+        );
     }
 
     #[test]

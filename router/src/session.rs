@@ -514,6 +514,15 @@ impl Session {
                 );
             }
         }
+        // Checked before anything is answered: a hello gets exactly one reply.
+        let resume = match args
+            .resume
+            .map(|cursors| command::resume(cursors, &self.config.chat))
+        {
+            Some(Err(refusal)) => return self.reject(Some(id), refusal.code, &refusal.msg),
+            Some(Ok(command)) => Some(command),
+            None => None,
+        };
         let verified = args
             .token
             .as_deref()
@@ -578,11 +587,8 @@ impl Session {
         }
         // Resume replays missed messages before `synced`; until the router stores
         // messages there is nothing to replay.
-        if let Some(cursors) = args.resume {
-            match command::resume(cursors, &self.config.chat) {
-                Ok(command) => self.requests.push(ChatRequest { re: id, command }),
-                Err(refusal) => self.reply_err(id, refusal.code, &refusal.msg),
-            }
+        if let Some(command) = resume {
+            self.requests.push(ChatRequest { re: id, command });
         }
     }
 
@@ -824,6 +830,18 @@ mod tests {
                 }
             }]
         );
+    }
+
+    #[test]
+    fn a_bad_resume_gets_one_reply_and_no_welcome() {
+        let mut h = Harness::authed();
+        h.send(1, r#"{"id":1,"op":"hello","resume":[{"conv":"","after":3}]}"#);
+        let replies = h.replies();
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!(replies[0]["err"]["code"], "bad_request");
+        assert_eq!(h.session.take_requests().count(), 0);
+        h.send(2, r#"{"id":2,"op":"hello"}"#);
+        assert_eq!(h.replies()[0]["ok"]["user"], "alice", "hello can be said again");
     }
 
     #[test]

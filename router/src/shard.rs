@@ -328,9 +328,11 @@ impl ShardCore {
             }
             ChatCommand::Resume { cursors } => {
                 let per_conv = self.replay_share(cursors.len());
+                // Every shard answers, even with nothing to replay: its answer comes
+                // after this shard's directory announcement, so live delivery from every
+                // shard is certain once `synced` arrives.
                 let by_home = self.cursors_by_home(&cursors);
-                let mut shards: Vec<usize> = by_home.keys().copied().collect();
-                shards.sort_unstable();
+                let shards: Vec<usize> = (0..self.shards).collect();
                 self.scatter(
                     origin,
                     re,
