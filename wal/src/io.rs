@@ -151,13 +151,24 @@ impl LogIo for UringIo {
                     .push(&fsync)
                     .map_err(|_| io::Error::other("submission queue full"))?;
             }
-            self.ring.submit_and_wait(2)?;
+            // Both completions must be collected before `rest` may be reused: a signal can
+            // end the wait early (EINTR, or a return with only the write's completion),
+            // so wait again for what is missing.
             let mut write_result = None;
             let mut fsync_result = None;
-            for cqe in self.ring.completion() {
-                match cqe.user_data() {
-                    1 => write_result = Some(cqe.result()),
-                    _ => fsync_result = Some(cqe.result()),
+            while write_result.is_none() || fsync_result.is_none() {
+                let missing =
+                    usize::from(write_result.is_none()) + usize::from(fsync_result.is_none());
+                match self.ring.submit_and_wait(missing) {
+                    Ok(_) => {}
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => return Err(error),
+                }
+                for cqe in self.ring.completion() {
+                    match cqe.user_data() {
+                        1 => write_result = Some(cqe.result()),
+                        _ => fsync_result = Some(cqe.result()),
+                    }
                 }
             }
             let (Some(write_result), Some(fsync_result)) = (write_result, fsync_result) else {

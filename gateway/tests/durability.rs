@@ -1,0 +1,846 @@
+//! Crash durability: what parleyd acknowledged survives `kill -9` exactly as it was
+//! acknowledged (PROTOCOL.md 7.1, 7.2), and a data dir it cannot trust refuses to start.
+//!
+//! Everything runs with two shards. Users are homed on one shard and their conversations
+//! on the other, so every send crosses the mesh both ways and both shards' logs are
+//! written in every burst.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use common::{run_to_exit, Client, Daemon, SECRET, WAIT};
+use parley_router::ownership::{conversation_home, user_home};
+use parley_router::shard::direct_conv_id;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+const SHARDS: u32 = 2;
+/// Sends each burst client keeps unanswered at once.
+const IN_FLIGHT: usize = 32;
+/// A burst client's sends per round at most: the kill comes long before (by ack count).
+const MAX_SENDS_PER_CLIENT: usize = 5_000;
+/// Bursts pipeline far above the default per-session rate limit; the limit is not what
+/// these tests are about. (The outbound queue must hold burst + strikes + 1 replies.)
+const FLAGS: &[&str] = &[
+    "--rate-limit-per-sec",
+    "1000000",
+    "--rate-limit-burst",
+    "500",
+];
+/// History page size asked for (the protocol's maximum).
+const PAGE: u64 = 200;
+/// Ids of burst sends start here, clear of the few `Client::command` ids before them.
+const FIRST_BURST_ID: u64 = 1_000;
+
+// ---------------------------------------------------------------------------------------
+// Small client helpers.
+
+fn start(data_dir: tempfile::TempDir) -> Daemon {
+    Daemon::start_in(data_dir, FLAGS)
+}
+
+/// `kill -9` the daemon, reap it, and take its data dir back for the next start.
+fn kill9(daemon: &mut Daemon) -> tempfile::TempDir {
+    let (status, _) = daemon.signal_and_wait(libc::SIGKILL);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    take_dir(daemon)
+}
+
+/// SIGTERM (the drain), expect exit 0, and take the data dir back.
+fn stop(daemon: &mut Daemon) -> tempfile::TempDir {
+    let (status, took) = daemon.signal_and_wait(libc::SIGTERM);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "drain exit {status:?} after {took:?}; parleyd logged:\n{}",
+        daemon.log_lines().join("\n")
+    );
+    take_dir(daemon)
+}
+
+/// The daemon owns its TempDir (and deletes it on drop): swap in a throwaway one.
+fn take_dir(daemon: &mut Daemon) -> tempfile::TempDir {
+    std::mem::replace(&mut daemon.data_dir, tempfile::tempdir().expect("tempdir"))
+}
+
+/// A command's reply.
+fn call(client: &mut Client, op: &str, fields: Value) -> Value {
+    let id = client.command(op, fields);
+    client.reply(id)
+}
+
+/// A command's `ok` body; anything else fails the test.
+fn ok(client: &mut Client, op: &str, fields: Value) -> Value {
+    let reply = call(client, op, fields.clone());
+    assert!(
+        reply["ok"].is_object(),
+        "{op} {fields} was refused: {reply}"
+    );
+    reply["ok"].clone()
+}
+
+/// An authenticated session whose live delivery has started (its first `conv.list`).
+fn session(daemon: &Daemon, user: &str, device: &str) -> Client {
+    let mut client = Client::connect(daemon, Some(&common::token(user, Some(device))));
+    ok(&mut client, "conv.list", json!({}));
+    client
+}
+
+/// Replies to every id in `ids`, whatever order they come in.
+fn replies(client: &mut Client, ids: &[u64]) -> HashMap<u64, Value> {
+    let wanted: HashSet<u64> = ids.iter().copied().collect();
+    let mut got = HashMap::new();
+    while got.len() < wanted.len() {
+        let doc = client.next_doc();
+        if let Some(re) = doc["re"].as_u64() {
+            if wanted.contains(&re) {
+                assert!(got.insert(re, doc).is_none(), "two replies to {re}");
+            }
+        }
+    }
+    got
+}
+
+/// The whole history of `conv`, paged forward with `after`.
+fn history(client: &mut Client, conv: &str) -> Vec<Value> {
+    let mut msgs: Vec<Value> = Vec::new();
+    loop {
+        let after = msgs.last().map_or(0, |m| m["seq"].as_u64().unwrap());
+        let page = ok(
+            client,
+            "history",
+            json!({"conv": conv, "after": after, "limit": PAGE}),
+        );
+        let batch = page["msgs"].as_array().unwrap();
+        assert!(batch.len() as u64 <= PAGE, "page of {}", batch.len());
+        msgs.extend(batch.iter().cloned());
+        if !page["more"].as_bool().unwrap() {
+            return msgs;
+        }
+        assert!(!batch.is_empty(), "{conv}: more=true on an empty page");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Placement: users on one shard, their conversations on the other.
+
+/// `n` user names with `prefix` homed on `shard`.
+fn users_on(prefix: &str, shard: u32, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|user| user_home(user, SHARDS) == shard)
+        .take(n)
+        .collect()
+}
+
+/// Two users homed on `users_shard` whose direct conversation is homed on `conv_shard`.
+fn direct_pair(prefix: &str, users_shard: u32, conv_shard: u32) -> (String, String) {
+    let candidates = users_on(prefix, users_shard, 16);
+    for (i, a) in candidates.iter().enumerate() {
+        for b in &candidates[i + 1..] {
+            if conversation_home(&direct_conv_id(a, b), SHARDS) == conv_shard {
+                return (a.clone(), b.clone());
+            }
+        }
+    }
+    panic!("no {prefix} pair on shard {users_shard} with a direct conv on {conv_shard}");
+}
+
+/// Create groups of `members` (the first creates) until one is homed on `shard`.
+fn group_on(daemon: &Daemon, members: &[String], shard: u32) -> String {
+    let mut creator = session(daemon, &members[0], "setup");
+    for _ in 0..64 {
+        let created = ok(
+            &mut creator,
+            "conv.create",
+            json!({"kind": "group", "members": &members[1..], "title": "durable"}),
+        );
+        let conv = created["conv"].as_str().unwrap().to_string();
+        if conversation_home(&conv, SHARDS) == shard {
+            return conv;
+        }
+    }
+    panic!("64 groups and none homed on shard {shard}");
+}
+
+fn create_direct(daemon: &Daemon, a: &str, b: &str) -> String {
+    let mut client = session(daemon, a, "setup");
+    let created = ok(
+        &mut client,
+        "conv.create",
+        json!({"kind": "direct", "members": [b]}),
+    );
+    let conv = created["conv"].as_str().unwrap().to_string();
+    assert_eq!(conv, direct_conv_id(a, b));
+    conv
+}
+
+/// A conversation under test and who sends into it.
+struct Conv {
+    id: String,
+    senders: Vec<String>,
+}
+
+/// Two direct and two group conversations, one of each homed on each shard, each
+/// between users homed on the other shard.
+fn make_conversations(daemon: &Daemon, prefix: &str) -> Vec<Conv> {
+    let mut convs = Vec::new();
+    for conv_shard in 0..SHARDS {
+        let users_shard = 1 - conv_shard;
+        let (a, b) = direct_pair(&format!("{prefix}{users_shard}-"), users_shard, conv_shard);
+        let direct = create_direct(daemon, &a, &b);
+        assert_eq!(conversation_home(&direct, SHARDS), conv_shard);
+        // The group adds a member who never connects.
+        let quiet = users_on(&format!("{prefix}{users_shard}-quiet"), users_shard, 1);
+        let group = group_on(
+            daemon,
+            &[a.clone(), b.clone(), quiet[0].clone()],
+            conv_shard,
+        );
+        for user in [&a, &b] {
+            assert_eq!(user_home(user, SHARDS), users_shard);
+        }
+        convs.push(Conv {
+            id: direct,
+            senders: vec![a.clone(), b.clone()],
+        });
+        convs.push(Conv {
+            id: group,
+            senders: vec![a, b],
+        });
+    }
+    convs
+}
+
+// ---------------------------------------------------------------------------------------
+// The burst.
+
+#[derive(Debug, Clone)]
+struct Outgoing {
+    conv: String,
+    cmid: String,
+    body: String,
+    user: String,
+}
+
+/// A message known to be durable: acknowledged, or seen after a restart.
+#[derive(Debug, Clone)]
+struct Known {
+    cmid: String,
+    mid: String,
+    body: String,
+    from: String,
+    ts: u64,
+}
+
+#[derive(Default)]
+struct BurstReport {
+    acked: Vec<(Outgoing, Value)>,
+    unacked: Vec<Outgoing>,
+    problems: Vec<String>,
+}
+
+/// One burst client: pipeline sends (up to IN_FLIGHT unanswered) round-robin into
+/// `convs` until the connection dies, reporting each `ok` on `acks`.
+fn burst(
+    mut client: Client,
+    user: String,
+    device: String,
+    convs: Vec<String>,
+    round: usize,
+    acks: mpsc::Sender<()>,
+) -> BurstReport {
+    let mut report = BurstReport::default();
+    let mut in_flight: HashMap<u64, Outgoing> = HashMap::new();
+    let mut next_id = FIRST_BURST_ID;
+    let mut sent = 0;
+    'session: loop {
+        while in_flight.len() < IN_FLIGHT && sent < MAX_SENDS_PER_CLIENT {
+            let conv = convs[sent % convs.len()].clone();
+            let cmid = format!("r{round}-{user}-{device}-{sent}");
+            // Bodies of varied length, not only ASCII.
+            let body = format!("{cmid} größe {}", "x".repeat(sent * 37 % 700));
+            let id = next_id;
+            next_id += 1;
+            sent += 1;
+            let doc = json!({"id": id, "op": "send", "conv": conv, "cmid": cmid, "body": body});
+            let outgoing = Outgoing {
+                conv,
+                cmid,
+                body,
+                user: user.clone(),
+            };
+            // Unanswered from the moment it may have left.
+            in_flight.insert(id, outgoing);
+            if client.ws.send(Message::text(doc.to_string())).is_err() {
+                break 'session;
+            }
+        }
+        if in_flight.is_empty() {
+            report
+                .problems
+                .push(format!("{user}/{device}: sent {sent} and was never killed"));
+            break;
+        }
+        let text = match client.ws.read() {
+            Ok(Message::Text(text)) => text,
+            // SIGKILL sends no close frame: this is the server ending the session (4009
+            // for a client too slow to read, say), which would end the burst early.
+            Ok(Message::Close(frame)) => {
+                report
+                    .problems
+                    .push(format!("{user}/{device}: closed by the server: {frame:?}"));
+                break;
+            }
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(error))
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                report.problems.push(format!(
+                    "{user}/{device}: no reply within {WAIT:?} with {} sends unanswered",
+                    in_flight.len()
+                ));
+                break;
+            }
+            // The daemon died under us: what was acknowledged is in `report`.
+            Err(_) => break,
+        };
+        for line in text.split('\n') {
+            let doc: Value = match serde_json::from_str(line) {
+                Ok(doc) => doc,
+                Err(error) => {
+                    report
+                        .problems
+                        .push(format!("{user}/{device}: bad JSON {line:?}: {error}"));
+                    continue;
+                }
+            };
+            let Some(outgoing) = doc["re"].as_u64().and_then(|id| in_flight.remove(&id)) else {
+                continue;
+            };
+            let ok = &doc["ok"];
+            if ok.is_object() && ok["dup"] == false && ok["conv"] == outgoing.conv.as_str() {
+                report.acked.push((outgoing, ok.clone()));
+                let _ = acks.send(());
+            } else {
+                report
+                    .problems
+                    .push(format!("{user}/{device}: send {} got {doc}", outgoing.cmid));
+            }
+        }
+    }
+    report.unacked.extend(in_flight.into_values());
+    report
+}
+
+// ---------------------------------------------------------------------------------------
+// What the test knows, and the check of a restarted daemon against it.
+
+#[derive(Default)]
+struct Model {
+    /// conv -> seq -> the message.
+    known: HashMap<String, BTreeMap<u64, Known>>,
+    /// conv -> cmid -> a send that was never answered and has not been seen since.
+    pending: HashMap<String, HashMap<String, Outgoing>>,
+}
+
+impl Model {
+    fn learn(&mut self, conv: &str, seq: u64, known: Known) {
+        let previous = self
+            .known
+            .entry(conv.to_string())
+            .or_default()
+            .insert(seq, known.clone());
+        if let Some(previous) = previous {
+            assert_eq!(
+                previous.cmid, known.cmid,
+                "{conv} seq {seq} acknowledged for two different sends"
+            );
+        }
+    }
+
+    fn absorb(&mut self, report: BurstReport) -> usize {
+        let acked = report.acked.len();
+        for (out, ok) in report.acked {
+            let seq = ok["seq"].as_u64().expect("seq");
+            let mid = ok["mid"].as_str().expect("mid").to_string();
+            let ts = ok["ts"].as_u64().expect("ts");
+            self.learn(
+                &out.conv,
+                seq,
+                Known {
+                    cmid: out.cmid,
+                    mid,
+                    body: out.body,
+                    from: out.user,
+                    ts,
+                },
+            );
+        }
+        for out in report.unacked {
+            self.pending
+                .entry(out.conv.clone())
+                .or_default()
+                .insert(out.cmid.clone(), out);
+        }
+        acked
+    }
+
+    fn pending_count(&self) -> usize {
+        self.pending.values().map(HashMap::len).sum()
+    }
+}
+
+/// Check every conversation's history against the model: every known message at its
+/// seq with the same mid, cmid, body, sender and ts; seqs exactly 1..=last_seq; no cmid
+/// twice; anything else must be an unanswered send (which becomes known). Returns how
+/// many unanswered sends turned out to be there.
+fn verify(daemon: &Daemon, convs: &[Conv], model: &mut Model, when: &str) -> usize {
+    let mut survived = 0;
+    for conv in convs {
+        let mut reader = session(daemon, &conv.senders[0], "reader");
+        let msgs = history(&mut reader, &conv.id);
+        let last_seq = ok(&mut reader, "conv.get", json!({"conv": conv.id}))["last_seq"]
+            .as_u64()
+            .unwrap();
+        let id = &conv.id;
+        assert_eq!(
+            msgs.len() as u64,
+            last_seq,
+            "{when}: {id} history holds {} messages, last_seq is {last_seq}",
+            msgs.len()
+        );
+        let mut cmids = HashSet::new();
+        for (index, msg) in msgs.iter().enumerate() {
+            let seq = msg["seq"].as_u64().unwrap();
+            assert_eq!(seq, index as u64 + 1, "{when}: {id} seqs have a gap: {msg}");
+            assert_eq!(msg["conv"], id.as_str(), "{when}: {msg}");
+            let cmid = msg["cmid"].as_str().unwrap();
+            assert!(
+                cmids.insert(cmid.to_string()),
+                "{when}: {id} cmid {cmid} twice"
+            );
+        }
+        let known = model.known.entry(id.clone()).or_default();
+        if let Some((&top, _)) = known.last_key_value() {
+            assert!(
+                top <= last_seq,
+                "{when}: {id} lost acknowledged seqs: acked up to {top}, last_seq {last_seq}"
+            );
+        }
+        for (&seq, k) in known.iter() {
+            let msg = &msgs[seq as usize - 1];
+            let what = format!("{when}: {id} seq {seq} (acked as cmid {})", k.cmid);
+            assert_eq!(msg["cmid"], k.cmid.as_str(), "{what}: {msg}");
+            assert_eq!(msg["mid"], k.mid.as_str(), "{what}: {msg}");
+            assert_eq!(msg["body"], k.body.as_str(), "{what}: {msg}");
+            assert_eq!(msg["from"], k.from.as_str(), "{what}: {msg}");
+            assert_eq!(msg["ts"], k.ts, "{what}: {msg}");
+        }
+        let pending = model.pending.entry(id.clone()).or_default();
+        for msg in &msgs {
+            let seq = msg["seq"].as_u64().unwrap();
+            if known.contains_key(&seq) {
+                continue;
+            }
+            let cmid = msg["cmid"].as_str().unwrap();
+            let Some(out) = pending.remove(cmid) else {
+                panic!("{when}: {id} seq {seq} is no send of this test: {msg}");
+            };
+            assert_eq!(msg["body"], out.body.as_str(), "{when}: {msg}");
+            assert_eq!(msg["from"], out.user.as_str(), "{when}: {msg}");
+            survived += 1;
+            known.insert(
+                seq,
+                Known {
+                    cmid: out.cmid,
+                    mid: msg["mid"].as_str().unwrap().to_string(),
+                    body: out.body,
+                    from: out.user,
+                    ts: msg["ts"].as_u64().unwrap(),
+                },
+            );
+        }
+    }
+    survived
+}
+
+/// What a client does after reconnecting: resend every unanswered send (each must be
+/// sequenced now, since it is not in the history), and resend a few acknowledged ones
+/// (each must be recognised: dup, the original seq, mid and ts). Returns (resent
+/// unanswered, resent acknowledged).
+fn resend(daemon: &Daemon, model: &mut Model, when: &str) -> (usize, usize) {
+    /// A send to repeat, and what the first one got if it was acknowledged (or seen).
+    struct Resend {
+        out: Outgoing,
+        original: Option<(u64, Known)>,
+    }
+    let mut by_user: BTreeMap<String, Vec<Resend>> = BTreeMap::new();
+    for pending in std::mem::take(&mut model.pending).into_values() {
+        for out in pending.into_values() {
+            by_user.entry(out.user.clone()).or_default().push(Resend {
+                out,
+                original: None,
+            });
+        }
+    }
+    let mut acked_resent = 0;
+    for (conv, known) in &model.known {
+        // The first, the last, and a few between.
+        let seqs: Vec<u64> = known.keys().copied().collect();
+        let Some(last) = seqs.len().checked_sub(1) else {
+            continue;
+        };
+        let picks: BTreeMap<u64, &Known> = [0, seqs.len() / 3, seqs.len() / 2, last]
+            .into_iter()
+            .map(|i| (seqs[i], &known[&seqs[i]]))
+            .collect();
+        for (seq, k) in picks {
+            acked_resent += 1;
+            let out = Outgoing {
+                conv: conv.clone(),
+                cmid: k.cmid.clone(),
+                body: k.body.clone(),
+                user: k.from.clone(),
+            };
+            by_user.entry(k.from.clone()).or_default().push(Resend {
+                out,
+                original: Some((seq, k.clone())),
+            });
+        }
+    }
+    let mut unacked_resent = 0;
+    for (user, sends) in by_user {
+        let mut client = session(daemon, &user, "retry");
+        let ids: Vec<u64> = sends
+            .iter()
+            .map(|Resend { out, .. }| {
+                client.command(
+                    "send",
+                    json!({"conv": out.conv, "cmid": out.cmid, "body": out.body}),
+                )
+            })
+            .collect();
+        let mut got = replies(&mut client, &ids);
+        for (id, Resend { out, original }) in ids.into_iter().zip(sends) {
+            let reply = got.remove(&id).unwrap();
+            let ok = &reply["ok"];
+            let what = format!("{when}: resend of {} cmid {} by {user}", out.conv, out.cmid);
+            assert!(ok.is_object(), "{what}: {reply}");
+            let seq = ok["seq"].as_u64().unwrap();
+            match original {
+                Some((original_seq, k)) => {
+                    assert_eq!(ok["dup"], true, "{what} not recognised: {reply}");
+                    assert_eq!(seq, original_seq, "{what}: {reply}");
+                    assert_eq!(ok["mid"], k.mid.as_str(), "{what}: {reply}");
+                    assert_eq!(ok["ts"], k.ts, "{what}: {reply}");
+                }
+                None => {
+                    assert_eq!(
+                        ok["dup"], false,
+                        "{what}: not in the history, yet a duplicate: {reply}"
+                    );
+                    unacked_resent += 1;
+                    model.learn(
+                        &out.conv,
+                        seq,
+                        Known {
+                            cmid: out.cmid,
+                            mid: ok["mid"].as_str().unwrap().to_string(),
+                            body: out.body,
+                            from: out.user,
+                            ts: ok["ts"].as_u64().unwrap(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    (unacked_resent, acked_resent)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn kill_9_during_send_bursts_loses_nothing_acknowledged() {
+    let started = Instant::now();
+    let mut daemon = start(tempfile::tempdir().expect("tempdir"));
+    let convs = make_conversations(&daemon, "k");
+    let mut model = Model::default();
+    // Acknowledged sends (all clients together) after which each round's kill comes.
+    let kill_after = [350, 120, 600];
+    for (round, &threshold) in kill_after.iter().enumerate() {
+        // Every sender of every conversation, plus a second device for two of them.
+        let mut clients: Vec<(String, String, Vec<String>)> = Vec::new();
+        for conv in &convs {
+            for user in &conv.senders {
+                match clients.iter_mut().find(|(u, _, _)| u == user) {
+                    Some((_, _, targets)) => targets.push(conv.id.clone()),
+                    None => clients.push((user.clone(), "phone".into(), vec![conv.id.clone()])),
+                }
+            }
+        }
+        let second: Vec<_> = clients
+            .iter()
+            .step_by(2)
+            .map(|(user, _, targets)| (user.clone(), "laptop".to_string(), targets.clone()))
+            .collect();
+        clients.extend(second);
+
+        let (acks, acked) = mpsc::channel();
+        let threads: Vec<_> = clients
+            .into_iter()
+            .map(|(user, device, targets)| {
+                let client = session(&daemon, &user, &device);
+                let acks = acks.clone();
+                std::thread::spawn(move || burst(client, user, device, targets, round, acks))
+            })
+            .collect();
+        drop(acks);
+        for count in 0..threshold {
+            if acked.recv_timeout(WAIT).is_err() {
+                panic!("round {round}: acknowledgements stalled after {count} (or every sender stopped)");
+            }
+        }
+        let data_dir = kill9(&mut daemon);
+        let mut round_acked = 0;
+        let mut round_unacked = 0;
+        let mut problems = Vec::new();
+        for thread in threads {
+            let mut report = thread.join().expect("burst thread");
+            problems.append(&mut report.problems);
+            round_unacked += report.unacked.len();
+            round_acked += model.absorb(report);
+        }
+        assert!(problems.is_empty(), "round {round}: {problems:#?}");
+        assert!(round_acked >= threshold);
+
+        daemon = start(data_dir);
+        let when = format!("round {round} after kill -9");
+        let survived = verify(&daemon, &convs, &mut model, &when);
+        let (retried, recognised) = resend(&daemon, &mut model, &when);
+        assert_eq!(survived + retried, round_unacked, "{when}");
+        assert_eq!(model.pending_count(), 0);
+        // The retries and duplicates changed nothing else.
+        verify(
+            &daemon,
+            &convs,
+            &mut model,
+            &format!("{when}, after resends"),
+        );
+        let total: usize = model.known.values().map(BTreeMap::len).sum();
+        eprintln!(
+            "round {round}: {round_acked} acked, {round_unacked} unanswered at the kill \
+             ({survived} were durable, {retried} resent), {recognised} acked resends \
+             recognised; {total} messages in all, {:?} so far",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn readyz_and_healthz_answer_after_a_kill_9_restart() {
+    let mut daemon = start(tempfile::tempdir().expect("tempdir"));
+    let (a, b) = direct_pair("ready-", 0, 1);
+    let conv = create_direct(&daemon, &a, &b);
+    let mut client = session(&daemon, &a, "phone");
+    let mut acked = Vec::new();
+    for n in 0..20 {
+        let sent = ok(
+            &mut client,
+            "send",
+            json!({"conv": conv, "cmid": format!("ready-{n}"), "body": format!("before the kill {n}")}),
+        );
+        acked.push(sent["seq"].as_u64().unwrap());
+    }
+    assert_eq!(acked, (1..=20).collect::<Vec<_>>());
+    let data_dir = kill9(&mut daemon);
+
+    // Daemon::start_in returns once parleyd logged that it listens.
+    let daemon = start(data_dir);
+    assert_eq!(daemon.admin_get("/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(daemon.admin_get("/healthz"), (200, "ok\n".to_string()));
+    let mut client = session(&daemon, &b, "tablet");
+    let msgs = history(&mut client, &conv);
+    let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, acked);
+}
+
+/// `--data-dir` and the other flags of a start expected to fail, on free ports.
+fn failing_args(data_dir: &Path, shards: &str) -> Vec<String> {
+    [
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--shards",
+        shards,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The one `parleyd: error:` line of a failed start, which must also be its last line.
+fn error_line(stderr: &str) -> String {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("parleyd: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    errors[0].to_string()
+}
+
+/// Write a conversation homed on shard 0 with `n` messages, one flush each, and stop
+/// parleyd cleanly (SIGTERM). Returns the data dir, the conversation and its users.
+///
+/// One session does it all and stays open until the drain closes it. (This once also
+/// avoided a flush in flight at SIGTERM, which the WAL mishandled when the signal landed
+/// on its writer thread; wal/tests/signals.rs covers that fix.)
+fn write_shard_0(prefix: &str, n: usize) -> (tempfile::TempDir, String, (String, String)) {
+    let mut daemon = start(tempfile::tempdir().expect("tempdir"));
+    let (a, b) = direct_pair(prefix, 1, 0);
+    let mut client = session(&daemon, &a, "phone");
+    let created = ok(
+        &mut client,
+        "conv.create",
+        json!({"kind": "direct", "members": [&b]}),
+    );
+    let conv = created["conv"].as_str().unwrap().to_string();
+    assert_eq!(conversation_home(&conv, SHARDS), 0);
+    for i in 0..n {
+        let sent = ok(
+            &mut client,
+            "send",
+            json!({"conv": conv, "cmid": format!("{prefix}{i}"), "body": format!("message {i} of {n}")}),
+        );
+        assert_eq!(sent["seq"], i as u64 + 1);
+    }
+    let data_dir = stop(&mut daemon);
+    assert_eq!(client.expect_close().0, Some(1001));
+    (data_dir, conv, (a, b))
+}
+
+fn segments(shard_dir: &Path) -> Vec<PathBuf> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(shard_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", shard_dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        .collect();
+    segments.sort();
+    segments
+}
+
+/// Flip 8 non-zero bytes of a record in `block` (a 4 KiB block of shard 0's first
+/// segment, after its header), then expect parleyd to refuse to start, naming the shard,
+/// the segment and an offset at or before the damage, and to keep refusing.
+fn corrupt_block_and_expect_refusal(prefix: &str, block: usize) {
+    let (data_dir, _, _) = write_shard_0(prefix, 40);
+    let shard_dir = data_dir.path().join("shard-0");
+    let segment = segments(&shard_dir)
+        .into_iter()
+        .next()
+        .expect("shard 0 has a segment");
+    let bytes = std::fs::read(&segment).unwrap();
+    let written = bytes.iter().rposition(|&b| b != 0).expect("written data") + 1;
+    // 40 messages flushed one by one take 40 blocks and more, each flush starting on a
+    // fresh block: damage far before the log's last flush cannot pass for a torn write.
+    assert!(written > 32 * 4096, "only {written} bytes written");
+    assert!(block < 20, "block {block} is too close to the end");
+    let block_start = block * 4096;
+    let offset = (block_start + 64..block_start + 4096)
+        .step_by(8)
+        .find(|&at| bytes[at..at + 8].iter().all(|&b| b != 0))
+        .unwrap_or_else(|| panic!("no non-zero stretch in block {block}"));
+    let damaged: Vec<u8> = bytes[offset..offset + 8].iter().map(|b| b ^ 0xa5).collect();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.write_all_at(&damaged, offset as u64).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+
+    let args = failing_args(data_dir.path(), "2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, stderr) = run_to_exit(&args, &[]);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "parleyd started on a log damaged at {offset}: {stderr}"
+    );
+    let line = error_line(&stderr);
+    let file_name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(line.starts_with("parleyd: error: shard 0: "), "{line}");
+    assert!(line.contains(&shard_dir.display().to_string()), "{line}");
+    assert!(line.contains("corruption"), "{line}");
+    assert!(line.contains(file_name), "names the segment: {line}");
+    let reported: usize = line
+        .split("at offset ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {line}"));
+    assert!(
+        (block_start..=offset).contains(&reported),
+        "damage at {offset}, reported at {reported}: {line}"
+    );
+    // And it keeps refusing: nothing was cut to make the damage go away.
+    let (status, again) = run_to_exit(&args, &[]);
+    assert_eq!(status.code(), Some(1), "{again}");
+    assert_eq!(error_line(&again), line);
+    assert_eq!(
+        std::fs::read(&segment).unwrap()[offset..offset + 8],
+        damaged[..]
+    );
+}
+
+#[test]
+fn a_corrupted_first_record_refuses_to_start_and_says_where() {
+    corrupt_block_and_expect_refusal("corrupt-first-", 1);
+}
+
+#[test]
+fn a_corrupted_record_mid_log_refuses_to_start_and_says_where() {
+    corrupt_block_and_expect_refusal("corrupt-mid-", 12);
+}
+
+#[test]
+fn a_changed_shard_count_refuses_to_start() {
+    let (data_dir, conv, (a, _)) = write_shard_0("reshard-", 3);
+    let args = failing_args(data_dir.path(), "1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, stderr) = run_to_exit(&args, &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = error_line(&stderr);
+    assert!(line.contains("written by 2 shards"), "{line}");
+    assert!(line.contains("--shards 2"), "{line}");
+    assert!(
+        line.contains(&data_dir.path().display().to_string()),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data_dir.path().join("shards")).unwrap(),
+        "2\n"
+    );
+
+    // The refusal touched nothing: two shards start and serve the history.
+    let daemon = start(data_dir);
+    let mut client = session(&daemon, &a, "phone");
+    assert_eq!(history(&mut client, &conv).len(), 3);
+}
