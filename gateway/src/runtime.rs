@@ -36,7 +36,7 @@ use parley_router::mesh::MeshEnds;
 use parley_router::protocol::Doc;
 use parley_router::record::CHAT_RECORD_TYPE;
 use parley_router::session::{Now, SessionConfig};
-use parley_router::shard::{MeshEntry, ShardCore};
+use parley_router::shard::{MeshEntry, ShardCore, SHED_EPHEMERAL_BACKLOG};
 use parley_wal::{Wal, WalOptions};
 
 use crate::metrics::{dec, inc, ShardMetrics};
@@ -646,7 +646,7 @@ fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll
 
     // Backpressure: stop reading sockets while the rings cannot take the core's output.
     let backlog = core.backlog();
-    let limit = router.mesh.shards().max(1) * MESH_ENTRIES_PER_TURN;
+    let limit = router.mesh.shards().max(1) * SHED_EPHEMERAL_BACKLOG;
     if backlog > limit {
         shard.backpressure.set(true);
     } else if shard.backpressure.get() && backlog <= limit / 2 {

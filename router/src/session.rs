@@ -835,13 +835,20 @@ mod tests {
     #[test]
     fn a_bad_resume_gets_one_reply_and_no_welcome() {
         let mut h = Harness::authed();
-        h.send(1, r#"{"id":1,"op":"hello","resume":[{"conv":"","after":3}]}"#);
+        h.send(
+            1,
+            r#"{"id":1,"op":"hello","resume":[{"conv":"","after":3}]}"#,
+        );
         let replies = h.replies();
         assert_eq!(replies.len(), 1, "{replies:?}");
         assert_eq!(replies[0]["err"]["code"], "bad_request");
         assert_eq!(h.session.take_requests().count(), 0);
         h.send(2, r#"{"id":2,"op":"hello"}"#);
-        assert_eq!(h.replies()[0]["ok"]["user"], "alice", "hello can be said again");
+        assert_eq!(
+            h.replies()[0]["ok"]["user"],
+            "alice",
+            "hello can be said again"
+        );
     }
 
     #[test]

@@ -113,6 +113,10 @@ impl ChatLog for TrackedLog {
     }
 }
 
+/// Entries waiting for one destination's ring beyond which typing and presence for it
+/// are dropped instead of queued (the driver stops reading sockets at about this backlog).
+pub const SHED_EPHEMERAL_BACKLOG: usize = 1024;
+
 /// Held outputs waiting for a cursor record that could not be written yet.
 const AWAITING_FLUSH: u64 = u64::MAX;
 
@@ -785,8 +789,10 @@ impl ShardCore {
                 for shard in shards_in(mask) {
                     if shard == self.shard {
                         self.deliver_local(&delivery);
-                    } else if delivery.ephemeral && !self.outgoing[shard].is_empty() {
-                        // That ring is full: typing and presence are shed first.
+                    } else if delivery.ephemeral
+                        && self.outgoing[shard].len() >= SHED_EPHEMERAL_BACKLOG
+                    {
+                        // That ring is backed up: typing and presence are shed first.
                         self.stats.shed_ephemeral += 1;
                     } else {
                         self.outgoing[shard].push_back(MeshEntry::Deliver(delivery.clone()));

@@ -186,6 +186,15 @@ impl Daemon {
             .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     }
+
+    /// Stop gracefully (SIGTERM, the drain), check the clean exit, and hand back the data
+    /// dir so that a new daemon can start on it (`Daemon::start_in`).
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let (status, _) = self.signal_and_wait(libc::SIGTERM);
+        assert_eq!(status.code(), Some(0), "drain exit: {status:?}");
+        // The daemon owns its TempDir (deleted on drop): swap in a throwaway one.
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"))
+    }
 }
 
 impl Drop for Daemon {
@@ -229,6 +238,9 @@ pub struct Client {
     next_id: u64,
     /// Documents of a batched frame not yet returned.
     pending: std::collections::VecDeque<Value>,
+    /// Documents that arrived while waiting for something else (a reply, another event),
+    /// oldest first, kept for the `expect_*` helpers.
+    inbox: std::collections::VecDeque<Value>,
 }
 
 /// What a read returned.
@@ -262,6 +274,7 @@ impl Client {
             ws,
             next_id: 1,
             pending: Default::default(),
+            inbox: Default::default(),
         }
     }
 
@@ -317,13 +330,7 @@ impl Client {
     pub fn next_event(&mut self) -> Event {
         loop {
             match self.ws.read() {
-                Ok(Message::Text(text)) => {
-                    let docs = text
-                        .split('\n')
-                        .map(|d| serde_json::from_str(d).expect("server sends JSON"))
-                        .collect();
-                    return Event::Docs(docs);
-                }
+                Ok(Message::Text(text)) => return Event::Docs(split_frame(&text)),
                 Ok(Message::Ping(_)) => return Event::Ping,
                 Ok(Message::Close(frame)) => {
                     let (code, reason) = frame
@@ -372,5 +379,224 @@ impl Client {
                 return (code, reason);
             }
         }
+    }
+}
+
+/// The documents of a text frame (one or more, separated by `\n`).
+fn split_frame(text: &str) -> Vec<Value> {
+    text.split('\n')
+        .map(|d| serde_json::from_str(d).expect("server sends JSON"))
+        .collect()
+}
+
+/// Chat helpers: bounded waits that keep whatever arrives while waiting for something
+/// else. Events and replies interleave (and a frame may batch several documents), so
+/// every wait reads documents in order, returns the one it waits for and keeps the rest
+/// in the client's inbox, where later waits look first.
+impl Client {
+    /// Authenticated as `user` (device "default"), with live delivery started: a new
+    /// session's deliveries start no later than the reply to its first `conv.list`.
+    pub fn chat(daemon: &Daemon, user: &str) -> Client {
+        let mut client = Client::connect(daemon, Some(&token(user, None)));
+        client.ok("conv.list", serde_json::json!({}));
+        client
+    }
+
+    /// As `chat`, on shard `shard`: the kernel picks a connection's shard, so connect
+    /// (and say `hello`, whose `session` is `<shard>.<n>`) until one lands there.
+    pub fn chat_on(daemon: &Daemon, user: &str, device: Option<&str>, shard: usize) -> Client {
+        for _ in 0..64 {
+            let mut client = Client::connect(daemon, Some(&token(user, device)));
+            let welcome = client.ok("hello", serde_json::json!({}));
+            let session = welcome["session"]
+                .as_str()
+                .expect("welcome names the session");
+            if Self::shard_of(session) == shard {
+                client.ok("conv.list", serde_json::json!({}));
+                return client;
+            }
+        }
+        panic!("64 connections of {user} and none landed on shard {shard}");
+    }
+
+    /// The shard of a session id (`<shard>.<n>`).
+    pub fn shard_of(session: &str) -> usize {
+        session
+            .split('.')
+            .next()
+            .and_then(|shard| shard.parse().ok())
+            .unwrap_or_else(|| panic!("session id {session:?} is not <shard>.<n>"))
+    }
+
+    /// The next document, waiting until `deadline` at most (`None` then). Documents in
+    /// the inbox are not looked at: this is the wire's next one.
+    pub fn next_doc_before(&mut self, deadline: Instant) -> Option<Value> {
+        loop {
+            if let Some(doc) = self.pending.pop_front() {
+                return Some(doc);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let stream = self.ws.get_ref();
+            stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let read = self.ws.read();
+            self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+            match read {
+                Ok(Message::Text(text)) => self.pending.extend(split_frame(&text)),
+                Ok(Message::Close(frame)) => {
+                    panic!("closed ({frame:?}) while waiting; inbox: {:?}", self.inbox)
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(error))
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(error) => panic!("read failed: {error}"),
+            }
+        }
+    }
+
+    /// The reply to command `id`; what arrives before it stays in the inbox.
+    pub fn reply_keeping(&mut self, id: u64) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.next_doc_before(deadline) {
+                Some(doc) if doc["re"] == id => return doc,
+                Some(doc) => self.inbox.push_back(doc),
+                None => panic!("no reply to {id} within {WAIT:?}; inbox: {:?}", self.inbox),
+            }
+        }
+    }
+
+    /// Send a command and wait for its reply (the whole `{"re", "ok"|"err"}` document).
+    pub fn call(&mut self, op: &str, fields: Value) -> Value {
+        let id = self.command(op, fields);
+        self.reply_keeping(id)
+    }
+
+    /// Send a command that must succeed; its `ok` object.
+    pub fn ok(&mut self, op: &str, fields: Value) -> Value {
+        let reply = self.call(op, fields.clone());
+        match reply.get("ok") {
+            Some(ok) => ok.clone(),
+            None => panic!("{op} {fields} failed: {reply}"),
+        }
+    }
+
+    /// Send a command that must fail; its error code.
+    pub fn err(&mut self, op: &str, fields: Value) -> String {
+        let reply = self.call(op, fields.clone());
+        match reply["err"]["code"].as_str() {
+            Some(code) => code.to_string(),
+            None => panic!("{op} {fields} was expected to fail: {reply}"),
+        }
+    }
+
+    /// The first document (oldest in the inbox, else the next to arrive) that matches,
+    /// waiting at most WAIT.
+    pub fn expect_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.expect_event_within(WAIT, what, pred)
+    }
+
+    /// As `expect_event`, waiting at most `timeout`.
+    pub fn expect_event_within(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        if let Some(index) = self.inbox.iter().position(&pred) {
+            return self.inbox.remove(index).expect("position is in range");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next_doc_before(deadline) {
+                Some(doc) if pred(&doc) => return doc,
+                Some(doc) => self.inbox.push_back(doc),
+                None => panic!(
+                    "{what}: nothing within {timeout:?}; inbox: {:?}",
+                    self.inbox
+                ),
+            }
+        }
+    }
+
+    /// The first `n` documents that match, in arrival order, waiting at most WAIT.
+    pub fn expect_events(
+        &mut self,
+        n: usize,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + WAIT;
+        let mut found = Vec::with_capacity(n);
+        while found.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = found.len();
+            found.push(self.expect_event_within(left, &format!("{what} ({got} of {n})"), &pred));
+        }
+        found
+    }
+
+    /// Documents up to and including the first that matches `last`, in arrival order:
+    /// the inbox first, then the wire. The inbox is left empty.
+    pub fn docs_until(&mut self, what: &str, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut docs: Vec<Value> = self.inbox.drain(..).collect();
+        if let Some(index) = docs.iter().position(&last) {
+            self.inbox.extend(docs.split_off(index + 1));
+            return docs;
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.next_doc_before(deadline) {
+                Some(doc) => {
+                    let done = last(&doc);
+                    docs.push(doc);
+                    if done {
+                        return docs;
+                    }
+                }
+                None => panic!("{what}: not within {WAIT:?}; got {docs:?}"),
+            }
+        }
+    }
+
+    /// Remove and return the inbox documents that match, oldest first.
+    pub fn take_inbox(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let (taken, kept): (Vec<Value>, Vec<Value>) =
+            self.inbox.drain(..).partition(|doc| pred(doc));
+        self.inbox = kept.into();
+        taken
+    }
+
+    /// Send a command and return its reply with every document that arrived before it
+    /// (the inbox's included); the inbox is left empty. The server handles a session's
+    /// commands in order, so whatever was due to this session before the command (on the
+    /// path the command's reply takes) arrives before the reply.
+    pub fn barrier(&mut self, op: &str, fields: Value) -> (Value, Vec<Value>) {
+        let id = self.command(op, fields);
+        let reply = self.reply_keeping(id);
+        (reply, self.inbox.drain(..).collect())
+    }
+
+    /// Assert that nothing matching `pred` has arrived, by a round trip through the home
+    /// shard of `conv` (a `conv.get`, answered even to a non-member): an event that
+    /// conversation owed this session before now would arrive before that reply. A
+    /// `ping` would not do: it is answered by the session's own shard, and an event from
+    /// another shard could still be on its way. Other documents stay in the inbox.
+    pub fn assert_no_event(&mut self, conv: &str, what: &str, pred: impl Fn(&Value) -> bool) {
+        let (_, before) = self.barrier("conv.get", serde_json::json!({ "conv": conv }));
+        let (unexpected, kept): (Vec<Value>, Vec<Value>) =
+            before.into_iter().partition(|doc| pred(doc));
+        assert!(unexpected.is_empty(), "{what}: got {unexpected:?}");
+        self.inbox.extend(kept);
     }
 }
