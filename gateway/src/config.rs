@@ -148,6 +148,8 @@ settings! {
     mesh_ring_entries: usize = 4096, shown "4096";
     /// Size each WAL segment file is preallocated to, in bytes.
     wal_segment_bytes: u64 = 64 << 20, shown "67108864";
+    /// Records a shard writes between snapshots of its chat state (recovery replays only the log after the last one); 0 never snapshots.
+    snapshot_every_records: u64 = 1_000_000, shown "1000000";
 }
 
 fn env_name(setting: &str) -> String {

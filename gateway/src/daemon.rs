@@ -178,6 +178,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             wal_options: wal_options.clone(),
             chat_limits: chat_limits.clone(),
             mesh,
+            snapshot_every_records: settings.snapshot_every_records,
         };
         let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
             what: format!("shard {index} on CPU {cpu}"),

@@ -103,6 +103,8 @@ pub struct ShardPlan {
     pub wal_options: WalOptions,
     pub chat_limits: Arc<ChatLimits>,
     pub mesh: MeshEnds<MeshEntry>,
+    /// Records between snapshots of the chat state; 0 never.
+    pub snapshot_every_records: u64,
 }
 
 /// What a shard tells the process about its start and end.
@@ -199,7 +201,28 @@ fn recover(plan: &ShardPlan) -> Result<(Arc<Wal>, ShardCore), String> {
         Box::new(WalLog(wal.clone())),
     );
     let last = recovery.last_lsn;
-    for record in wal.iter(1, last) {
+    let mut first = 1;
+    let state = wal
+        .load_state()
+        .map_err(|error| format!("state snapshot in {}: {error}", plan.wal_dir.display()))?;
+    if let Some((lsn, bytes)) = state {
+        if lsn > last {
+            return Err(format!(
+                "state snapshot in {} is at LSN {lsn}, beyond the log's last record {last}",
+                plan.wal_dir.display()
+            ));
+        }
+        core.restore(lsn, &bytes)
+            .map_err(|error| format!("state snapshot in {}: {error}", plan.wal_dir.display()))?;
+        tracing::info!(
+            shard = index,
+            lsn,
+            bytes = bytes.len(),
+            "loaded the state snapshot"
+        );
+        first = lsn + 1;
+    }
+    for record in wal.iter(first, last) {
         let record = record.map_err(|error| format!("log {}: {error}", plan.wal_dir.display()))?;
         if record.record_type != CHAT_RECORD_TYPE {
             return Err(format!(
@@ -216,6 +239,7 @@ fn recover(plan: &ShardPlan) -> Result<(Arc<Wal>, ShardCore), String> {
     tracing::info!(
         shard = index,
         records = last,
+        replayed = last + 1 - first,
         conversations = core.sequencer().conversations(),
         torn_bytes_cut = recovery.torn_bytes_cut,
         io = recovery.io_path,
@@ -256,7 +280,13 @@ async fn run_shard(plan: ShardPlan) {
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
     });
-    glommio::spawn_local(run_router(shard.clone(), mesh, wal)).detach();
+    glommio::spawn_local(run_router(
+        shard.clone(),
+        mesh,
+        wal,
+        plan.snapshot_every_records,
+    ))
+    .detach();
     // State is recovered: the shard is ready as soon as it accepts.
     plan.metrics.ready.store(true, Ordering::Release);
     let _ = plan.lifecycle.send(ShardEvent::Serving(plan.index));
@@ -533,17 +563,86 @@ struct Router {
     /// The durability wait in flight: (LSN, its future).
     durable: Option<(u64, parley_wal::log::Durable)>,
     timer: Option<(Instant, Timer)>,
+    snapshots: Snapshots,
+}
+
+/// Periodic snapshots of the chat state: encoded on the shard at a turn's end, saved by a
+/// thread once the log is durable up to the LSN they reflect.
+struct Snapshots {
+    every: u64,
+    /// LSN of the last snapshot taken (saved or being saved).
+    last: u64,
+    /// Taken, waiting for the log to be durable up to its LSN.
+    pending: Option<(u64, Vec<u8>)>,
+    /// A save thread is running.
+    saving: Arc<AtomicBool>,
+}
+
+impl Snapshots {
+    fn step(&mut self, shard: usize, core: &ShardCore, wal: &Arc<Wal>) {
+        if self.every == 0 || self.saving.load(Ordering::Acquire) {
+            return;
+        }
+        if self.pending.is_none() && core.last_appended() >= self.last + self.every {
+            self.pending = core.snapshot();
+        }
+        let Some((lsn, _)) = &self.pending else {
+            return;
+        };
+        if *lsn > core.durable_lsn() {
+            return;
+        }
+        let Some((lsn, bytes)) = self.pending.take() else {
+            return;
+        };
+        self.last = lsn;
+        self.saving.store(true, Ordering::Release);
+        let (saving, wal) = (self.saving.clone(), wal.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("parley-snap-{shard}"))
+            .spawn(move || {
+                let started = Instant::now();
+                match wal.save_state(lsn, &bytes) {
+                    Ok(()) => tracing::info!(
+                        shard,
+                        lsn,
+                        bytes = bytes.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "saved a state snapshot"
+                    ),
+                    // Not fatal: the log still holds everything; recovery replays more.
+                    Err(error) => tracing::warn!(shard, lsn, %error, "state snapshot failed"),
+                }
+                saving.store(false, Ordering::Release);
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(shard, %error, "cannot start the snapshot thread");
+            self.saving.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Move entries between the core and the mesh, release what became durable, and fill
 /// the sessions' mailboxes. Parks (no CPU) when there is nothing to do.
-async fn run_router(shard: Rc<Shard>, mesh: MeshEnds<MeshEntry>, wal: Arc<Wal>) {
+async fn run_router(
+    shard: Rc<Shard>,
+    mesh: MeshEnds<MeshEntry>,
+    wal: Arc<Wal>,
+    snapshot_every_records: u64,
+) {
+    let last_snapshot = wal.snapshot_lsn().ok().flatten().unwrap_or(0);
     let mut router = Router {
         mesh,
         wal,
         inbound: Vec::with_capacity(MESH_ENTRIES_PER_TURN),
         durable: None,
         timer: None,
+        snapshots: Snapshots {
+            every: snapshot_every_records,
+            last: last_snapshot,
+            pending: None,
+            saving: Arc::new(AtomicBool::new(false)),
+        },
     };
     // Never resolves: a turn with progress wakes itself to go round again, so the
     // executor interleaves the router with the connection tasks.
@@ -655,6 +754,7 @@ fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll
             waker.wake();
         }
     }
+    router.snapshots.step(shard.index, &core, &router.wal);
     publish_metrics(&shard.metrics, &core, &router.wal);
     drop(core);
 

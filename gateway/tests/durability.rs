@@ -45,6 +45,11 @@ fn start(data_dir: tempfile::TempDir) -> Daemon {
     Daemon::start_in(data_dir, FLAGS)
 }
 
+fn start_with(data_dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+    let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
+    Daemon::start_in(data_dir, &flags)
+}
+
 /// `kill -9` the daemon, reap it, and take its data dir back for the next start.
 fn kill9(daemon: &mut Daemon) -> tempfile::TempDir {
     let (status, _) = daemon.signal_and_wait(libc::SIGKILL);
@@ -573,8 +578,29 @@ fn resend(daemon: &Daemon, model: &mut Model, when: &str) -> (usize, usize) {
 
 #[test]
 fn kill_9_during_send_bursts_loses_nothing_acknowledged() {
+    let restarts = kill_9_rounds(&[]);
+    assert!(restarts
+        .iter()
+        .all(|log| !log.iter().any(|l| l.contains("loaded the state snapshot"))));
+}
+
+/// The same with frequent state snapshots: recovery starts from a snapshot and replays
+/// only the log after it, and still loses nothing.
+#[test]
+fn kill_9_with_state_snapshots_loses_nothing_acknowledged() {
+    let restarts = kill_9_rounds(&["--snapshot-every-records", "100"]);
+    let loaded = restarts
+        .iter()
+        .filter(|log| log.iter().any(|l| l.contains("loaded the state snapshot")))
+        .count();
+    assert!(loaded > 0, "no restart started from a snapshot");
+}
+
+/// Rounds of: burst, kill -9, restart, verify. Returns each restart's log lines.
+fn kill_9_rounds(extra: &[&str]) -> Vec<Vec<String>> {
     let started = Instant::now();
-    let mut daemon = start(tempfile::tempdir().expect("tempdir"));
+    let mut restarts = Vec::new();
+    let mut daemon = start_with(tempfile::tempdir().expect("tempdir"), extra);
     let convs = make_conversations(&daemon, "k");
     let mut model = Model::default();
     // Acknowledged sends (all clients together) after which each round's kill comes.
@@ -625,7 +651,8 @@ fn kill_9_during_send_bursts_loses_nothing_acknowledged() {
         assert!(problems.is_empty(), "round {round}: {problems:#?}");
         assert!(round_acked >= threshold);
 
-        daemon = start(data_dir);
+        daemon = start_with(data_dir, extra);
+        restarts.push(daemon.startup.clone());
         let when = format!("round {round} after kill -9");
         let survived = verify(&daemon, &convs, &mut model, &when);
         let (retried, recognised) = resend(&daemon, &mut model, &when);
@@ -646,6 +673,7 @@ fn kill_9_during_send_bursts_loses_nothing_acknowledged() {
             started.elapsed()
         );
     }
+    restarts
 }
 
 #[test]

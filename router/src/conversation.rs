@@ -7,19 +7,19 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::command::ConvKind;
 use crate::record::StoredMessage;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
     Member,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Member {
     pub role: Role,
     /// Join order, to pick the next admin when the last one leaves.
@@ -31,11 +31,13 @@ pub struct Member {
 /// (sender, cmid).
 type SendKey = (Arc<str>, Box<str>);
 
-#[derive(Debug, Default)]
+/// In a snapshot only `order` is kept; the index is rebuilt from it.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Dedupe {
+    #[serde(skip)]
     by_sender: FastMap<Arc<str>, FastMap<Box<str>, u64>>,
-    /// (ts, key), oldest first.
-    order: VecDeque<(u64, SendKey)>,
+    /// (ts, seq, key), oldest first.
+    order: VecDeque<(u64, u64, SendKey)>,
 }
 
 impl Dedupe {
@@ -49,15 +51,15 @@ impl Dedupe {
             .entry(key.0.clone())
             .or_default()
             .insert(key.1.clone(), seq);
-        self.order.push_back((ts, key));
+        self.order.push_back((ts, seq, key));
         while self.order.len() > window.sends {
-            let Some((oldest_ts, _)) = self.order.front() else {
+            let Some((oldest_ts, _, _)) = self.order.front() else {
                 break;
             };
             if ts.saturating_sub(*oldest_ts) <= window.age_ms {
                 break;
             }
-            if let Some((_, (sender, cmid))) = self.order.pop_front() {
+            if let Some((_, _, (sender, cmid))) = self.order.pop_front() {
                 if let Some(cmids) = self.by_sender.get_mut(&sender) {
                     cmids.remove(&cmid);
                     if cmids.is_empty() {
@@ -70,6 +72,17 @@ impl Dedupe {
 
     pub fn len(&self) -> usize {
         self.order.len()
+    }
+
+    /// Rebuild the index from the order after a snapshot was loaded.
+    fn reindex(&mut self) {
+        self.by_sender.clear();
+        for (_, seq, (sender, cmid)) in &self.order {
+            self.by_sender
+                .entry(sender.clone())
+                .or_default()
+                .insert(cmid.clone(), *seq);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -92,13 +105,16 @@ impl Window {
     }
 }
 
-#[derive(Debug)]
+/// A snapshot keeps everything but the derived fields (`members_shared`, the cache and
+/// the dedupe index), which [`Conversation::restored`] rebuilds.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Conversation {
     pub id: Arc<str>,
     pub kind: ConvKind,
     pub title: Option<String>,
     pub members: BTreeMap<Arc<str>, Member>,
     /// The member list as shared for fan-out; rebuilt when membership changes.
+    #[serde(skip, default = "no_members")]
     members_shared: Arc<[Arc<str>]>,
     next_join: u64,
     pub last_seq: u64,
@@ -106,6 +122,7 @@ pub struct Conversation {
     /// Log position of each message: `lsn_by_seq[seq - 1]`.
     lsn_by_seq: Vec<u64>,
     /// The newest messages' encoded `msg` events, ending at `last_seq`.
+    #[serde(skip)]
     recent: VecDeque<Arc<str>>,
     pub dedupe: Dedupe,
     /// Delivered cursor per (user, device).
@@ -136,6 +153,13 @@ impl Conversation {
             read: FastMap::default(),
             reactions: FastMap::default(),
         }
+    }
+
+    /// Rebuild what a snapshot does not hold. The cache starts empty: older messages are
+    /// read from the log.
+    pub fn restored(&mut self) {
+        self.members_changed();
+        self.dedupe.reindex();
     }
 
     pub fn is_member(&self, user: &str) -> bool {
@@ -310,6 +334,10 @@ impl Conversation {
             .and_then(|by_emoji| by_emoji.get(emoji))
             .is_some_and(|users| users.contains(user))
     }
+}
+
+fn no_members() -> Arc<[Arc<str>]> {
+    Arc::from(Vec::new())
 }
 
 #[cfg(test)]

@@ -210,6 +210,20 @@ impl ShardCore {
         Ok(())
     }
 
+    /// A snapshot of the durable state: (the LSN it reflects, its bytes). Save it only
+    /// once the log is durable up to that LSN. `None` when the state is ahead of the log.
+    pub fn snapshot(&self) -> Option<(u64, Vec<u8>)> {
+        Some((self.log.last_appended, self.sequencer.snapshot()?))
+    }
+
+    /// Start from a snapshot taken at `lsn` (recovery, before replaying what follows it).
+    pub fn restore(&mut self, lsn: u64, bytes: &[u8]) -> Result<(), ApplyError> {
+        self.sequencer.restore(lsn, bytes)?;
+        self.log.last_appended = lsn;
+        self.durable_lsn = lsn;
+        Ok(())
+    }
+
     /// The log failed: the shard must stop (nothing after it can be acknowledged).
     pub fn failed(&self) -> Option<&LogError> {
         self.failed.as_ref()

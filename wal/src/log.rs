@@ -28,6 +28,11 @@ use crate::scan::{records_from, INDEX_EVERY};
 const LOCK_FILE: &str = "LOCK";
 const EPOCH_FILE: &str = "epoch";
 const SNAPSHOT_FILE: &str = "snapshot";
+/// The owner's state as of the snapshot LSN (see [`Wal::save_state`]).
+const STATE_FILE: &str = "state";
+const STATE_MAGIC: &[u8; 8] = b"PARLEYS1";
+/// magic, LSN, length, crc32c (of LSN, length and state).
+const STATE_HEADER: usize = 8 + 8 + 8 + 4;
 
 /// The log's limits. Each is a named setting of its owner.
 #[derive(Debug, Clone)]
@@ -705,6 +710,59 @@ impl Wal {
             return Err(WalError::NotFound(lsn));
         }
         write_number(&self.shared.dir.join(SNAPSHOT_FILE), lsn)
+    }
+
+    /// Save the owner's state as of `lsn`, which must be durable: written whole to a
+    /// temporary file, synced and renamed, then recorded as the snapshot LSN. Recovery
+    /// loads it ([`load_state`](Self::load_state)) and replays only the records after it.
+    pub fn save_state(&self, lsn: Lsn, state: &[u8]) -> Result<(), WalError> {
+        if lsn > self.durable_lsn() {
+            return Err(WalError::NotFound(lsn));
+        }
+        let mut bytes = Vec::with_capacity(STATE_HEADER + state.len());
+        bytes.extend_from_slice(STATE_MAGIC);
+        bytes.extend_from_slice(&lsn.to_le_bytes());
+        bytes.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[8..24]), state);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(state);
+        let path = self.shared.dir.join(STATE_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| WalError::io("write", &path, e))?;
+        sync_dir(&self.shared.dir)?;
+        self.record_snapshot(lsn)
+    }
+
+    /// The state saved last and its LSN, checked whole; `None` when none was saved.
+    pub fn load_state(&self) -> Result<Option<(Lsn, Vec<u8>)>, WalError> {
+        let path = self.shared.dir.join(STATE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(WalError::io("read", &path, e)),
+        };
+        let corrupt = |detail: &str| WalError::Corruption {
+            path: path.clone(),
+            offset: 0,
+            detail: detail.to_string(),
+        };
+        if bytes.len() < STATE_HEADER || &bytes[..8] != STATE_MAGIC {
+            return Err(corrupt("not a state snapshot"));
+        }
+        let number = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let (lsn, len) = (number(8), number(16));
+        let stored_crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+        let state = &bytes[STATE_HEADER..];
+        if state.len() as u64 != len {
+            return Err(corrupt("state snapshot is truncated"));
+        }
+        if crc32c::crc32c_append(crc32c::crc32c(&bytes[8..24]), state) != stored_crc {
+            return Err(corrupt("state snapshot checksum mismatch"));
+        }
+        Ok(Some((lsn, state.to_vec())))
     }
 
     /// The latest snapshot LSN, if any.

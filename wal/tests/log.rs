@@ -290,3 +290,31 @@ fn retention_deletes_only_snapshotted_old_segments() {
     let (_, report) = open(dir.path(), small());
     assert_eq!(report.last_lsn, 3000);
 }
+
+#[test]
+fn state_snapshots_round_trip_and_refuse_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(wal.load_state().unwrap(), None);
+    let lsn = wal.append(1, 0, b"record").unwrap();
+    wal.wait_durable(lsn).unwrap();
+    assert!(
+        wal.save_state(lsn + 1, b"ahead").is_err(),
+        "a state beyond the durable log is refused"
+    );
+    wal.save_state(lsn, b"the owner's state").unwrap();
+    assert_eq!(
+        wal.load_state().unwrap(),
+        Some((lsn, b"the owner's state".to_vec()))
+    );
+    assert_eq!(wal.snapshot_lsn().unwrap(), Some(lsn));
+    drop(wal);
+    let path = dir.path().join("state");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default(), &mut |_| {}).unwrap();
+    let error = wal.load_state().unwrap_err();
+    assert!(error.to_string().contains("checksum"), "{error}");
+}

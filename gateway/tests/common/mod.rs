@@ -25,6 +25,8 @@ pub struct Daemon {
     pub admin: SocketAddr,
     pub data_dir: tempfile::TempDir,
     stderr: mpsc::Receiver<String>,
+    /// What it logged until it was listening.
+    pub startup: Vec<String>,
 }
 
 /// Run parleyd to completion (for startup failures): exit status and stderr.
@@ -68,6 +70,8 @@ pub struct Launched {
     pub ws: SocketAddr,
     pub admin: SocketAddr,
     pub stderr: mpsc::Receiver<String>,
+    /// The lines logged up to and including the listening line (recovery's among them).
+    pub startup: Vec<String>,
 }
 
 /// Start parleyd with `args` and wait for its "listening" line (logged once every shard
@@ -90,12 +94,14 @@ pub fn launch(args: &[String]) -> Launched {
         }
     });
     let deadline = Instant::now() + WAIT;
+    let mut startup = Vec::new();
     loop {
         let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("parleyd {args:?} never said it was listening");
         };
+        startup.push(line.clone());
         if let Some(rest) = line.split("listening ws=").nth(1) {
             let mut words = rest.split_whitespace();
             let ws = words.next().unwrap().parse().unwrap();
@@ -110,6 +116,7 @@ pub fn launch(args: &[String]) -> Launched {
                 ws,
                 admin,
                 stderr: rx,
+                startup,
             };
         }
     }
@@ -140,6 +147,7 @@ impl Daemon {
             ws,
             admin,
             stderr,
+            startup,
         } = launch(&args);
         Daemon {
             child: Some(child),
@@ -147,6 +155,7 @@ impl Daemon {
             admin,
             data_dir,
             stderr,
+            startup,
         }
     }
 
