@@ -165,8 +165,10 @@ struct Shard {
     /// Set while the core's entries for other shards exceed what the rings take: the
     /// connections stop reading until it clears.
     backpressure: Cell<bool>,
-    /// Connection tasks parked by backpressure.
+    /// Connection tasks parked by backpressure, each at most once per episode.
     blocked: RefCell<Vec<Waker>>,
+    /// Counts the times `blocked` was woken and emptied.
+    blocked_epoch: Cell<u64>,
     /// Live sessions' mailboxes, also used to wake them for the drain.
     connections: RefCell<HashMap<u64, Rc<Mailbox>>>,
     /// Open sockets, including connections lingering after their close frame: what
@@ -274,6 +276,7 @@ async fn run_shard(plan: ShardPlan) {
         router_waker: RefCell::new(None),
         backpressure: Cell::new(false),
         blocked: RefCell::new(Vec::new()),
+        blocked_epoch: Cell::new(0),
         connections: RefCell::new(HashMap::new()),
         open_sockets: Cell::new(0),
         next_connection: Cell::new(0),
@@ -379,6 +382,7 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
         timer: None,
         drained: false,
         opened: false,
+        parked_in: None,
     };
     loop {
         let step = futures::future::poll_fn(|cx| {
@@ -416,8 +420,10 @@ struct ConnectionTask {
     id: u64,
     timer: Option<(Instant, Timer)>,
     drained: bool,
-    /// The core knows this session (it authenticated).
+    /// The core knows this session (it said hello or sent a chat command).
     opened: bool,
+    /// The backpressure episode (`blocked_epoch`) this task's waker is parked in.
+    parked_in: Option<u64>,
 }
 
 impl Shard {
@@ -429,9 +435,16 @@ impl Shard {
     }
 }
 
-/// Hand what the session accepted to the core: its authentication, then its commands.
+/// Hand what the session accepted to the core: the session itself, then its commands.
+///
+/// A session joins the core (live delivery, presence) with its first `hello` or chat
+/// command, not at authentication: a `hello` with `resume` then starts live delivery
+/// and its replay together, so no live message can overtake the replay.
 fn forward_to_core(shard: &Shard, conn: &mut WsConnection, task: &mut ConnectionTask, now: Now) {
     let requests = conn.take_requests();
+    if !task.opened && requests.is_empty() && !conn.said_hello() {
+        return;
+    }
     let Some((user, device)) = conn.identity() else {
         return;
     };
@@ -511,7 +524,11 @@ fn poll_connection(
     }
     if conn.wants_input() && shard.backpressure.get() {
         // The rings to other shards are full: leave this socket's data in the kernel.
-        shard.blocked.borrow_mut().push(cx.waker().clone());
+        let epoch = shard.blocked_epoch.get();
+        if task.parked_in != Some(epoch) {
+            task.parked_in = Some(epoch);
+            shard.blocked.borrow_mut().push(cx.waker().clone());
+        }
     } else if conn.wants_input() {
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
@@ -750,6 +767,7 @@ fn poll_router(cx: &mut Context<'_>, shard: &Shard, router: &mut Router) -> Poll
         shard.backpressure.set(true);
     } else if shard.backpressure.get() && backlog <= limit / 2 {
         shard.backpressure.set(false);
+        shard.blocked_epoch.set(shard.blocked_epoch.get() + 1);
         for waker in shard.blocked.borrow_mut().drain(..) {
             waker.wake();
         }

@@ -364,6 +364,14 @@ impl WsConnection {
         }
     }
 
+    /// True once the session said `hello`.
+    pub fn said_hello(&self) -> bool {
+        match &self.state {
+            State::Open { session, .. } => session.said_hello(),
+            _ => false,
+        }
+    }
+
     /// Chat commands the session accepted since the last call.
     pub fn take_requests(&mut self) -> Vec<ChatRequest> {
         match &mut self.state {

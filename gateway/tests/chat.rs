@@ -617,8 +617,8 @@ fn acks_and_reads_move_cursors_and_send_receipts() {
         json!({"conv": conv, "kind": "direct", "last_seq": last, "read_seq": read,
                "delivered_seq": delivered, "unread": last - read, "last_ts": ts})
     };
-    // The sender has read what it sent.
-    assert_eq!(list_entry(&mut phone, &conv), entry(3, 3, 0, last_ts));
+    // Sending moves no cursor: the sender's device acks and reads like any other.
+    assert_eq!(list_entry(&mut phone, &conv), entry(3, 0, 0, last_ts));
     assert_eq!(list_entry(&mut bob, &conv), entry(3, 0, 0, last_ts));
 
     let receipt = |user: &str, kind: &str, seq: u64| json!({"ev": "receipt", "conv": conv, "user": user, "kind": kind, "seq": seq});
@@ -673,12 +673,12 @@ fn acks_and_reads_move_cursors_and_send_receipts() {
         }
     }
 
-    // Bob sends: his read cursor moves to his own message; Alice has one unread.
+    // Bob sends: no cursor moves (his own message counts as unread until he reads it).
     let sent = bob.ok("send", json!({"conv": conv, "cmid": "b1", "body": "reply"}));
     assert_eq!(sent["seq"], 4);
     let ts = sent["ts"].as_u64().unwrap();
-    assert_eq!(list_entry(&mut bob, &conv), entry(4, 4, 2, ts));
-    assert_eq!(list_entry(&mut phone, &conv), entry(4, 3, 0, ts));
+    assert_eq!(list_entry(&mut bob, &conv), entry(4, 2, 2, ts));
+    assert_eq!(list_entry(&mut phone, &conv), entry(4, 0, 0, ts));
     assert_eq!(
         laptop.ok("read", json!({"conv": conv, "seq": 4})),
         json!({})

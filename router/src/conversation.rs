@@ -125,8 +125,8 @@ pub struct Conversation {
     #[serde(skip)]
     recent: VecDeque<Arc<str>>,
     pub dedupe: Dedupe,
-    /// Delivered cursor per (user, device).
-    pub delivered: FastMap<(Arc<str>, Arc<str>), u64>,
+    /// Delivered cursor per user, per device.
+    pub delivered: FastMap<Arc<str>, FastMap<Arc<str>, u64>>,
     /// Per user: the highest delivered cursor of any of their devices.
     pub user_delivered: FastMap<Arc<str>, u64>,
     pub read: FastMap<Arc<str>, u64>,
@@ -241,9 +241,6 @@ impl Conversation {
             message.ts,
             window,
         );
-        // A member has read what they sent.
-        let read = self.read.entry(sender).or_insert(0);
-        *read = (*read).max(message.seq);
     }
 
     /// The cached encoded event of `seq`, if it is recent enough.
@@ -272,7 +269,9 @@ impl Conversation {
     ) -> Option<u64> {
         let cursor = self
             .delivered
-            .entry((user.clone(), device.clone()))
+            .entry(user.clone())
+            .or_default()
+            .entry(device.clone())
             .or_insert(0);
         if seq <= *cursor {
             return None;
@@ -303,9 +302,10 @@ impl Conversation {
 
     pub fn delivered_seq(&self, user: &str, device: &str) -> u64 {
         self.delivered
-            .iter()
-            .find(|((u, d), _)| &**u == user && &**d == device)
-            .map_or(0, |(_, seq)| *seq)
+            .get(user)
+            .and_then(|devices| devices.get(device))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Set or clear one reaction; true when that changed anything.

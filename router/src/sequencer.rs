@@ -47,6 +47,9 @@ pub enum ApplyError {
 
 type Refused = (ErrorCode, String);
 
+/// Different reactions one message may carry (each is in every history page covering it).
+pub const MAX_EMOJI_PER_MESSAGE: usize = 64;
+
 /// (conv, user, device): a device's delivered cursor, or with no device the user's read cursor.
 type CursorKey = (Arc<str>, Arc<str>, Option<Arc<str>>);
 
@@ -711,8 +714,17 @@ impl Sequencer {
         for removed_user in &removed {
             let doc = event::member(conv, removed_user, change, user);
             deliver(out, before.clone(), None, doc, false);
-            self.typing
-                .remove(&(conv.clone(), Arc::from(removed_user.as_str())));
+            // Whoever leaves while typing stops typing, for those who remain.
+            let key = (conv.clone(), Arc::from(removed_user.as_str()));
+            if self
+                .typing
+                .remove(&key)
+                .is_some_and(|expires| expires > now.instant)
+            {
+                let remaining = self.convs[conv].members_shared();
+                let doc = event::typing(conv, removed_user, false);
+                deliver(out, remaining, None, doc, true);
+            }
         }
         Ok(())
     }
@@ -939,7 +951,10 @@ impl Sequencer {
                 let end = before.saturating_sub(1).min(last);
                 (end.saturating_sub(limit - 1).max(1), end)
             }
-            Page::After(after) => (after + 1, last.min(after.saturating_add(limit))),
+            Page::After(after) => (
+                after.saturating_add(1),
+                last.min(after.saturating_add(limit)),
+            ),
         };
         let more = match page {
             Page::Latest | Page::Before(_) => first > 1 && end >= first,
@@ -978,6 +993,15 @@ impl Sequencer {
             return Err(Handled::Refused((
                 ErrorCode::NotFound,
                 format!("no message {seq} in {conv}"),
+            )));
+        }
+        let by_emoji = conversation.reactions.get(&seq);
+        let distinct = by_emoji.map_or(0, |by_emoji| by_emoji.len());
+        let new_emoji = by_emoji.is_none_or(|by_emoji| !by_emoji.contains_key(&emoji));
+        if on && new_emoji && distinct >= MAX_EMOJI_PER_MESSAGE {
+            return Err(Handled::Refused((
+                ErrorCode::TooLarge,
+                format!("a message carries at most {MAX_EMOJI_PER_MESSAGE} different reactions"),
             )));
         }
         if conversation.has_reaction(seq, user, &emoji) != on {
@@ -1070,7 +1094,7 @@ impl Sequencer {
                 continue;
             };
             let last = conversation.last_seq;
-            let end = last.min(cursor.after.saturating_add(per_conv as u64));
+            let mut end = last.min(cursor.after.saturating_add(per_conv as u64));
             for seq in cursor.after.saturating_add(1)..=end {
                 match self.message_doc(&cursor.conv, seq, log) {
                     Ok(doc) => out.push(Output::ToSession {
@@ -1078,7 +1102,11 @@ impl Sequencer {
                         doc: Doc::Shared(doc),
                     }),
                     Err(Handled::Log(error @ LogError::Failed(_))) => return Err(error),
-                    Err(_) => break,
+                    Err(_) => {
+                        // Say where the replay stopped rather than claim it complete.
+                        end = seq - 1;
+                        break;
+                    }
                 }
             }
             if end < last {

@@ -259,6 +259,11 @@ impl Session {
         }
     }
 
+    /// True once the session said `hello` (with or without a token).
+    pub fn said_hello(&self) -> bool {
+        matches!(&self.phase, Phase::Active(identity) if identity.said_hello)
+    }
+
     /// Chat commands accepted since the last call, in order.
     pub fn take_requests(&mut self) -> std::vec::Drain<'_, ChatRequest> {
         self.requests.drain(..)

@@ -95,6 +95,18 @@ struct Gather {
     presence: Vec<PresenceInfo>,
 }
 
+/// Live events held for a session while its replays run.
+#[derive(Debug, Default)]
+struct Replaying {
+    /// Replays (gathers) of this session still running.
+    running: usize,
+    held: Vec<(Doc, bool)>,
+}
+
+/// Live events held per replaying session at most; beyond it they go out as they come
+/// (a session that far behind is about to overflow its queue and be closed with 4009).
+pub const REPLAY_HOLD_MAX: usize = 4096;
+
 /// A log that remembers the last LSN it handed out.
 struct TrackedLog {
     inner: Box<dyn ChatLog>,
@@ -140,6 +152,9 @@ pub struct ShardCore {
     sessions_of: FastMap<Arc<str>, Vec<u64>>,
     gathers: FastMap<u64, Gather>,
     next_gather: u64,
+    /// Sessions with a sync or resume replay under way: live events for them wait here,
+    /// so a replay is never overtaken by a newer live message (PROTOCOL.md 7.3).
+    replaying: FastMap<u64, Replaying>,
     ids: RandomState,
     next_id: u64,
     /// The sequencer's outputs of the current turn.
@@ -179,6 +194,7 @@ impl ShardCore {
             sessions_of: FastMap::default(),
             gathers: FastMap::default(),
             next_gather: 0,
+            replaying: FastMap::default(),
             ids: RandomState::new(),
             next_id: 0,
             turn: Vec::new(),
@@ -281,6 +297,7 @@ impl ShardCore {
 
     /// A session on this shard ended.
     pub fn session_closed(&mut self, conn: u64, now: Now) {
+        self.replaying.remove(&conn);
         let Some(user) = self.sessions.remove(&conn) else {
             return;
         };
@@ -564,6 +581,9 @@ impl ShardCore {
     ) {
         let gather = self.next_gather;
         self.next_gather += 1;
+        if matches!(kind, GatherKind::Sync | GatherKind::Resume) {
+            self.replaying.entry(origin.conn).or_default().running += 1;
+        }
         self.gathers.insert(
             gather,
             Gather {
@@ -638,12 +658,14 @@ impl ShardCore {
             GatherKind::Sync => {
                 let doc = encode_ok(done.re, &ConvList { convs: &done.convs });
                 self.local.push((conn, Doc::Owned(doc), false));
-                self.local
-                    .push((conn, Doc::Owned(event::synced(&done.more)), false));
+                self.replay_done(conn);
+                let synced = Doc::Owned(event::synced(&done.more));
+                self.local.push((conn, synced, false));
             }
             GatherKind::Resume => {
-                self.local
-                    .push((conn, Doc::Owned(event::synced(&done.more)), false));
+                self.replay_done(conn);
+                let synced = Doc::Owned(event::synced(&done.more));
+                self.local.push((conn, synced, false));
             }
             GatherKind::Presence { order } => {
                 let by_user: FastMap<&str, &PresenceInfo> =
@@ -661,6 +683,26 @@ impl ShardCore {
     /// Each named conversation's share of one replay's `sync_max_messages`.
     fn replay_share(&self, named: usize) -> usize {
         (self.limits.sync_max_messages / named.max(1)).max(1)
+    }
+
+    /// A replay of `conn` finished: once none runs, what was held goes out (after the
+    /// replayed messages, so the session sees each conversation in seq order; a message
+    /// both replayed and held arrives twice, which the protocol allows).
+    fn replay_done(&mut self, conn: u64) {
+        let Some(replaying) = self.replaying.get_mut(&conn) else {
+            return;
+        };
+        replaying.running -= 1;
+        if replaying.running == 0 {
+            if let Some(replaying) = self.replaying.remove(&conn) {
+                self.local.extend(
+                    replaying
+                        .held
+                        .into_iter()
+                        .map(|(doc, eph)| (conn, doc, eph)),
+                );
+            }
+        }
     }
 
     fn cursors_by_home(&self, cursors: &[Cursor]) -> FastMap<usize, Vec<Cursor>> {
@@ -823,8 +865,13 @@ impl ShardCore {
             }
             if let Some(conns) = self.sessions_of.get(user) {
                 for conn in conns {
-                    self.local
-                        .push((*conn, Doc::Shared(delivery.doc.clone()), delivery.ephemeral));
+                    let doc = Doc::Shared(delivery.doc.clone());
+                    match self.replaying.get_mut(conn) {
+                        Some(replaying) if replaying.held.len() < REPLAY_HOLD_MAX => {
+                            replaying.held.push((doc, delivery.ephemeral));
+                        }
+                        _ => self.local.push((*conn, doc, delivery.ephemeral)),
+                    }
                 }
             }
         }

@@ -748,3 +748,121 @@ fn a_snapshot_plus_the_log_after_it_rebuilds_the_same_state() {
     );
     assert_eq!(next["ok"]["seq"], 10);
 }
+
+#[test]
+fn a_live_message_never_overtakes_a_resume_replay() {
+    let mut c = Cluster::new();
+    let (a, b, conv) = pair_homed_apart(0);
+    let home = conversation_home(&conv, SHARDS as u32) as usize;
+    let sa = c.connect(home, &a, "d");
+    create_direct(&mut c, &sa, &b);
+    for i in 1..=3 {
+        c.request(
+            &sa,
+            "send",
+            json!({"conv": conv, "cmid": format!("{i}"), "body": "x"}),
+        );
+    }
+    // b's session joins on the other shard and resumes after 1. Its announcement and its
+    // replay request reach the home one after the other; a new message is sequenced in
+    // between, so its live delivery is on its way before the replay is.
+    c.next_conn += 1;
+    let sb = Sess {
+        shard: 1 - home,
+        conn: c.next_conn,
+        user: b.clone(),
+        device: "d".into(),
+    };
+    c.inbox.insert((sb.shard, sb.conn), VecDeque::new());
+    let now = c.now();
+    c.cores[sb.shard].session_opened(sb.conn, &b, now);
+    let resume = command::resume(
+        vec![command::Cursor {
+            conv: conv.clone(),
+            after: 1,
+        }],
+        c.cores[0].limits(),
+    )
+    .unwrap();
+    c.cores[sb.shard].on_request(sb.conn, 99, &b, "d", resume, now);
+    let entries: Vec<MeshEntry> = c.cores[sb.shard].outgoing(home).drain(..).collect();
+    let mut entries = entries.into_iter();
+    let directory = entries.next().expect("the announcement");
+    assert!(matches!(directory, MeshEntry::Directory { .. }));
+    c.cores[home].on_entry(sb.shard, directory, now);
+    c.submit(&sa, "send", json!({"conv": conv, "cmid": "4", "body": "x"}));
+    // Let the live delivery of 4 reach b's shard before the replay request is served.
+    c.settle();
+    for entry in entries {
+        c.cores[home].on_entry(sb.shard, entry, now);
+    }
+    c.settle();
+    let seqs: Vec<u64> = c
+        .events(&sb)
+        .iter()
+        .filter(|e| e["ev"] == "msg")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {seqs:?}"
+    );
+    assert_eq!(seqs.first(), Some(&2), "{seqs:?}");
+    assert_eq!(seqs.last(), Some(&4), "{seqs:?}");
+}
+
+#[test]
+fn hostile_arguments_are_answered_not_panicked_on() {
+    let mut c = Cluster::new();
+    let (a, b, conv) = pair_homed_apart(1);
+    let sa = c.connect(1, &a, "d");
+    create_direct(&mut c, &sa, &b);
+    c.request(&sa, "send", json!({"conv": conv, "cmid": "1", "body": "x"}));
+    let page = c.request(&sa, "history", json!({"conv": conv, "after": u64::MAX}));
+    assert_eq!(page["ok"]["msgs"], json!([]));
+    let page = c.request(&sa, "history", json!({"conv": conv, "before": 0}));
+    assert_eq!(page["ok"]["msgs"], json!([]));
+    let r = c.request(&sa, "read", json!({"conv": conv, "seq": u64::MAX}));
+    assert_eq!(r["err"]["code"], "bad_request");
+    for i in 0..64 {
+        let r = c.request(
+            &sa,
+            "react",
+            json!({"conv": conv, "seq": 1, "emoji": format!("e{i}"), "on": true}),
+        );
+        assert_eq!(r["ok"], json!({}));
+    }
+    let r = c.request(
+        &sa,
+        "react",
+        json!({"conv": conv, "seq": 1, "emoji": "one-more", "on": true}),
+    );
+    assert_eq!(r["err"]["code"], "too_large");
+}
+
+#[test]
+fn a_member_removed_while_typing_stops_typing_for_the_rest() {
+    let mut c = Cluster::new();
+    let admin = c.connect(0, "admin", "d");
+    let typer = c.connect(1, "typer", "d");
+    let watcher = c.connect(1, "watcher", "d");
+    let g = c.request(
+        &admin,
+        "conv.create",
+        json!({"kind": "group", "members": ["typer", "watcher"]}),
+    );
+    let group = g["ok"]["conv"].as_str().unwrap().to_string();
+    c.submit(&typer, "typing", json!({"conv": group, "on": true}));
+    c.settle();
+    c.events(&watcher);
+    c.request(
+        &admin,
+        "member.remove",
+        json!({"conv": group, "users": ["typer"]}),
+    );
+    let got = c.events(&watcher);
+    assert!(
+        got.contains(&json!({"ev": "typing", "conv": group, "user": "typer", "on": false})),
+        "{got:?}"
+    );
+}

@@ -180,19 +180,21 @@ def test_direct_conversation_between_two_users(spawn_parleyd):
             receipt = await alice.event("receipt", user="bob", kind="delivered")
             assert receipt == {"ev": "receipt", "conv": conv, "user": "bob",
                                "kind": "delivered", "seq": n - 1}, receipt
-            # Bob's read cursor is already at n (his own send moved it), but reading
-            # also moves his device's delivered cursor: a delivered receipt, no read one.
+            # Reading also moves the reading device's delivered cursor: a delivered
+            # receipt, then the read one (sending moves no cursor).
             assert await bob.ok("read", conv=conv, seq=n) == {}
+            read = await alice.event("receipt", user="bob", kind="read")
+            assert read["seq"] == n, read
+            await bob.event("receipt", user="bob", kind="read", seq=n)
             receipt = await alice.event("receipt", user="bob", kind="delivered")
             assert receipt["seq"] == n, receipt
 
             # conv.list: delivered_seq is this device's, read_seq the user's, unread.
             (entry,) = (await alice.ok("conv.list"))["convs"]
             assert entry["conv"] == conv and entry["kind"] == "direct", entry
-            # Alice acked n and read nothing: her read cursor is where her own last send
-            # put it (n - 1, "good").
+            # Alice acked n and read nothing (sending moves no cursor).
             assert (entry["last_seq"], entry["delivered_seq"], entry["read_seq"],
-                    entry["unread"]) == (n, n, n - 1, 1), entry
+                    entry["unread"]) == (n, n, 0, n), entry
 
             assert await alice.ok("read", conv=conv, seq=n) == {}
             receipt = await bob.event("receipt", user="alice", kind="read")
