@@ -498,7 +498,8 @@ fn check_users(users: &[String], field: &str) -> Result<(), Refusal> {
     }
 }
 
-fn too_large_group(limits: &ChatLimits) -> Refusal {
+/// A group over `max_group_members`.
+pub fn too_large_group(limits: &ChatLimits) -> Refusal {
     Refusal {
         code: ErrorCode::TooLarge,
         msg: format!(

@@ -26,31 +26,32 @@ pub struct Member {
     pub joined: u64,
 }
 
-/// Recognises resent `(sender, cmid)` pairs. An entry goes once it is both older than the
-/// window's age and beyond its count (PROTOCOL.md 7.2: "whichever is larger").
 /// (sender, cmid).
 type SendKey = (Arc<str>, Box<str>);
+/// (seq, ts) of a sequenced send.
+type Original = (u64, u64);
 
+/// Recognises resent `(sender, cmid)` pairs. An entry goes once it is both older than the
+/// window's age and beyond its count (PROTOCOL.md 7.2: "whichever is larger").
 /// In a snapshot only `order` is kept; the index is rebuilt from it.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Dedupe {
+    /// sender -> cmid -> the original.
     #[serde(skip)]
-    by_sender: FastMap<Arc<str>, FastMap<Box<str>, u64>>,
+    by_sender: FastMap<Arc<str>, FastMap<Box<str>, Original>>,
     /// (ts, seq, key), oldest first.
     order: VecDeque<(u64, u64, SendKey)>,
 }
 
 impl Dedupe {
-    pub fn get(&self, sender: &str, cmid: &str) -> Option<u64> {
+    /// The original's (seq, ts), if this is a resend within the window.
+    pub fn get(&self, sender: &str, cmid: &str) -> Option<(u64, u64)> {
         self.by_sender.get(sender)?.get(cmid).copied()
     }
 
     pub fn insert(&mut self, sender: Arc<str>, cmid: &str, seq: u64, ts: u64, window: Window) {
         let key = (sender, Box::<str>::from(cmid));
-        self.by_sender
-            .entry(key.0.clone())
-            .or_default()
-            .insert(key.1.clone(), seq);
+        self.index(&key, seq, ts);
         self.order.push_back((ts, seq, key));
         while self.order.len() > window.sends {
             let Some((oldest_ts, _, _)) = self.order.front() else {
@@ -70,23 +71,21 @@ impl Dedupe {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.order.len()
+    fn index(&mut self, (sender, cmid): &SendKey, seq: u64, ts: u64) {
+        self.by_sender
+            .entry(sender.clone())
+            .or_default()
+            .insert(cmid.clone(), (seq, ts));
     }
 
     /// Rebuild the index from the order after a snapshot was loaded.
     fn reindex(&mut self) {
         self.by_sender.clear();
-        for (_, seq, (sender, cmid)) in &self.order {
-            self.by_sender
-                .entry(sender.clone())
-                .or_default()
-                .insert(cmid.clone(), *seq);
+        let order = std::mem::take(&mut self.order);
+        for (ts, seq, key) in &order {
+            self.index(key, *seq, *ts);
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.order = order;
     }
 }
 
@@ -356,13 +355,13 @@ mod tests {
             dedupe.insert(alice.clone(), &format!("c{seq}"), seq, ts, window);
         }
         // Beyond the count but young: kept.
-        assert_eq!(dedupe.get("alice", "c1"), Some(1));
+        assert_eq!(dedupe.get("alice", "c1"), Some((1, 0)));
         dedupe.insert(alice.clone(), "c4", 4, 2_000, window);
         // Old and beyond the count: gone; the last two stay however old.
         assert_eq!(dedupe.get("alice", "c1"), None);
         assert_eq!(dedupe.get("alice", "c2"), None);
-        assert_eq!(dedupe.get("alice", "c3"), Some(3));
-        assert_eq!(dedupe.get("alice", "c4"), Some(4));
+        assert_eq!(dedupe.get("alice", "c3"), Some((3, 20)));
+        assert_eq!(dedupe.get("alice", "c4"), Some((4, 2_000)));
         assert_eq!(dedupe.get("bob", "c4"), None);
     }
 

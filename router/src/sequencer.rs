@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::chat_log::{ChatLog, LogError};
-use crate::command::{ChatCommand, ConvKind, Cursor, Page, SendArgs};
+use crate::command::{too_large_group, ChatCommand, ConvKind, Cursor, Page, Refusal, SendArgs};
 use crate::conversation::{Conversation, Role, Window};
 use crate::event::{self, MoreAfter, ReceiptKind};
 use crate::limits::{ChatLimits, TYPING_TTL};
@@ -94,10 +94,6 @@ impl Sequencer {
             durable_lsn: 0,
             stats: SequencerStats::default(),
         }
-    }
-
-    pub fn conversation(&self, conv: &str) -> Option<&Conversation> {
-        self.convs.get(conv)
     }
 
     pub fn conversations(&self) -> usize {
@@ -497,13 +493,7 @@ impl Sequencer {
         let mut all: BTreeSet<String> = members.into_iter().collect();
         all.insert(user.to_string());
         if all.len() > self.limits.max_group_members {
-            return Err(Handled::Refused((
-                ErrorCode::TooLarge,
-                format!(
-                    "a group has at most {} members (max_group_members)",
-                    self.limits.max_group_members
-                ),
-            )));
+            return Err(too_large_group(&self.limits).into());
         }
         if kind == ConvKind::Direct && all.len() != 2 {
             return Err(Handled::Refused((
@@ -625,13 +615,7 @@ impl Sequencer {
             .filter(|candidate| !conversation.is_member(candidate))
             .collect();
         if conversation.members.len() + added.len() > self.limits.max_group_members {
-            return Err(Handled::Refused((
-                ErrorCode::TooLarge,
-                format!(
-                    "a group has at most {} members (max_group_members)",
-                    self.limits.max_group_members
-                ),
-            )));
+            return Err(too_large_group(&self.limits).into());
         }
         if !added.is_empty() {
             let record = ChatRecord::Members {
@@ -747,9 +731,7 @@ impl Sequencer {
             dup: bool,
         }
         let conversation = self.member_of(&args.conv, user)?;
-        if let Some(seq) = conversation.dedupe.get(user, &args.cmid) {
-            // The original's ts is in its record; the cached event or the log has it.
-            let ts = self.message_ts(&args.conv, seq, log)?;
+        if let Some((seq, ts)) = conversation.dedupe.get(user, &args.cmid) {
             self.stats.duplicates += 1;
             reply.ok(
                 out,
@@ -812,24 +794,14 @@ impl Sequencer {
         Ok(())
     }
 
-    fn message_ts(&mut self, conv: &str, seq: u64, log: &mut dyn ChatLog) -> Result<u64, Handled> {
-        Ok(self.load_message(conv, seq, log)?.ts)
-    }
-
-    /// A message, from the cache or the log.
-    fn load_message(
-        &mut self,
+    /// A message read back from the log.
+    fn logged_message(
+        &self,
         conv: &str,
         seq: u64,
         log: &mut dyn ChatLog,
     ) -> Result<StoredMessage, Handled> {
-        let conversation = &self.convs[conv];
-        if let Some(doc) = conversation.cached(seq) {
-            if let Ok(message) = serde_json::from_str::<CachedMsg>(doc) {
-                return Ok(message.into_stored(conv));
-            }
-        }
-        let lsn = conversation
+        let lsn = self.convs[conv]
             .lsn_of(seq)
             .ok_or(Handled::Log(LogError::Missing(0)))?;
         let payload = log.read(lsn)?;
@@ -849,7 +821,7 @@ impl Sequencer {
         if let Some(doc) = self.convs[conv].cached(seq) {
             return Ok(doc.clone());
         }
-        let message = self.load_message(conv, seq, log)?;
+        let message = self.logged_message(conv, seq, log)?;
         Ok(event::msg(&message))
     }
 
@@ -1169,6 +1141,12 @@ impl From<Refused> for Handled {
     }
 }
 
+impl From<Refusal> for Handled {
+    fn from(refusal: Refusal) -> Self {
+        Handled::Refused((refusal.code, refusal.msg))
+    }
+}
+
 impl From<LogError> for Handled {
     fn from(error: LogError) -> Self {
         Handled::Log(error)
@@ -1210,37 +1188,6 @@ impl<'a> MembersReply<'a> {
         Self {
             conv: &conversation.id,
             members: conversation.member_ids(),
-        }
-    }
-}
-
-/// The fields of a cached `msg` event needed to rebuild its record.
-#[derive(serde::Deserialize)]
-struct CachedMsg {
-    seq: u64,
-    from: String,
-    cmid: String,
-    ts: u64,
-    kind: crate::command::MessageKind,
-    body: String,
-    #[serde(default)]
-    media: Option<Box<RawValue>>,
-    #[serde(default)]
-    reply_to: Option<u64>,
-}
-
-impl CachedMsg {
-    fn into_stored(self, conv: &str) -> StoredMessage {
-        StoredMessage {
-            conv: conv.to_string(),
-            seq: self.seq,
-            from: self.from,
-            cmid: self.cmid,
-            ts: self.ts,
-            kind: self.kind,
-            body: self.body,
-            media: self.media.map(|raw| raw.get().to_string()),
-            reply_to: self.reply_to,
         }
     }
 }

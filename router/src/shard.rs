@@ -206,16 +206,8 @@ impl ShardCore {
         }
     }
 
-    pub fn shard(&self) -> usize {
-        self.shard
-    }
-
     pub fn sequencer(&self) -> &Sequencer {
         &self.sequencer
-    }
-
-    pub fn directory(&self) -> &Directory {
-        &self.directory
     }
 
     /// Rebuild state from one record of the log (recovery, before serving).
@@ -250,19 +242,9 @@ impl ShardCore {
         self.durable_lsn
     }
 
-    /// Sessions of this shard, and users with sessions anywhere.
-    pub fn sessions(&self) -> usize {
-        self.sessions.len()
-    }
-
     /// The highest LSN written so far; the driver waits for it to become durable.
     pub fn last_appended(&self) -> u64 {
         self.log.last_appended
-    }
-
-    /// True while outputs wait for the log.
-    pub fn awaiting_durability(&self) -> bool {
-        !self.held.is_empty()
     }
 
     /// Entries queued for other shards and not yet on a ring.
@@ -343,46 +325,17 @@ impl ShardCore {
                 );
             }
             ChatCommand::Sync { cursors } => {
-                let per_conv = self.replay_share(cursors.len());
-                let shards: Vec<usize> = (0..self.shards).collect();
-                let by_home = self.cursors_by_home(&cursors);
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    GatherKind::Sync,
-                    &shards,
-                    |shard| Query::Sync {
-                        cursors: by_home.get(&shard).cloned().unwrap_or_default(),
-                        list_unnamed: true,
-                        per_conv,
-                    },
-                    now,
-                );
+                self.start_replay(origin, re, &user, &device, GatherKind::Sync, &cursors, now)
             }
-            ChatCommand::Resume { cursors } => {
-                let per_conv = self.replay_share(cursors.len());
-                // Every shard answers, even with nothing to replay: its answer comes
-                // after this shard's directory announcement, so live delivery from every
-                // shard is certain once `synced` arrives.
-                let by_home = self.cursors_by_home(&cursors);
-                let shards: Vec<usize> = (0..self.shards).collect();
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    GatherKind::Resume,
-                    &shards,
-                    |shard| Query::Sync {
-                        cursors: by_home.get(&shard).cloned().unwrap_or_default(),
-                        list_unnamed: false,
-                        per_conv,
-                    },
-                    now,
-                );
-            }
+            ChatCommand::Resume { cursors } => self.start_replay(
+                origin,
+                re,
+                &user,
+                &device,
+                GatherKind::Resume,
+                &cursors,
+                now,
+            ),
             ChatCommand::PresenceGet { users } => {
                 let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
                 for user in &users {
@@ -564,6 +517,33 @@ impl ShardCore {
             gather,
             part,
         });
+    }
+
+    /// A `sync` or `resume`: every shard replays what it homes of `cursors` (and, for a
+    /// sync, lists the rest). Every shard answers, even with nothing to replay: its answer
+    /// comes after this shard's directory announcement, so live delivery from every shard
+    /// is certain once `synced` arrives.
+    #[allow(clippy::too_many_arguments)]
+    fn start_replay(
+        &mut self,
+        origin: Origin,
+        re: u64,
+        user: &Arc<str>,
+        device: &Arc<str>,
+        kind: GatherKind,
+        cursors: &[Cursor],
+        now: Now,
+    ) {
+        let per_conv = self.replay_share(cursors.len());
+        let list_unnamed = matches!(kind, GatherKind::Sync);
+        let by_home = self.cursors_by_home(cursors);
+        let shards: Vec<usize> = (0..self.shards).collect();
+        let query = |shard| Query::Sync {
+            cursors: by_home.get(&shard).cloned().unwrap_or_default(),
+            list_unnamed,
+            per_conv,
+        };
+        self.scatter(origin, re, user, device, kind, &shards, query, now);
     }
 
     /// Ask `shards` and answer the session once all have.
