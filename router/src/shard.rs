@@ -9,9 +9,9 @@
 //! acknowledged or delivered before it is durable (PROTOCOL.md 7.1), and outputs leave
 //! in the order they were made.
 
-use crate::fast::{FastMap, FastSet};
+use crate::fast::{FastMap, FastSet, Seeds};
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,7 +155,7 @@ pub struct ShardCore {
     /// Sessions with a sync or resume replay under way: live events for them wait here,
     /// so a replay is never overtaken by a newer live message (PROTOCOL.md 7.3).
     replaying: FastMap<u64, Replaying>,
-    ids: RandomState,
+    ids: Seeds,
     next_id: u64,
     /// The sequencer's outputs of the current turn.
     turn: Vec<Output>,
@@ -195,7 +195,7 @@ impl ShardCore {
             gathers: FastMap::default(),
             next_gather: 0,
             replaying: FastMap::default(),
-            ids: RandomState::new(),
+            ids: Seeds::default(),
             next_id: 0,
             turn: Vec::new(),
             held: VecDeque::new(),
