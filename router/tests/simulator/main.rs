@@ -6,6 +6,7 @@
 //! - `PARLEY_SIM_SEED=<seed>` runs one seed and prints its whole trace.
 //! - `PARLEY_SIM_SEEDS=<n>` (with `-- --ignored sweep`, best in `--release`) runs seeds
 //!   `1..=n` and reports the rate. `PARLEY_SIM_FIRST=<k>` starts the sweep at seed k.
+//! - `PARLEY_SIM_STEPS=<n>` lengthens (or shortens) the faulty phase of every run.
 //!
 //! A failure prints the seed, the violation and the end of the trace; running that seed
 //! again reproduces it exactly.
@@ -21,15 +22,20 @@ use std::time::Instant;
 
 use world::{Stats, World};
 
-/// Steps of the faulty phase of each run.
+/// Steps of the faulty phase of each run, unless `PARLEY_SIM_STEPS` says otherwise.
 const STEPS: u64 = 3_000;
+
+fn steps() -> u64 {
+    env_u64("PARLEY_SIM_STEPS").unwrap_or(STEPS)
+}
 /// Seeds `cargo test` runs.
 const FIXED_SEEDS: u64 = 100;
 
 /// Run one seed on this thread; a violation or a panic is returned with a report.
 fn run_seed(seed: u64, verbose: bool) -> Result<(Stats, u64), String> {
     parley_router::fast::fix_seeds_on_this_thread();
-    let mut world = World::new(seed, STEPS);
+    let steps = steps();
+    let mut world = World::new(seed, steps);
     world.verbose = verbose;
     let outcome = catch_unwind(AssertUnwindSafe(|| world.run()));
     let failure = match outcome {
@@ -45,7 +51,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(Stats, u64), String> {
         }
     };
     let mut report = format!(
-        "seed {seed} FAILED: {failure}\n  reproduce: PARLEY_SIM_SEED={seed} cargo test -p parley-router --test simulator one_seed -- --ignored --nocapture\n  last steps:\n"
+        "seed {seed} FAILED: {failure}\n  reproduce: PARLEY_SIM_SEED={seed} PARLEY_SIM_STEPS={steps} cargo test -p parley-router --test simulator one_seed -- --ignored --nocapture\n  last steps:\n"
     );
     for line in world.trace() {
         report.push_str("    ");
