@@ -12,6 +12,9 @@ use crate::rng::Rng;
 
 /// Requests one client keeps in flight at most.
 const MAX_PENDING: usize = 8;
+/// Conversations one `sync` or `hello` resume names at most (within `sync_max_convs`, 32
+/// in every run); the rest wait for a later sync.
+const MAX_CURSORS: usize = 16;
 
 /// A message this client sent.
 #[derive(Debug, Clone)]
@@ -152,6 +155,7 @@ impl Client {
             .convs
             .iter()
             .filter(|(_, view)| view.member)
+            .take(MAX_CURSORS)
             .map(|(conv, view)| json!({"conv": conv, "after": view.contiguous}))
             .collect();
         let mut fields = json!({"token": token, "device": self.device});
@@ -353,14 +357,14 @@ impl Client {
         }
         let cursors: Vec<Value> = convs
             .iter()
-            .take(16)
+            .take(MAX_CURSORS)
             .map(|conv| {
                 let after = self.convs.get(conv).map_or(0, |v| v.contiguous);
                 json!({"conv": conv, "after": after})
             })
             .collect();
         self.replays += 1;
-        self.syncing.extend(convs.iter().take(16).cloned());
+        self.syncing.extend(convs.iter().take(MAX_CURSORS).cloned());
         Some(self.command("sync", json!({"cursors": cursors}), Pending::Sync))
     }
 

@@ -69,7 +69,7 @@ pub struct Oracle {
     convs: BTreeMap<String, ConvLog>,
     /// Every message a client was told of (an `ok`, an event, a history page).
     observed: BTreeMap<(String, u64), Fact>,
-    /// Cursor positions the system promised or showed: (when, value).
+    /// Cursor positions the system promised or showed: (when, highest up to then).
     cursors: BTreeMap<CursorKey, Vec<(u64, u64)>>,
     /// (user, conv) -> the highest seq some client of that user holds.
     known: BTreeMap<(String, String), u64>,
@@ -301,7 +301,9 @@ impl Oracle {
     /// `value`. Anything shown for a request sent after this must not be lower.
     pub fn on_cursor_promised(&mut self, key: CursorKey, value: u64) {
         let at = self.tick();
-        self.cursors.entry(key).or_default().push((at, value));
+        let history = self.cursors.entry(key).or_default();
+        let highest = history.last().map_or(value, |(_, max)| value.max(*max));
+        history.push((at, highest));
     }
 
     /// A cursor shown in answer to a request sent at `asked_at`.
@@ -311,15 +313,14 @@ impl Oracle {
         value: u64,
         asked_at: u64,
     ) -> Result<(), Violation> {
-        let floor = self
+        // (when, highest so far): ticks only grow, so the floor is one binary search away.
+        let history = self
             .cursors
             .get(&key)
-            .into_iter()
-            .flatten()
-            .filter(|(at, _)| *at < asked_at)
-            .map(|(_, v)| *v)
-            .max()
-            .unwrap_or(0);
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let before = history.partition_point(|(at, _)| *at < asked_at);
+        let floor = before.checked_sub(1).map_or(0, |i| history[i].1);
         if value < floor {
             return Err(format!(
                 "cursor {key:?} went backwards: shown {value} after {floor} was promised or shown"
