@@ -34,6 +34,9 @@ pub struct DiskProfile {
     pub fsync_fail_per_mille: u64,
     /// Records appended but not yet durable before appends are refused (`Full`).
     pub buffer_records: u64,
+    /// A broken disk for the simulator's self-test: fdatasync returns before the data is
+    /// stable, so a crash loses what was acknowledged.
+    pub lies_about_fsync: bool,
 }
 
 /// What a completed I/O means for the shard.
@@ -105,6 +108,11 @@ impl Disk {
             snapshot: None,
             flushes: 0,
         }
+    }
+
+    /// Make this disk lie about fdatasync (the simulator's self-test).
+    pub fn lie_about_fsync(&mut self) {
+        self.profile.lies_about_fsync = true;
     }
 
     /// The faults are over: no more failed fdatasyncs or slow I/O.
@@ -183,7 +191,9 @@ impl Disk {
                     if self.stable.len() < end {
                         self.stable.resize(end, 0);
                     }
-                    self.stable[flush.offset..end].copy_from_slice(&flush.bytes);
+                    if !self.profile.lies_about_fsync {
+                        self.stable[flush.offset..end].copy_from_slice(&flush.bytes);
+                    }
                     self.durable_lsn = flush.last_lsn;
                     done.push(IoDone::Durable(flush.last_lsn));
                 }

@@ -100,6 +100,28 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.1, other.1, "different seeds took the same path");
 }
 
+/// The checks have teeth: with disks whose fdatasync returns before the data is stable,
+/// some seed must report acknowledged messages lost.
+#[test]
+fn a_disk_that_lies_about_fsync_is_caught() {
+    parley_router::fast::fix_seeds_on_this_thread();
+    for seed in 1..=FIXED_SEEDS {
+        let mut world = World::new(seed, STEPS);
+        world.lying_disks();
+        if let Err(violation) = world.run() {
+            assert!(
+                ["is gone", "beyond the log", "corruption"]
+                    .iter()
+                    .any(|lost| violation.contains(lost)),
+                "seed {seed} failed, but not for the lost data: {violation}"
+            );
+            eprintln!("seed {seed} caught the lying disk: {violation}");
+            return;
+        }
+    }
+    panic!("{FIXED_SEEDS} seeds with lying disks found nothing");
+}
+
 /// `PARLEY_SIM_SEED=<seed>`: one seed with its whole trace.
 #[test]
 #[ignore = "runs the seed named by PARLEY_SIM_SEED"]

@@ -68,6 +68,7 @@ impl Plan {
                 slow_io_per_mille: rng.between(0, 20),
                 fsync_fail_per_mille: rng.between(0, 4),
                 buffer_records: rng.between(4, 256),
+                lies_about_fsync: false,
             },
             snapshot_every: if rng.chance(300) {
                 0
@@ -236,6 +237,13 @@ impl World {
         };
         world.note(format!("plan: {:?}", world.plan));
         world
+    }
+
+    /// Give every shard a disk whose fdatasync lies (the simulator's self-test).
+    pub fn lying_disks(&mut self) {
+        for disk in &self.disks {
+            disk.borrow_mut().lie_about_fsync();
+        }
     }
 
     fn now(&self) -> Now {
