@@ -290,7 +290,7 @@ impl World {
             }
             return Ok(());
         }
-        self.poll_disks()?;
+        self.poll_disks();
         if self.faults && self.rng.below(10_000) < self.plan.crash_per_10k {
             self.note("the node crashes".into());
             self.crash();
@@ -299,14 +299,14 @@ impl World {
             return Ok(());
         }
         match self.rng.below(200) {
-            0..=49 => self.client_acts()?,
-            50..=79 => self.deliver_to_server()?,
+            0..=49 => self.client_acts(),
+            50..=79 => self.deliver_to_server(),
             80..=109 => self.deliver_to_client()?,
             110..=133 => {
                 let shard = self.rng.index(self.plan.shards);
                 self.pump(shard);
             }
-            134..=159 => self.deliver_ring()?,
+            134..=159 => self.deliver_ring(),
             160..=186 => self.write_to_socket(),
             187..=197 => self.tick(),
             _ => self.client_fault(),
@@ -338,7 +338,7 @@ impl World {
         Ok(())
     }
 
-    fn poll_disks(&mut self) -> Result<(), Violation> {
+    fn poll_disks(&mut self) {
         for shard in 0..self.plan.shards {
             let done = self.disks[shard]
                 .borrow_mut()
@@ -357,12 +357,11 @@ impl World {
                         self.stats.fsync_failures += 1;
                         self.note(format!("shard {shard}: fdatasync failed: fail-stop"));
                         self.crash();
-                        return Ok(());
+                        return;
                     }
                 }
             }
         }
-        Ok(())
     }
 
     fn cores(&mut self) -> &mut Vec<ShardCore> {
@@ -370,14 +369,14 @@ impl World {
     }
 
     /// A client does something: connect when offline, else a command of its choosing.
-    fn client_acts(&mut self) -> Result<(), Violation> {
+    fn client_acts(&mut self) {
         let index = self.rng.index(self.clients.len());
         match self.clients[index].phase {
             Phase::Offline if self.clients[index].retry_at <= self.now_us => self.connect(index),
             Phase::Offline | Phase::Hello => {}
             Phase::Ready => {
                 let Some(conn) = self.client_conn[index] else {
-                    return Ok(());
+                    return;
                 };
                 let frame = self.clients[index].act(&mut self.rng, &self.users, &mut self.oracle);
                 if let Some(frame) = frame {
@@ -387,7 +386,6 @@ impl World {
                 }
             }
         }
-        Ok(())
     }
 
     fn connect(&mut self, index: usize) {
@@ -431,9 +429,9 @@ impl World {
 
     /// A frame reaches the server: the session reads it, and its commands go to the core
     /// (as `forward_to_core` does in the gateway).
-    fn deliver_to_server(&mut self) -> Result<(), Violation> {
+    fn deliver_to_server(&mut self) {
         let Some(id) = self.pick_conn(|c| !c.server_closed && !c.to_server.is_empty()) else {
-            return Ok(());
+            return;
         };
         let now = self.now();
         let conn = self.conns.get_mut(&id).expect("picked");
@@ -443,10 +441,10 @@ impl World {
         }
         let requests: Vec<_> = conn.session.take_requests().collect();
         if !conn.opened && requests.is_empty() && !conn.session.said_hello() {
-            return Ok(());
+            return;
         }
         let (Some(user), Some(device)) = (conn.session.user(), conn.session.device()) else {
-            return Ok(());
+            return;
         };
         let (user, device, shard) = (user.to_string(), device.to_string(), conn.shard);
         let open = !conn.opened;
@@ -458,7 +456,6 @@ impl World {
         for request in requests {
             core.on_request(id, request.re, &user, &device, request.command, now);
         }
-        Ok(())
     }
 
     /// A frame reaches its client.
@@ -555,7 +552,7 @@ impl World {
     }
 
     /// Some entries of one ring reach their shard, in order.
-    fn deliver_ring(&mut self) -> Result<(), Violation> {
+    fn deliver_ring(&mut self) {
         let busy: Vec<(usize, usize)> = self
             .rings
             .iter()
@@ -563,14 +560,13 @@ impl World {
             .map(|(k, _)| *k)
             .collect();
         let Some(&(from, to)) = self.rng.pick(&busy) else {
-            return Ok(());
+            return;
         };
         let ring = self.rings.get_mut(&(from, to)).expect("picked");
         let count = 1 + self.rng.index(ring.len());
         let entries: Vec<(usize, MeshEntry)> = ring.drain(..count).map(|e| (from, e)).collect();
         let now = self.now();
         self.cores()[to].on_entries(entries, now);
-        Ok(())
     }
 
     /// The server writes queued documents (or a ping, or the close) to one socket.
