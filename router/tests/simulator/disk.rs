@@ -65,8 +65,8 @@ struct Flush {
 /// What recovery found on the disk after a crash.
 #[derive(Debug)]
 pub struct Recovered {
-    /// Payloads of every record that survived, LSN 1 first.
-    pub payloads: Vec<Vec<u8>>,
+    /// Records that survived (now `Disk::payloads`).
+    pub records: u64,
     /// The last saved state snapshot: (LSN it reflects, bytes).
     pub snapshot: Option<(u64, Vec<u8>)>,
     pub torn_bytes_cut: usize,
@@ -86,7 +86,6 @@ pub struct Disk {
     // What stable storage holds: survives crashes.
     stable: Vec<u8>,
     snapshot: Option<(u64, Vec<u8>)>,
-    pub flushes: u64,
 }
 
 impl Disk {
@@ -106,7 +105,6 @@ impl Disk {
             snapshot_saving: None,
             stable: header,
             snapshot: None,
-            flushes: 0,
         }
     }
 
@@ -127,6 +125,11 @@ impl Disk {
 
     pub fn durable_lsn(&self) -> u64 {
         self.durable_lsn
+    }
+
+    /// Every record's payload, LSN 1 first.
+    pub fn payloads(&self) -> &[Vec<u8>] {
+        &self.payloads
     }
 
     pub fn payload(&self, lsn: u64) -> Option<&[u8]> {
@@ -231,7 +234,6 @@ impl Disk {
         let offset = self.next_flush_offset;
         self.next_flush_offset += bytes.len();
         self.first_unflushed = last + 1;
-        self.flushes += 1;
         self.in_flight = Some(Flush {
             offset,
             bytes,
@@ -319,14 +321,14 @@ impl Disk {
                 ));
             }
         }
-        self.payloads = payloads.clone();
+        self.payloads = payloads;
         self.timestamps = timestamps;
         self.first_unflushed = last + 1;
         self.durable_lsn = last;
         self.in_flight = None;
         self.next_flush_offset = align_up(self.stable.len(), BLOCK);
         Ok(Recovered {
-            payloads,
+            records: last,
             snapshot: self.snapshot.clone(),
             torn_bytes_cut,
         })

@@ -683,20 +683,17 @@ impl World {
                 self.snapshots[shard].last = *lsn;
                 first = lsn + 1;
             }
-            for (i, payload) in recovered
-                .payloads
-                .iter()
-                .enumerate()
-                .skip(first as usize - 1)
-            {
+            let disk = self.disks[shard].borrow();
+            for (i, payload) in disk.payloads().iter().enumerate().skip(first as usize - 1) {
                 core.replay(i as u64 + 1, payload)
                     .map_err(|e| format!("shard {shard}: replay of LSN {}: {e}", i + 1))?;
             }
-            self.oracle.on_recovered(shard, &recovered.payloads)?;
-            self.logged[shard] = recovered.payloads.len() as u64;
+            self.oracle.on_recovered(shard, disk.payloads())?;
+            drop(disk);
+            self.logged[shard] = recovered.records;
             self.note(format!(
                 "shard {shard} recovered {} records (snapshot {:?}, {} torn bytes cut)",
-                recovered.payloads.len(),
+                recovered.records,
                 recovered.snapshot.as_ref().map(|s| s.0),
                 recovered.torn_bytes_cut
             ));
