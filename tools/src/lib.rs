@@ -1,5 +1,7 @@
 //! Shared pieces of Parley's command-line tools.
 
+pub mod load;
+
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,19 +39,20 @@ pub fn split_number_unit(text: &str) -> Option<(u64, &str)> {
     Some((digits.parse().ok()?, unit))
 }
 
-/// Parse `90`, `90s`, `15m`, `1h` or `2d`.
+/// Parse `250ms`, `90`, `90s`, `15m`, `1h` or `2d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (value, unit) = split_number_unit(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 15m, 1h or 2d"))?;
     let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(value)),
         "" | "s" => value,
         "m" => value * 60,
         "h" => value * 3600,
         "d" => value * 86_400,
         _ => {
             return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use s, m, h or d)"
+                "{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
             ))
         }
     };
@@ -103,6 +106,7 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
     }

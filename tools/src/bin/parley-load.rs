@@ -1,25 +1,24 @@
 //! `parley-load`: the capacity planner's load generator.
 //!
-//! This build has one scenario, `idle`: ramp up authenticated WebSocket sessions at a
-//! target rate, ping each one to prove it is live, and report the target's memory per
-//! session. The other scenarios (chat, group, reconnect storms, mixed) land with the
-//! load-generator issue.
+//! Scenarios: `idle`, `chat-1to1`, `group`, `reconnect-storm` and `mixed`, over
+//! WebSocket. Load is open-loop: every send has a scheduled time and its latency is
+//! counted from then, so a stall shows up instead of slowing the generator down. The
+//! engine is in `parley_tools::load`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
-use parley_tools::{load_secret, mint_token};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
+use clap::{Args, Parser, Subcommand};
+use parley_tools::load::report::Report;
+use parley_tools::load::run::{self, Options};
+use parley_tools::load::scenario::{Kind, Mix, Plan, Storm};
+use parley_tools::{load_secret, parse_duration};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Longest wait for any one handshake or reply.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(name = "parley-load", version, about = "Parley load generator")]
@@ -30,224 +29,327 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Ramp up N idle authenticated sessions, ping each, and report memory per session.
+    /// Ramp up N authenticated sessions, ping each once, hold them; report the target's
+    /// memory per session (--pid) and ping latency.
     Idle {
-        /// Sessions to open.
-        #[arg(long, default_value_t = 1000)]
-        connections: usize,
-        /// Target connections per second during the ramp.
-        #[arg(long, default_value_t = 2000.0)]
-        rate: f64,
-        /// WebSocket address of parleyd.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        target: SocketAddr,
-        /// Spread client sockets over this many source addresses 127.0.0.1, .2, ...
-        /// (past one address's ephemeral ports).
-        #[arg(long, default_value_t = 1)]
-        sources: u8,
-        /// PID of the target, to read its memory from /proc (when it runs locally).
-        #[arg(long)]
-        pid: Option<u32>,
-        /// How long to hold the sessions open after the ramp.
-        #[arg(long, default_value = "0s", value_parser = parley_tools::parse_duration)]
+        #[command(flatten)]
+        common: Common,
+        /// How long to hold the sessions after the ping round.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
         hold: Duration,
-        #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+    },
+    /// Pairs of users in direct conversations, both sending at an open-loop rate.
+    #[command(name = "chat-1to1")]
+    OneToOne {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        send: SendArgs,
+    },
+    /// Groups of --group-size members; the first --senders of each send.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        send: SendArgs,
+        /// Members per group.
+        #[arg(long, default_value_t = 100)]
+        group_size: u32,
+        /// Senders per group.
+        #[arg(long, default_value_t = 1)]
+        senders: u32,
+    },
+    /// Pairs chatting; at --storm-at, --drop percent of the sessions vanish at once and
+    /// reconnect after a jittered delay, resuming; checks nothing was missed.
+    ReconnectStorm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        send: SendArgs,
+        /// Percent of sessions dropped.
+        #[arg(long, default_value_t = 100.0)]
+        drop: f64,
+        /// When the storm hits, after sending starts.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        storm_at: Duration,
+        /// Each dropped session reconnects after a uniform random delay up to this.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        jitter: Duration,
+    },
+    /// Pairs doing sends, acks, reads, typing and history pages at --mix ratios;
+    /// --rate counts operations.
+    Mixed {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        send: SendArgs,
+        /// Weights of the operations.
+        #[arg(long, default_value = "send=50,ack=20,read=15,typing=10,history=5", value_parser = parse_mix)]
+        mix: Mix,
     },
 }
 
-fn main() -> ExitCode {
-    let Cli { scenario } = Cli::parse();
-    match scenario {
-        Scenario::Idle {
-            connections,
-            rate,
-            target,
-            sources,
-            pid,
-            hold,
-            secret,
-            data_dir,
-            json,
-        } => match load_secret(secret.as_deref(), data_dir.as_deref()).and_then(|secret| {
-            idle(IdleRun {
-                connections,
-                rate,
-                target,
-                sources: sources.max(1),
-                pid,
-                hold,
-                secret,
-                json,
-            })
-        }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("parley-load: error: {error}");
-                ExitCode::from(1)
-            }
-        },
-    }
-}
-
-struct IdleRun {
-    connections: usize,
-    rate: f64,
+#[derive(Args, Clone)]
+struct Common {
+    /// WebSocket address of parleyd.
+    #[arg(long, default_value = "127.0.0.1:7070")]
     target: SocketAddr,
+    /// Sessions to open (each a distinct user).
+    #[arg(long, default_value_t = 1000)]
+    connections: u32,
+    /// Connections opened per second during setup (open-loop).
+    #[arg(long, default_value_t = 5000.0)]
+    connect_rate: f64,
+    /// Spread client sockets over source addresses 127.0.0.1 .. 127.0.0.N, past one
+    /// address's ephemeral ports.
+    #[arg(long, default_value_t = 4)]
     sources: u8,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Do not pin worker threads to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Sending before measuring starts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Measured window.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Longest wait for all sessions to be set up.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    setup_timeout: Duration,
+    /// Longest wait after the last send for every answer and delivery.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// PID of the target, to read its memory and CPU from /proc (when it runs locally).
+    #[arg(long)]
     pid: Option<u32>,
-    hold: Duration,
-    secret: String,
+    /// Prefix of the user ids (default: unique per run).
+    #[arg(long)]
+    tag: Option<String>,
+    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Data directory of the parleyd, to read its JWT secret.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print the result as JSON instead of a table.
+    #[arg(long)]
     json: bool,
+    /// Also write a self-contained HTML report here.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
 }
 
-/// Resident and anonymous memory of a process, in KiB, from /proc/PID/status.
-fn memory_kib(pid: u32) -> Result<(u64, u64), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|error| format!("/proc/{pid}/status: {error}"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse::<u64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/status has no {name}"))
+#[derive(Args, Clone)]
+struct SendArgs {
+    /// Total scheduled sends (mixed: operations) per second, over all senders.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Unanswered commands per session at most; later ones wait (their latency counts).
+    #[arg(long, default_value_t = 256)]
+    max_inflight: usize,
+}
+
+fn parse_mix(text: &str) -> Result<Mix, String> {
+    let mut mix = Mix {
+        send: 0,
+        ack: 0,
+        read: 0,
+        typing: 0,
+        history: 0,
     };
-    Ok((field("VmRSS:")?, field("RssAnon:")?))
+    for part in text.split(',') {
+        let (name, weight) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not op=weight"))?;
+        let weight: u32 = weight
+            .parse()
+            .map_err(|_| format!("{weight:?} is not a whole number"))?;
+        match name.trim() {
+            "send" => mix.send = weight,
+            "ack" => mix.ack = weight,
+            "read" => mix.read = weight,
+            "typing" => mix.typing = weight,
+            "history" => mix.history = weight,
+            other => {
+                return Err(format!(
+                    "unknown op {other:?} (send, ack, read, typing, history)"
+                ))
+            }
+        }
+    }
+    Ok(mix)
 }
 
-fn open_session(
-    target: SocketAddr,
-    source: Ipv4Addr,
-    token: &str,
-) -> Result<WebSocket<TcpStream>, String> {
-    let domain = socket2::Domain::IPV4;
-    let socket =
-        socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
-    socket
-        .bind(&SocketAddr::new(IpAddr::V4(source), 0).into())
-        .map_err(|error| format!("bind {source}: {error}"))?;
-    socket
-        .connect_timeout(&target.into(), IO_TIMEOUT)
-        .map_err(|error| format!("connect {target}: {error}"))?;
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let mut request = format!("ws://{target}/v1/ws")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    let bearer = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| "bad token header")?;
-    request.headers_mut().insert("authorization", bearer);
-    let (ws, _) =
-        tungstenite::client(request, stream).map_err(|error| format!("upgrade: {error}"))?;
-    Ok(ws)
-}
-
-fn ping(ws: &mut WebSocket<TcpStream>) -> Result<Duration, String> {
-    let started = Instant::now();
-    ws.send(Message::text(r#"{"id":1,"op":"ping"}"#))
-        .map_err(|e| e.to_string())?;
-    loop {
-        match ws.read().map_err(|e| e.to_string())? {
-            Message::Text(text) if text.contains(r#""re":1"#) => return Ok(started.elapsed()),
-            Message::Text(text) => return Err(format!("unexpected reply {text}")),
-            Message::Close(frame) => return Err(format!("closed: {frame:?}")),
-            _ => {}
+fn main() -> ExitCode {
+    let params: BTreeMap<String, String> = command_line();
+    let Cli { scenario } = Cli::parse();
+    match execute(scenario, params) {
+        Ok(report) if report.verification.checked && !report.verification.ok => ExitCode::from(2),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("parley-load: error: {error}");
+            ExitCode::from(1)
         }
     }
 }
 
-fn idle(run: IdleRun) -> Result<(), String> {
-    let before = run.pid.map(memory_kib).transpose()?;
-    let interval = Duration::from_secs_f64(1.0 / run.rate.max(0.001));
-    let started = Instant::now();
-    let mut sessions = Vec::with_capacity(run.connections);
-    let mut last_progress = Instant::now();
-    for i in 0..run.connections {
-        // Open-loop ramp: connection i is due at i * interval from the start.
-        let due = started + interval.mul_f64(i as f64);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+/// The command line as `--name value` pairs, for the report.
+fn command_line() -> BTreeMap<String, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut params = BTreeMap::new();
+    if let Some(scenario) = args.first() {
+        params.insert("scenario".into(), scenario.clone());
+    }
+    let mut i = 1;
+    while i < args.len() {
+        let name = args[i].trim_start_matches('-').to_string();
+        let value = match args.get(i + 1) {
+            Some(next) if !next.starts_with("--") => {
+                i += 1;
+                next.clone()
+            }
+            _ => "true".into(),
+        };
+        if name != "secret" {
+            params.insert(name, value);
         }
-        let source = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(run.sources)) as u8);
-        let token = mint_token(
-            &run.secret,
-            &format!("load-{i}"),
+        i += 1;
+    }
+    params
+}
+
+fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Report, String> {
+    let default_send = SendArgs {
+        rate: 0.0,
+        size: 100,
+        max_inflight: 256,
+    };
+    let (kind, common, send, hold, group_size, senders, storm, mix) = match scenario {
+        Scenario::Idle { common, hold } => {
+            (Kind::Idle, common, default_send, hold, 2, 1, None, None)
+        }
+        Scenario::OneToOne { common, send } => (
+            Kind::OneToOne,
+            common,
+            send,
+            Duration::ZERO,
+            2,
+            1,
             None,
-            Duration::from_secs(86_400),
-        );
-        sessions.push(
-            open_session(run.target, source, &token).map_err(|e| format!("session {i}: {e}"))?,
-        );
-        if last_progress.elapsed() >= Duration::from_secs(1) {
-            eprintln!(
-                "parley-load: idle: {}/{} sessions, {:.0}/s",
-                i + 1,
-                run.connections,
-                (i + 1) as f64 / started.elapsed().as_secs_f64()
-            );
-            last_progress = Instant::now();
+            None,
+        ),
+        Scenario::Group {
+            common,
+            send,
+            group_size,
+            senders,
+        } => (
+            Kind::Group,
+            common,
+            send,
+            Duration::ZERO,
+            group_size,
+            senders,
+            None,
+            None,
+        ),
+        Scenario::ReconnectStorm {
+            common,
+            send,
+            drop,
+            storm_at,
+            jitter,
+        } => {
+            let storm = Storm {
+                fraction: (drop / 100.0).clamp(0.0, 1.0),
+                at_ns: storm_at.as_nanos() as u64,
+                jitter_ns: jitter.as_nanos() as u64,
+            };
+            (
+                Kind::ReconnectStorm,
+                common,
+                send,
+                Duration::ZERO,
+                2,
+                1,
+                Some(storm),
+                None,
+            )
         }
-    }
-    let ramp = started.elapsed();
-    let mut rtts = Vec::with_capacity(sessions.len());
-    for (i, ws) in sessions.iter_mut().enumerate() {
-        rtts.push(ping(ws).map_err(|e| format!("ping on session {i}: {e}"))?);
-    }
-    rtts.sort();
-    std::thread::sleep(run.hold);
-    let after = run.pid.map(memory_kib).transpose()?;
-    let percentile = |p: f64| {
-        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        Scenario::Mixed { common, send, mix } => (
+            Kind::Mixed,
+            common,
+            send,
+            Duration::ZERO,
+            2,
+            1,
+            None,
+            Some(mix),
+        ),
     };
-    let n = sessions.len() as f64;
-    let per_session = |pick: fn(&(u64, u64)) -> u64| match (&before, &after) {
-        (Some(b), Some(a)) => Some((pick(a) as f64 - pick(b) as f64) * 1024.0 / n),
-        _ => None,
+    let secret = load_secret(common.secret.as_deref(), common.data_dir.as_deref())?;
+    let tag = common.tag.clone().unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("load{:x}", nanos % (1 << 40))
+    });
+    let plan = Plan {
+        kind,
+        tag,
+        clients: common.connections,
+        target: common.target,
+        sources: common.sources,
+        connect_rate: common.connect_rate,
+        message_size: send.size,
+        rate: send.rate,
+        max_inflight: send.max_inflight.max(1),
+        group_size,
+        senders_per_group: senders,
+        mix: mix.unwrap_or(Mix {
+            send: 1,
+            ack: 0,
+            read: 0,
+            typing: 0,
+            history: 0,
+        }),
+        storm,
+        secret,
     };
-    let rss_per = per_session(|m| m.0);
-    let anon_per = per_session(|m| m.1);
-    if run.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "scenario": "idle", "sessions": sessions.len(), "ramp_s": ramp.as_secs_f64(),
-                "connect_rate": n / ramp.as_secs_f64(),
-                "ping_us": {"p50": percentile(0.5), "p99": percentile(0.99), "max": percentile(1.0)},
-                "rss_kib_before": before.map(|m| m.0), "rss_kib_after": after.map(|m| m.0),
-                "rss_bytes_per_session": rss_per, "anon_bytes_per_session": anon_per,
-            })
-        );
+    let workers = common
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let report = run::run(Options {
+        plan,
+        workers,
+        pin: !common.no_pin,
+        warmup: common.warmup,
+        duration: common.duration,
+        setup_timeout: common.setup_timeout,
+        drain_timeout: common.drain_timeout,
+        hold,
+        pid: common.pid,
+        params,
+        progress: !common.quiet,
+    })?;
+    if common.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{text}");
     } else {
-        println!("scenario        idle");
-        println!(
-            "sessions        {} (each authenticated and answered one ping)",
-            sessions.len()
-        );
-        println!(
-            "ramp            {:.2} s ({:.0} sessions/s)",
-            ramp.as_secs_f64(),
-            n / ramp.as_secs_f64()
-        );
-        println!(
-            "ping (µs)       p50 {:.0}  p99 {:.0}  max {:.0} (sequential, one in flight)",
-            percentile(0.5),
-            percentile(0.99),
-            percentile(1.0)
-        );
-        if let (Some(b), Some(a), Some(rss), Some(anon)) = (before, after, rss_per, anon_per) {
-            println!("target RSS      {} KiB -> {} KiB", b.0, a.0);
-            println!("per session     {rss:.0} B RSS, {anon:.0} B anonymous");
-        }
+        print!("{}", report.table());
     }
-    Ok(())
+    if let Some(path) = &common.report {
+        std::fs::write(path, parley_tools::load::html::render(&report))
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        eprintln!("parley-load: report written to {}", path.display());
+    }
+    Ok(report)
 }

@@ -1,0 +1,1229 @@
+//! `parley-load --report out.html`: one run's [`Report`] as a single HTML page.
+//!
+//! The page is meant to be attached to a capacity-planning ticket and opened years later,
+//! offline, in whatever browser is at hand. So it is self-contained: inline CSS and inline
+//! SVG only, no JavaScript, fonts, images or anything fetched over the network.
+//!
+//! Layout, top to bottom: title (scenario, start time in UTC), the verification verdict,
+//! summary cards (connections, throughput, errors, server and generator usage, scenario
+//! figures), the latency table, three plots (latency percentile distributions,
+//! throughput per second, p50/p99 latency per second), then the run's parameters and
+//! host facts.
+//!
+//! Two rules keep the page honest whatever the report holds:
+//! - every text from the report goes through [`escape`] (parameters can contain anything);
+//! - every number goes through a formatter that prints a dash for non-finite values, and
+//!   plots only use finite points, so "NaN" or "inf" never reach the page. A plot without
+//!   any usable point says "no data" instead of drawing empty axes.
+
+use std::collections::BTreeMap;
+
+use super::report::{GeneratorUsage, LatencySummary, Report, Second, ServerUsage, Verification};
+
+/// Line colours: the Okabe-Ito palette (distinguishable with the common colour-vision
+/// deficiencies), without its yellow, which is unreadable on white.
+const PALETTE: [&str; 7] = [
+    "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255",
+];
+
+/// Throughput lines. They often coincide (1:1 chat: sent = acked = delivered), so they are
+/// drawn nested: the first widest, each later one thinner on top, and all stay visible.
+const SENT_COLOUR: &str = "#0072B2";
+const ACKED_COLOUR: &str = "#E69F00";
+const DELIVERED_COLOUR: &str = "#009E73";
+
+/// Latency-over-time lines.
+const P50_COLOUR: &str = "#0072B2";
+const P99_COLOUR: &str = "#D55E00";
+
+/// Shown wherever a number is missing or not finite.
+const DASH: &str = "–";
+
+/// The whole page.
+pub fn render(report: &Report) -> String {
+    let title = format!(
+        "Parley load report: {} — {}",
+        scenario_name(report),
+        start_time(report.started_unix_s)
+    );
+    let mut page = String::with_capacity(64 * 1024);
+    page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    page.push_str(&format!("<title>{}</title>\n", escape(&title)));
+    page.push_str(&format!("<style>{STYLE}</style>\n</head>\n<body>\n"));
+    page.push_str(&header(report));
+    page.push_str(&summary(report));
+    page.push_str(&latency_table(&report.latencies));
+    page.push_str(&plots(report));
+    page.push_str(&details(report));
+    page.push_str("</body>\n</html>\n");
+    page
+}
+
+/// Plain, print-friendly styling. System fonts only: nothing to fetch.
+const STYLE: &str = r#"
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color: #1f2328; background: #fff; max-width: 1200px; margin: 0 auto; padding: 20px 32px; }
+h1 { font-size: 22px; margin: 0 0 2px; }
+h2 { font-size: 17px; margin: 26px 0 8px; padding-bottom: 3px; border-bottom: 1px solid #d0d7de; }
+h3 { font-size: 14px; margin: 0 0 6px; }
+.sub, .muted { color: #57606a; }
+.sub { margin: 0 0 10px; }
+.verdict { padding: 8px 12px; border-radius: 6px; margin: 6px 0 14px; }
+.verdict b { font-size: 15px; }
+.pass { background: #dafbe1; color: #116329; border: 1px solid #8ddb9f; }
+.fail { background: #ffebe9; color: #a40e26; border: 1px solid #ffaba8; }
+.unchecked { background: #f6f8fa; color: #57606a; border: 1px solid #d0d7de; }
+.verdict ul { margin: 4px 0 0; padding-left: 20px; font: 12px/1.4 ui-monospace, Menlo, Consolas, monospace; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 14px; }
+.card { border: 1px solid #d0d7de; border-radius: 6px; padding: 10px 12px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 3px 10px 3px 0; vertical-align: top; }
+th { font-weight: 600; }
+td { overflow-wrap: anywhere; }
+.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr + tr td { border-top: 1px solid #eaeef2; }
+.plot { margin: 4px 0 18px; }
+.plot svg { display: block; max-width: 100%; height: auto; }
+.plot p { margin: 2px 0 0; font-size: 12px; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 24px; }
+code { font: 12px ui-monospace, Menlo, Consolas, monospace; }
+"#;
+
+// ---------------------------------------------------------------------------------------
+// Sections
+// ---------------------------------------------------------------------------------------
+
+/// Title, when and how long, and the verdict: what a reader of the ticket looks at first.
+fn header(report: &Report) -> String {
+    format!(
+        "<h1>Parley load report: {}</h1>\n\
+         <p class=\"sub\">Started {} · measured window {} · generated by parley-load</p>\n{}",
+        escape(scenario_name(report)),
+        start_time(report.started_unix_s),
+        fmt_seconds(report.measured_s),
+        verdict(&report.verification),
+    )
+}
+
+fn scenario_name(report: &Report) -> &str {
+    if report.scenario.is_empty() {
+        "(unnamed scenario)"
+    } else {
+        &report.scenario
+    }
+}
+
+/// The verification result in plain words, with the counts behind it and the first
+/// problems found.
+fn verdict(verification: &Verification) -> String {
+    let (class, headline) = if !verification.checked {
+        (
+            "unchecked",
+            "Not verified: this scenario has nothing to verify.".to_string(),
+        )
+    } else if verification.ok {
+        (
+            "pass",
+            "Verification passed: every recipient received every acknowledged message, in order."
+                .to_string(),
+        )
+    } else {
+        // Name only the problems that occurred; the detail lines say the rest.
+        let mut problems = Vec::new();
+        if verification.missing > 0 {
+            problems.push(format!(
+                "{} acknowledged message(s) never received",
+                fmt_int(verification.missing)
+            ));
+        }
+        if verification.out_of_order > 0 {
+            problems.push(format!(
+                "{} received out of order",
+                fmt_int(verification.out_of_order)
+            ));
+        }
+        if problems.is_empty() {
+            problems.push("see the details below".to_string());
+        }
+        (
+            "fail",
+            format!("Verification FAILED: {}.", problems.join(", ")),
+        )
+    };
+    let mut html = format!(
+        "<div class=\"verdict {class}\"><b>{}</b>",
+        escape(&headline)
+    );
+    if verification.checked {
+        html.push_str(&format!(
+            "<br>Missing {} · out of order {} · duplicates {} \
+             <span class=\"muted\">(duplicates are allowed after a resume)</span>",
+            fmt_int(verification.missing),
+            fmt_int(verification.out_of_order),
+            fmt_int(verification.duplicates),
+        ));
+    }
+    if !verification.detail.is_empty() {
+        html.push_str("<ul>");
+        for line in &verification.detail {
+            html.push_str(&format!("<li>{}</li>", escape(line)));
+        }
+        html.push_str("</ul>");
+    }
+    html.push_str("</div>\n");
+    html
+}
+
+/// The headline figures as a grid of small cards.
+fn summary(report: &Report) -> String {
+    let mut cards = vec![
+        connections_card(report),
+        throughput_card(report),
+        errors_card(&report.errors),
+        server_card(report.server.as_ref(), report.measured_s),
+        generator_card(&report.generator, report.measured_s),
+    ];
+    if !report.extra.is_empty() {
+        cards.push(extra_card(&report.extra));
+    }
+    format!(
+        "<h2>Summary</h2>\n<div class=\"cards\">\n{}</div>\n",
+        cards.concat()
+    )
+}
+
+fn card(title: &str, body: &str) -> String {
+    format!(
+        "<div class=\"card\"><h3>{}</h3>{body}</div>\n",
+        escape(title)
+    )
+}
+
+/// A two-column table of already-formatted (and already-escaped) label/value rows.
+fn figures_table(rows: &[(String, String)]) -> String {
+    let mut html = String::from("<table>");
+    for (label, value) in rows {
+        html.push_str(&format!(
+            "<tr><td>{label}</td><td class=\"n\">{value}</td></tr>"
+        ));
+    }
+    html.push_str("</table>");
+    html
+}
+
+fn connections_card(report: &Report) -> String {
+    let c = &report.connections;
+    let established = if c.target > 0 {
+        format!(
+            "{} ({})",
+            fmt_int(c.established),
+            fmt_percent(c.established as f64 / c.target as f64 * 100.0)
+        )
+    } else {
+        fmt_int(c.established)
+    };
+    let rows = [
+        ("Target sessions".to_string(), fmt_int(c.target)),
+        ("Established".to_string(), established),
+        (
+            "Failed attempts (retried)".to_string(),
+            fmt_int(c.failed_attempts),
+        ),
+        ("Source addresses".to_string(), fmt_int(c.sources)),
+        ("Setup time".to_string(), fmt_seconds(c.setup_s)),
+    ];
+    card("Connections", &figures_table(&rows))
+}
+
+fn throughput_card(report: &Report) -> String {
+    let t = &report.throughput;
+    let rate = |v: f64| format!("{} /s", fmt_num(v));
+    let rows = [
+        ("Offered (scheduled)".to_string(), rate(t.offered_per_s)),
+        ("Sent".to_string(), rate(t.sent_per_s)),
+        ("Acknowledged (durable)".to_string(), rate(t.acked_per_s)),
+        (
+            "Delivered to recipients".to_string(),
+            rate(t.delivered_per_s),
+        ),
+        ("Replies (all commands)".to_string(), rate(t.replies_per_s)),
+    ];
+    card("Throughput over the measured window", &figures_table(&rows))
+}
+
+fn errors_card(errors: &BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return card("Errors", "<p class=\"muted\">None.</p>");
+    }
+    let total: u64 = errors.values().fold(0, |sum, &n| sum.saturating_add(n));
+    let mut rows: Vec<(String, String)> = errors
+        .iter()
+        .map(|(code, &count)| (format!("<code>{}</code>", escape(code)), fmt_int(count)))
+        .collect();
+    rows.push((
+        "<b>Total</b>".to_string(),
+        format!("<b>{}</b>", fmt_int(total)),
+    ));
+    card("Errors by code", &figures_table(&rows))
+}
+
+/// CPU seconds, and the cores they kept busy over the measured window: the figure a
+/// planner compares with the machine's core count.
+fn fmt_cpu(cpu_s: f64, measured_s: f64) -> String {
+    if measured_s > 0.0 {
+        format!(
+            "{} s ({} cores)",
+            fmt_num(cpu_s),
+            fmt_num(cpu_s / measured_s)
+        )
+    } else {
+        format!("{} s", fmt_num(cpu_s))
+    }
+}
+
+fn server_card(server: Option<&ServerUsage>, measured_s: f64) -> String {
+    let Some(s) = server else {
+        return card(
+            "Server",
+            "<p class=\"muted\">Not measured (the run had no --pid).</p>",
+        );
+    };
+    let rows = [
+        ("Process id".to_string(), s.pid.to_string()),
+        ("RSS before".to_string(), fmt_kib(s.rss_kib_before as f64)),
+        ("RSS after".to_string(), fmt_kib(s.rss_kib_after as f64)),
+        (
+            "Memory per session".to_string(),
+            fmt_bytes(s.rss_bytes_per_session),
+        ),
+        ("CPU".to_string(), fmt_cpu(s.cpu_s, measured_s)),
+    ];
+    card("Server", &figures_table(&rows))
+}
+
+/// What the generator cost, to show it was not the bottleneck.
+fn generator_card(generator: &GeneratorUsage, measured_s: f64) -> String {
+    let rows = [
+        ("Workers".to_string(), fmt_int(generator.workers)),
+        ("CPU".to_string(), fmt_cpu(generator.cpu_s, measured_s)),
+        ("RSS".to_string(), fmt_kib(generator.rss_kib as f64)),
+    ];
+    card("Load generator", &figures_table(&rows))
+}
+
+fn extra_card(extra: &BTreeMap<String, f64>) -> String {
+    let rows: Vec<(String, String)> = extra
+        .iter()
+        .map(|(name, &value)| (format!("<code>{}</code>", escape(name)), fmt_num(value)))
+        .collect();
+    card("Scenario figures", &figures_table(&rows))
+}
+
+fn latency_table(latencies: &[LatencySummary]) -> String {
+    let mut html = String::from("<h2>Latency</h2>\n");
+    if latencies.is_empty() {
+        html.push_str("<p class=\"muted\">No latencies were measured.</p>\n");
+        return html;
+    }
+    html.push_str(
+        "<table><tr><th>Measure</th><th class=\"n\">Samples</th><th class=\"n\">p50</th>\
+         <th class=\"n\">p90</th><th class=\"n\">p99</th><th class=\"n\">p99.9</th>\
+         <th class=\"n\">max</th></tr>\n",
+    );
+    for l in latencies {
+        html.push_str(&format!(
+            "<tr><td><code>{}</code></td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td></tr>\n",
+            escape(&l.name),
+            fmt_int(l.count),
+            fmt_us(l.p50_us),
+            fmt_us(l.p90_us),
+            fmt_us(l.p99_us),
+            fmt_us(l.p999_us),
+            fmt_us(l.max_us),
+        ));
+    }
+    html.push_str("</table>\n");
+    html
+}
+
+/// The three plots, each under its own heading with a one-line reading guide.
+fn plots(report: &Report) -> String {
+    let mut html = String::from("<h2>Plots</h2>\n");
+    html.push_str(&plot_block(
+        "Latency percentile distribution",
+        &latency_distribution_chart(&report.latencies),
+        "x: percentile, spaced by nines so the tail gets room; y: latency in microseconds.",
+    ));
+    // The two timelines side by side: they share the time axis, and stacked under the
+    // distribution all three plots still fit on one screen (and one screenshot).
+    html.push_str("<div class=\"pair\">\n");
+    html.push_str(&plot_block(
+        "Throughput per second",
+        &throughput_chart(report),
+        "Messages per second of the run. Coinciding lines are drawn nested (sent widest).",
+    ));
+    html.push_str(&plot_block(
+        "Latency per second",
+        &latency_over_time_chart(report),
+        "p50 and p99 of the latency of messages received in each second \
+         (end-to-end; ping for idle). Gaps are seconds without samples.",
+    ));
+    html.push_str("</div>\n");
+    html
+}
+
+fn plot_block(title: &str, svg: &str, caption: &str) -> String {
+    format!(
+        "<div class=\"plot\"><h3>{}</h3>\n{svg}<p class=\"muted\">{}</p></div>\n",
+        escape(title),
+        escape(caption)
+    )
+}
+
+/// Parameters and host facts side by side: needed to reproduce the run, rarely read first.
+fn details(report: &Report) -> String {
+    format!(
+        "<h2>Run details</h2>\n<div class=\"pair\"><div><h3>Parameters</h3>{}</div>\
+         <div><h3>Host</h3>{}</div></div>\n",
+        text_table(&report.params, "No parameters recorded."),
+        text_table(&report.host, "No host facts recorded."),
+    )
+}
+
+/// A key/value table of report text, all of it escaped.
+fn text_table(map: &BTreeMap<String, String>, empty: &str) -> String {
+    if map.is_empty() {
+        return format!("<p class=\"muted\">{}</p>", escape(empty));
+    }
+    let mut html = String::from("<table>");
+    for (key, value) in map {
+        html.push_str(&format!(
+            "<tr><td><code>{}</code></td><td>{}</td></tr>",
+            escape(key),
+            escape(value)
+        ));
+    }
+    html.push_str("</table>");
+    html
+}
+
+// ---------------------------------------------------------------------------------------
+// The three charts: turn report data into series and axes
+// ---------------------------------------------------------------------------------------
+
+/// Percentile on the "nines" axis: 0% -> 0, 90% -> 1, 99% -> 2, 99.9% -> 3... 100% is
+/// infinitely far right and comes out non-finite, so the plot drops it.
+fn nines(percentile: f64) -> f64 {
+    -(1.0 - percentile / 100.0).log10()
+}
+
+/// "90%", "99%", "99.9%", ... for `k` nines.
+fn nines_label(k: u32) -> String {
+    match k {
+        0 => "0%".to_string(),
+        1 => "90%".to_string(),
+        _ => format!(
+            "99{}{}%",
+            if k > 2 { "." } else { "" },
+            "9".repeat(k as usize - 2)
+        ),
+    }
+}
+
+fn latency_distribution_chart(latencies: &[LatencySummary]) -> String {
+    let series: Vec<Series> = latencies
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Series {
+            label: l.name.clone(),
+            colour: PALETTE[i % PALETTE.len()],
+            width: 2.0,
+            points: l.curve.iter().map(|&(p, us)| (nines(p), us)).collect(),
+        })
+        .collect();
+    // Show at least up to 99.99% so plots of different runs line up; go further (at most
+    // 99.99999%) only when the data does. The small allowance absorbs rounding in
+    // `nines`, which turns 99.9999 into 6.000000000001.
+    let furthest = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|&(x, _)| x))
+        .filter(|x| x.is_finite())
+        .fold(0.0_f64, f64::max);
+    let decades = ((furthest - 1e-6).ceil().clamp(4.0, 7.0)) as u32;
+    let mut ticks = vec![(nines(50.0), "50%".to_string())];
+    ticks.extend((1..=decades).map(|k| (f64::from(k), nines_label(k))));
+    svg_chart(&Chart {
+        description: "Latency percentile distribution",
+        size: WIDE,
+        x: XAxis {
+            min: 0.0,
+            max: f64::from(decades),
+            ticks,
+            label: "percentile".to_string(),
+        },
+        y_label: "latency (µs)",
+        y_mode: YMode::Auto,
+        series,
+    })
+}
+
+fn throughput_chart(report: &Report) -> String {
+    let line = |label: &str, colour, width, value: fn(&Second) -> u64| Series {
+        label: label.to_string(),
+        colour,
+        width,
+        points: report
+            .timeline
+            .iter()
+            .map(|s| (s.t as f64, value(s) as f64))
+            .collect(),
+    };
+    svg_chart(&Chart {
+        description: "Throughput per second",
+        size: HALF,
+        x: time_axis(report),
+        y_label: "messages per second",
+        y_mode: YMode::Linear,
+        series: vec![
+            line("sent", SENT_COLOUR, 6.0, |s| s.sent),
+            line("acked", ACKED_COLOUR, 3.5, |s| s.acked),
+            line("delivered", DELIVERED_COLOUR, 1.5, |s| s.delivered),
+        ],
+    })
+}
+
+fn latency_over_time_chart(report: &Report) -> String {
+    // A zero latency means no message was received that second: leave a gap, don't
+    // draw a dive to zero.
+    let measured = |us: f64| if us > 0.0 { us } else { f64::NAN };
+    let line = |label: &str, colour, value: fn(&Second) -> f64| Series {
+        label: label.to_string(),
+        colour,
+        width: 2.0,
+        points: report
+            .timeline
+            .iter()
+            .map(|s| (s.t as f64, measured(value(s))))
+            .collect(),
+    };
+    svg_chart(&Chart {
+        description: "Latency per second",
+        size: HALF,
+        x: time_axis(report),
+        y_label: "latency (µs)",
+        y_mode: YMode::Auto,
+        series: vec![
+            line("p50", P50_COLOUR, |s| s.p50_us),
+            line("p99", P99_COLOUR, |s| s.p99_us),
+        ],
+    })
+}
+
+/// Seconds since sending started, from 0 to a round number past the last second.
+fn time_axis(report: &Report) -> XAxis {
+    let last = report.timeline.iter().map(|s| s.t).max().unwrap_or(0) as f64;
+    // Whole seconds: the timeline has no finer resolution.
+    let step = nice_step(last / 10.0).max(1.0);
+    let max = (last / step).ceil().max(1.0) * step;
+    XAxis {
+        min: 0.0,
+        max,
+        ticks: linear_ticks(max, step),
+        label: "seconds since sending started".to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A small line-chart renderer: axes, grid, lines, legend, all as SVG
+// ---------------------------------------------------------------------------------------
+
+struct Series {
+    label: String,
+    colour: &'static str,
+    /// Stroke width in pixels.
+    width: f64,
+    /// (x, y) points; non-finite ones are left out and break the line there.
+    points: Vec<(f64, f64)>,
+}
+
+struct XAxis {
+    min: f64,
+    max: f64,
+    /// (position, label), within min..=max.
+    ticks: Vec<(f64, String)>,
+    label: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum YMode {
+    /// From zero, always.
+    Linear,
+    /// Logarithmic when the values span more than two decades, else linear from zero.
+    Auto,
+}
+
+struct Chart {
+    /// For screen readers (the SVG's `<title>`).
+    description: &'static str,
+    size: Size,
+    x: XAxis,
+    y_label: &'static str,
+    y_mode: YMode,
+    series: Vec<Series>,
+}
+
+/// How y values map to the plot's height.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum YScale {
+    /// 0..=max, ticks every `step`.
+    Linear { max: f64, step: f64 },
+    /// 10^lo ..= 10^hi.
+    Log { lo: i32, hi: i32 },
+}
+
+impl YScale {
+    /// The scale for these values, or `None` when there is nothing to plot.
+    fn choose(values: impl Iterator<Item = f64>, mode: YMode) -> Option<YScale> {
+        let (mut any, mut max, mut min_positive) = (false, 0.0_f64, f64::INFINITY);
+        for v in values.filter(|v| v.is_finite() && *v >= 0.0) {
+            any = true;
+            max = max.max(v);
+            if v > 0.0 {
+                min_positive = min_positive.min(v);
+            }
+        }
+        if !any {
+            return None;
+        }
+        if mode == YMode::Auto && min_positive.is_finite() && max / min_positive > 100.0 {
+            let hi = max.log10().ceil() as i32;
+            // At most 12 decades, so a stray near-zero value can't fill the plot with
+            // hundreds of grid lines; anything lower sits on the bottom edge.
+            let lo = (min_positive.log10().floor() as i32).max(hi - 12);
+            return Some(YScale::Log { lo, hi });
+        }
+        // All zeros still get an axis (0..1): a flat line at zero is a finding.
+        let (max, step) = nice_range(if max > 0.0 { max } else { 1.0 }, 5.0);
+        Some(YScale::Linear { max, step })
+    }
+
+    /// Where `v` sits, 0 (bottom) to 1 (top); `None` if this scale can't show it.
+    fn fraction(self, v: f64) -> Option<f64> {
+        if !v.is_finite() || v < 0.0 {
+            return None;
+        }
+        let f = match self {
+            YScale::Linear { max, .. } => v / max,
+            YScale::Log { lo, hi } => {
+                if v <= 0.0 {
+                    return None;
+                }
+                (v.log10() - f64::from(lo)) / f64::from(hi - lo)
+            }
+        };
+        f.is_finite().then_some(f.clamp(0.0, 1.0))
+    }
+
+    /// Grid lines: (value, label), with an empty label for unlabelled minor lines.
+    fn ticks(self) -> Vec<(f64, String)> {
+        match self {
+            YScale::Linear { max, step } => linear_ticks(max, step),
+            YScale::Log { lo, hi } => {
+                let mut ticks = Vec::new();
+                for e in lo..=hi {
+                    let decade = 10f64.powi(e);
+                    ticks.push((decade, fmt_tick(decade, decade)));
+                    if e < hi {
+                        ticks.extend((2..=9).map(|m| (f64::from(m) * decade, String::new())));
+                    }
+                }
+                ticks
+            }
+        }
+    }
+}
+
+/// A round axis maximum at or above `max` and a round step giving about `divisions` steps.
+fn nice_range(max: f64, divisions: f64) -> (f64, f64) {
+    let step = nice_step(max / divisions);
+    ((max / step).ceil().max(1.0) * step, step)
+}
+
+/// The 1, 2 or 5 times a power of ten at or above `raw`.
+fn nice_step(raw: f64) -> f64 {
+    if !(raw.is_finite() && raw > 0.0) {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let nice = match raw / magnitude {
+        f if f <= 1.0 => 1.0,
+        f if f <= 2.0 => 2.0,
+        f if f <= 5.0 => 5.0,
+        _ => 10.0,
+    };
+    nice * magnitude
+}
+
+fn linear_ticks(max: f64, step: f64) -> Vec<(f64, String)> {
+    // Count steps rather than adding them up, so rounding can't drop the last tick.
+    let steps = (max / step).round() as u32;
+    (0..=steps)
+        .map(|i| {
+            let v = f64::from(i) * step;
+            (v, fmt_tick(v, step))
+        })
+        .collect()
+}
+
+/// A tick label with as many decimals as the step needs.
+fn fmt_tick(v: f64, step: f64) -> String {
+    if step >= 1.0 {
+        group_digits(&format!("{v:.0}"))
+    } else {
+        let decimals = (-step.log10()).ceil().max(0.0) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
+// Geometry of every chart, in SVG user units (pixels at 100% zoom).
+#[derive(Clone, Copy)]
+struct Size {
+    /// Of the whole SVG.
+    width: f64,
+    /// Of the plotting area inside the axes.
+    plot_height: f64,
+}
+/// The page body's full width (its CSS max-width).
+const WIDE: Size = Size {
+    width: 1200.0,
+    plot_height: 280.0,
+};
+/// Half of it, for two plots side by side.
+const HALF: Size = Size {
+    width: 588.0,
+    plot_height: 240.0,
+};
+const MARGIN_LEFT: f64 = 86.0;
+/// Room for half of the last x tick label ("99.9999%") right of the plot.
+const MARGIN_RIGHT: f64 = 40.0;
+const MARGIN_BOTTOM: f64 = 52.0;
+const LEGEND_ROW: f64 = 20.0;
+const FONT: &str =
+    "font-family=\"system-ui, -apple-system, 'Segoe UI', Roboto, Arial, sans-serif\"";
+
+/// A chart as an inline `<svg>`: "no data" in an empty frame when no point is usable.
+fn svg_chart(chart: &Chart) -> String {
+    let Size { width, plot_height } = chart.size;
+    let plot_w = width - MARGIN_LEFT - MARGIN_RIGHT;
+    let in_x_range = |x: f64| x.is_finite() && x >= chart.x.min && x <= chart.x.max;
+    let values = chart.series.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .filter(|&&(x, _)| in_x_range(x))
+            .map(|&(_, y)| y)
+    });
+    let scale = YScale::choose(values, chart.y_mode);
+
+    let legend = match scale {
+        Some(_) => legend_layout(&chart.series, plot_w),
+        None => Vec::new(),
+    };
+    let legend_rows = legend.iter().map(|item| item.row + 1).max().unwrap_or(0);
+    let top = 12.0 + legend_rows as f64 * LEGEND_ROW;
+    let height = top + plot_height + MARGIN_BOTTOM;
+    let bottom = top + plot_height;
+    let px = |x: f64| MARGIN_LEFT + (x - chart.x.min) / (chart.x.max - chart.x.min) * plot_w;
+    let py = |f: f64| bottom - f * plot_height;
+
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         viewBox=\"0 0 {width} {height}\" role=\"img\" {FONT} font-size=\"12\">\
+         <title>{}</title>\n",
+        escape(chart.description)
+    );
+    svg.push_str(&format!(
+        "<rect x=\"{MARGIN_LEFT}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_height}\" \
+         fill=\"#fbfcfd\" stroke=\"#8c959f\"/>\n"
+    ));
+    // Axis titles: x centred below the tick labels, y rotated along the left edge.
+    svg.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f2328\">{}</text>\n",
+        MARGIN_LEFT + plot_w / 2.0,
+        bottom + 42.0,
+        escape(&chart.x.label)
+    ));
+    svg.push_str(&format!(
+        "<text transform=\"translate(16 {:.1}) rotate(-90)\" text-anchor=\"middle\" \
+         fill=\"#1f2328\">{}</text>\n",
+        top + plot_height / 2.0,
+        escape(chart.y_label)
+    ));
+
+    let Some(scale) = scale else {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"18\" \
+             fill=\"#8c959f\">no data</text>\n</svg>\n",
+            MARGIN_LEFT + plot_w / 2.0,
+            top + plot_height / 2.0
+        ));
+        return svg;
+    };
+
+    // Vertical grid and x tick labels.
+    for (x, label) in chart.x.ticks.iter().filter(|(x, _)| in_x_range(*x)) {
+        let x = px(*x);
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{top:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#d8dee4\"/>\
+             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#57606a\">{}</text>\n",
+            bottom + 5.0,
+            bottom + 20.0,
+            escape(label)
+        ));
+    }
+    // Horizontal grid and y tick labels; minor (unlabelled) lines lighter.
+    for (y, label) in scale.ticks() {
+        let Some(f) = scale.fraction(y) else { continue };
+        let y = py(f);
+        let colour = if label.is_empty() {
+            "#eef1f4"
+        } else {
+            "#d8dee4"
+        };
+        svg.push_str(&format!(
+            "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{colour}\"/>",
+            MARGIN_LEFT - if label.is_empty() { 0.0 } else { 5.0 },
+            MARGIN_LEFT + plot_w
+        ));
+        if !label.is_empty() {
+            svg.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#57606a\">{}</text>",
+                MARGIN_LEFT - 8.0,
+                y + 4.0,
+                escape(&label)
+            ));
+        }
+        svg.push('\n');
+    }
+
+    // The lines, broken wherever a point can't be shown.
+    for series in &chart.series {
+        let mut run: Vec<(f64, f64)> = Vec::new();
+        for &(x, y) in &series.points {
+            match scale.fraction(y).filter(|_| in_x_range(x)) {
+                Some(f) => run.push((px(x), py(f))),
+                None => svg.push_str(&polyline(&std::mem::take(&mut run), series)),
+            }
+        }
+        svg.push_str(&polyline(&run, series));
+    }
+
+    // Legend above the plot: a short line in the series' colour and width, then its name.
+    for item in &legend {
+        let series = &chart.series[item.series];
+        let y = 12.0 + item.row as f64 * LEGEND_ROW + 6.0;
+        let x = MARGIN_LEFT + item.x;
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\" \
+             stroke-width=\"{:.1}\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#1f2328\">{}</text>\n",
+            x + 22.0,
+            series.colour,
+            series.width.max(3.0),
+            x + 28.0,
+            y + 4.0,
+            escape(&series.label)
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// One unbroken stretch of a line. A lone point (a second with data between gaps) is a dot
+/// so it doesn't vanish.
+fn polyline(points: &[(f64, f64)], series: &Series) -> String {
+    match points {
+        [] => String::new(),
+        [(x, y)] => format!(
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"{:.1}\" fill=\"{}\"/>\n",
+            series.width.max(2.0),
+            series.colour
+        ),
+        _ => {
+            let coordinates: Vec<String> = points
+                .iter()
+                .map(|(x, y)| format!("{x:.1},{y:.1}"))
+                .collect();
+            format!(
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"{:.1}\" \
+                 stroke-linejoin=\"round\" stroke-linecap=\"round\"/>\n",
+                coordinates.join(" "),
+                series.colour,
+                series.width
+            )
+        }
+    }
+}
+
+struct LegendItem {
+    series: usize,
+    row: usize,
+    /// Offset from the plot's left edge.
+    x: f64,
+}
+
+/// Legend entries in rows, wrapping at the plot's width. Text width is estimated (no
+/// script can measure it), generously, so entries don't collide. Series without any
+/// point still get an entry: the reader should see that they were measured and empty.
+fn legend_layout(series: &[Series], width: f64) -> Vec<LegendItem> {
+    let mut items = Vec::new();
+    let (mut row, mut x) = (0, 0.0);
+    for (i, s) in series.iter().enumerate() {
+        let item_width = 28.0 + 7.5 * s.label.chars().count() as f64 + 22.0;
+        if x > 0.0 && x + item_width > width {
+            row += 1;
+            x = 0.0;
+        }
+        items.push(LegendItem { series: i, row, x });
+        x += item_width;
+    }
+    items
+}
+
+// ---------------------------------------------------------------------------------------
+// Text and number formatting
+// ---------------------------------------------------------------------------------------
+
+/// Escape text for HTML element content and quoted attribute values (SVG included).
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// When the run started; zero means the run never recorded it.
+fn start_time(unix_s: u64) -> String {
+    if unix_s == 0 {
+        "(start time not recorded)".to_string()
+    } else {
+        format_utc(unix_s)
+    }
+}
+
+/// `yyyy-mm-dd hh:mm UTC`.
+fn format_utc(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let seconds_of_day = unix_s % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        seconds_of_day / 3600,
+        seconds_of_day % 3600 / 60
+    )
+}
+
+/// (year, month, day) of the proleptic Gregorian calendar for days since 1970-01-01.
+/// Howard Hinnant's `civil_from_days`: shift to eras of 400 years starting 0000-03-01, so
+/// leap days fall at the end of each year and the arithmetic needs no tables.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097); // 0..=146096
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `1234567` -> `1,234,567`.
+fn fmt_int(n: u64) -> String {
+    group_digits(&n.to_string())
+}
+
+/// Put thousands separators into the integer part of a formatted number.
+fn group_digits(formatted: &str) -> String {
+    let (sign, rest) = match formatted.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", formatted),
+    };
+    let (int, frac) = match rest.find('.') {
+        Some(dot) => rest.split_at(dot),
+        None => (rest, ""),
+    };
+    let mut grouped = String::with_capacity(int.len() + int.len() / 3);
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{sign}{grouped}{frac}")
+}
+
+/// A figure with precision that suits its size: `12,345`, `123.4`, `1.23`, `0.012`.
+fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return DASH.to_string();
+    }
+    let magnitude = v.abs();
+    if magnitude == 0.0 {
+        return "0".to_string();
+    }
+    if magnitude < 0.001 {
+        return format!("{v:.2e}");
+    }
+    let decimals = match magnitude {
+        m if m >= 1000.0 => 0,
+        m if m >= 100.0 => 1,
+        m if m >= 1.0 => 2,
+        _ => 3,
+    };
+    group_digits(&format!("{v:.decimals$}"))
+}
+
+fn fmt_percent(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}%")
+    } else {
+        DASH.to_string()
+    }
+}
+
+fn fmt_seconds(s: f64) -> String {
+    if s.is_finite() {
+        format!("{} s", fmt_num(s))
+    } else {
+        DASH.to_string()
+    }
+}
+
+/// A latency in the unit that reads best: `850 µs`, `12.3 ms`, `2.05 s`.
+fn fmt_us(us: f64) -> String {
+    if !us.is_finite() {
+        return DASH.to_string();
+    }
+    if us < 1000.0 {
+        format!(
+            "{} µs",
+            if us < 10.0 {
+                format!("{us:.1}")
+            } else {
+                format!("{us:.0}")
+            }
+        )
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1_000_000.0)
+    }
+}
+
+fn fmt_kib(kib: f64) -> String {
+    fmt_bytes(kib * 1024.0)
+}
+
+/// Bytes in binary units: `812 B`, `3.4 KiB`, `1.21 GiB`.
+fn fmt_bytes(bytes: f64) -> String {
+    if !bytes.is_finite() {
+        return DASH.to_string();
+    }
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value.abs() >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else {
+        format!("{value:.2} {}", units[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::report::{Connections, Second, Throughput};
+
+    fn populated() -> Report {
+        let curve = |scale: f64| -> Vec<(f64, f64)> {
+            [0.0, 50.0, 75.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999]
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (p, scale * 1.8_f64.powi(i as i32)))
+                .collect()
+        };
+        let mut params = BTreeMap::new();
+        params.insert("--rate".into(), "1000".into());
+        params.insert("--note".into(), "<script>alert('x')</script> & co".into());
+        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+        extra.insert("resume_all_s".into(), 1.25);
+        extra.insert("broken".into(), f64::NAN);
+        extra.insert("unbounded".into(), f64::INFINITY);
+        Report {
+            scenario: "chat-1to1".into(),
+            params,
+            started_unix_s: 1_700_000_000,
+            connections: Connections {
+                target: 1000,
+                established: 1000,
+                setup_s: 2.5,
+                sources: 1,
+                failed_attempts: 3,
+            },
+            measured_s: 30.0,
+            throughput: Throughput {
+                offered_per_s: 1000.0,
+                sent_per_s: 999.0,
+                acked_per_s: 999.0,
+                delivered_per_s: 999.0,
+                replies_per_s: f64::NAN,
+            },
+            latencies: vec![
+                LatencySummary {
+                    name: "e2e".into(),
+                    count: 30_000,
+                    p50_us: 120.0,
+                    p90_us: 300.0,
+                    p99_us: 900.0,
+                    p999_us: f64::INFINITY,
+                    max_us: 5000.0,
+                    curve: curve(100.0),
+                },
+                LatencySummary {
+                    name: "ack".into(),
+                    // 100% and NaN points must be dropped, not drawn.
+                    curve: vec![(0.0, 50.0), (50.0, 60.0), (100.0, 900.0), (99.0, f64::NAN)],
+                    ..LatencySummary::default()
+                },
+            ],
+            timeline: (0..30)
+                .map(|t| Second {
+                    t,
+                    sent: 1000,
+                    acked: 990,
+                    delivered: 1000 + t,
+                    errors: 0,
+                    p50_us: if t == 7 { 0.0 } else { 100.0 + t as f64 },
+                    p99_us: if t == 8 { f64::NAN } else { 900.0 },
+                })
+                .collect(),
+            server: Some(ServerUsage {
+                pid: 42,
+                rss_kib_before: 10_000,
+                rss_kib_after: 30_000,
+                rss_bytes_per_session: 20_480.0,
+                cpu_s: 12.0,
+            }),
+            extra,
+            ..Report::default()
+        }
+    }
+
+    fn assert_clean(html: &str) {
+        assert!(!html.contains("NaN"), "NaN in output");
+        assert!(!html.contains("inf"), "inf in output");
+        assert_eq!(html.matches("<svg").count(), 3, "one <svg> per plot");
+        // Self-contained: nothing to run, load or fetch.
+        for needle in [
+            "<script", "<link", "<img", "src=", "href=", "url(", "@import",
+        ] {
+            assert!(!html.contains(needle), "{needle} in output");
+        }
+    }
+
+    #[test]
+    fn escapes_report_text() {
+        let html = render(&populated());
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co"));
+        assert_eq!(escape("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&#39;");
+    }
+
+    #[test]
+    fn empty_report_has_no_data_plots() {
+        let html = render(&Report::default());
+        assert_clean(&html);
+        assert_eq!(html.matches(">no data<").count(), 3);
+        assert!(!html.contains("<polyline"));
+    }
+
+    #[test]
+    fn populated_report_plots_lines() {
+        let html = render(&populated());
+        assert_clean(&html);
+        assert!(!html.contains(">no data<"));
+        // e2e and ack curves, three throughput lines, p50 in two runs (gap at t=7), p99
+        // in two runs (gap at t=8).
+        assert_eq!(html.matches("<polyline").count(), 2 + 3 + 2 + 2);
+        assert!(html.contains("99.99%"));
+        assert!(html.contains("2023-11-14 22:13 UTC"));
+    }
+
+    #[test]
+    fn zero_and_nan_only_timeline() {
+        let report = Report {
+            timeline: vec![Second {
+                t: 0,
+                p50_us: f64::NAN,
+                ..Second::default()
+            }],
+            latencies: vec![LatencySummary {
+                name: "ping".into(),
+                curve: vec![(f64::NAN, 1.0), (100.0, 5.0)],
+                ..LatencySummary::default()
+            }],
+            ..Report::default()
+        };
+        let html = render(&report);
+        assert_clean(&html);
+        // Throughput of zero is data (a flat line, here one dot); latencies are not.
+        assert_eq!(html.matches(">no data<").count(), 2);
+    }
+
+    #[test]
+    fn y_scale_goes_logarithmic_past_two_decades() {
+        let log = YScale::choose([5.0, 50.0, 5000.0].into_iter(), YMode::Auto);
+        assert_eq!(log, Some(YScale::Log { lo: 0, hi: 4 }));
+        let linear = YScale::choose([5.0, 400.0].into_iter(), YMode::Auto);
+        assert_eq!(
+            linear,
+            Some(YScale::Linear {
+                max: 400.0,
+                step: 100.0
+            })
+        );
+        assert_eq!(YScale::choose([f64::NAN].into_iter(), YMode::Auto), None);
+    }
+
+    #[test]
+    fn dates_and_labels() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(format_utc(1_735_689_599), "2024-12-31 23:59 UTC");
+        assert_eq!(nines_label(2), "99%");
+        assert_eq!(nines_label(4), "99.99%");
+        assert_eq!(fmt_int(1_234_567), "1,234,567");
+        assert_eq!(fmt_num(-12_345.6), "-12,346");
+        assert_eq!(fmt_num(0.0), "0");
+        assert_eq!(fmt_num(0.25), "0.250");
+    }
+}

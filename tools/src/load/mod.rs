@@ -1,0 +1,15 @@
+//! `parley-load`'s engine: clients, workers, scenarios, statistics and reports.
+//!
+//! A run is planned up front (`scenario`), executed by pinned worker threads each
+//! running an epoll loop over its share of the clients (`worker`, `client`), paced and
+//! watched by the main thread (`run`), and summarised as a `report::Report` that the
+//! binary prints as a table, JSON or an HTML page (`html`).
+
+pub mod client;
+pub mod html;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod stats;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,455 @@
+//! A whole run: start the workers, walk them through setup, sending and drain while
+//! printing progress, then merge what they measured, verify delivery and build the
+//! report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::client::{Outcome, Window};
+use super::report::{
+    Connections, GeneratorUsage, LatencySummary, Report, Second, ServerUsage, Throughput,
+    Verification,
+};
+use super::scenario::{Kind, Plan, Role};
+use super::stats::{sum, Live, Stats};
+use super::worker::{self, Shared, PHASE_STOP};
+
+/// How a run is paced.
+pub struct Options {
+    pub plan: Plan,
+    pub workers: usize,
+    pub pin: bool,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Longest wait for every session to be set up.
+    pub setup_timeout: Duration,
+    /// Longest wait, after the last send, for every answer and delivery.
+    pub drain_timeout: Duration,
+    /// Idle: how long to hold the sessions after the ping round.
+    pub hold: Duration,
+    pub pid: Option<u32>,
+    /// The command line, for the report.
+    pub params: BTreeMap<String, String>,
+    /// Print the progress line to stderr.
+    pub progress: bool,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(50);
+
+pub fn run(options: Options) -> Result<Report, String> {
+    options.plan.validate()?;
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rss_before = options.pid.map(memory_kib).transpose()?;
+    let workers = options.workers.max(1);
+    let shared = Arc::new(Shared {
+        plan: options.plan.clone(),
+        workers,
+        epoch: Instant::now(),
+        lives: (0..workers).map(|_| Live::default()).collect(),
+        phase: AtomicU8::new(worker::PHASE_RUN),
+        window: OnceLock::new(),
+        ping_round_at: AtomicU64::new(0),
+    });
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let handles: Vec<_> = (0..workers)
+        .map(|index| {
+            let shared = Arc::clone(&shared);
+            let cpu = options.pin.then_some(index % cpus);
+            std::thread::Builder::new()
+                .name(format!("load-{index}"))
+                .spawn(move || worker::run(shared, index, cpu))
+                .map_err(|error| format!("spawn worker: {error}"))
+        })
+        .collect::<Result<_, _>>()?;
+
+    let mut progress = Progress::new(&shared, options.progress);
+    let plan = &options.plan;
+    let clients = u64::from(plan.clients);
+
+    // Setup: connect, authenticate, create conversations.
+    let setup_deadline = Instant::now() + options.setup_timeout;
+    while sum(&shared.lives, |l| &l.ready) < clients && Instant::now() < setup_deadline {
+        progress.tick("setup");
+        std::thread::sleep(TICK);
+    }
+    let setup_s = shared.epoch.elapsed().as_secs_f64();
+    let established = sum(&shared.lives, |l| &l.ready);
+
+    let mut extra = BTreeMap::new();
+    let mut cpu_window = (0.0, 0.0);
+    if plan.kind == Kind::Idle {
+        let round = shared.now() + 10_000_000;
+        shared.ping_round_at.store(round, Ordering::Relaxed);
+        wait_until(
+            &shared,
+            &mut progress,
+            "ping round",
+            options.drain_timeout,
+            |s| s.now() > round + 1_000_000_000 && sum(&s.lives, |l| &l.outstanding) == 0,
+        );
+        let hold_until = Instant::now() + options.hold;
+        while Instant::now() < hold_until {
+            progress.tick("hold");
+            std::thread::sleep(TICK);
+        }
+    } else {
+        let send_from = shared.now() + 50_000_000;
+        let measure_from = send_from + options.warmup.as_nanos() as u64;
+        let window = Window {
+            send_from,
+            measure_from,
+            send_until: measure_from + options.duration.as_nanos() as u64,
+        };
+        let _ = shared.window.set(window);
+        sleep_until(&shared, &mut progress, window.measure_from, "warm-up");
+        let cpu_start = (own_cpu_s(), options.pid.map(process_cpu_s));
+        sleep_until(&shared, &mut progress, window.send_until, "measure");
+        let cpu_end = (own_cpu_s(), options.pid.map(process_cpu_s));
+        cpu_window = (
+            cpu_end.0 - cpu_start.0,
+            match (cpu_start.1, cpu_end.1) {
+                (Some(Ok(a)), Some(Ok(b))) => b - a,
+                _ => 0.0,
+            },
+        );
+        let drained = wait_until(
+            &shared,
+            &mut progress,
+            "drain",
+            options.drain_timeout,
+            |s| {
+                sum(&s.lives, |l| &l.outstanding) == 0
+                    && sum(&s.lives, |l| &l.delivered) >= sum(&s.lives, |l| &l.owed)
+                    && sum(&s.lives, |l| &l.resuming) == 0
+            },
+        );
+        extra.insert("drained".into(), if drained { 1.0 } else { 0.0 });
+    }
+    let rss_after = options.pid.map(memory_kib).transpose()?;
+
+    shared.phase.store(PHASE_STOP, Ordering::Relaxed);
+    let mut stats = Stats::new();
+    let mut outcomes = Vec::with_capacity(plan.clients as usize);
+    for handle in handles {
+        let result = handle
+            .join()
+            .map_err(|_| "a worker thread panicked".to_string())??;
+        stats.merge(result.stats);
+        outcomes.extend(result.outcomes);
+    }
+    progress.finish();
+
+    let verification = verify(plan, &outcomes, established == clients);
+    let measured_s = if plan.kind == Kind::Idle {
+        0.0
+    } else {
+        options.duration.as_secs_f64()
+    };
+    let per_s = |n: u64| {
+        if measured_s > 0.0 {
+            n as f64 / measured_s
+        } else {
+            0.0
+        }
+    };
+    if let Some(storm) = stats.latencies.get("storm_resume") {
+        extra.insert("storm_dropped".into(), storm.len() as f64);
+        extra.insert("storm_all_resumed_s".into(), storm.max() as f64 / 1e9);
+    }
+    if plan.kind == Kind::Idle && setup_s > 0.0 {
+        extra.insert("connect_per_s".into(), established as f64 / setup_s);
+    }
+    let server = match (options.pid, rss_before, rss_after) {
+        (Some(pid), Some(before), Some(after)) => Some(ServerUsage {
+            pid,
+            rss_kib_before: before,
+            rss_kib_after: after,
+            rss_bytes_per_session: (after as f64 - before as f64) * 1024.0
+                / (established.max(1) as f64),
+            cpu_s: cpu_window.1,
+        }),
+        _ => None,
+    };
+    Ok(Report {
+        scenario: plan.kind.name().to_string(),
+        params: options.params,
+        started_unix_s,
+        host: host_facts(),
+        connections: Connections {
+            target: clients,
+            established,
+            failed_attempts: stats.failed_connects,
+            sources: u64::from(plan.sources),
+            setup_s,
+        },
+        measured_s,
+        throughput: Throughput {
+            offered_per_s: if plan.kind == Kind::Idle {
+                0.0
+            } else {
+                plan.rate
+            },
+            sent_per_s: per_s(stats.sent),
+            acked_per_s: per_s(stats.acked),
+            delivered_per_s: per_s(stats.delivered),
+            replies_per_s: per_s(stats.replies),
+        },
+        latencies: stats
+            .latencies
+            .iter()
+            .map(|(name, histogram)| LatencySummary::from_histogram(name, histogram))
+            .collect(),
+        timeline: stats
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(t, second)| Second {
+                t: t as u64,
+                sent: second.sent,
+                acked: second.acked,
+                delivered: second.delivered,
+                errors: second.errors,
+                p50_us: second.latency.value_at_quantile(0.5) as f64 / 1000.0,
+                p99_us: second.latency.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect(),
+        errors: stats.errors,
+        verification,
+        server,
+        generator: GeneratorUsage {
+            workers: workers as u64,
+            cpu_s: cpu_window.0,
+            rss_kib: memory_kib(std::process::id()).unwrap_or(0),
+        },
+        extra,
+    })
+}
+
+/// Every acknowledged message reached every other member, with no gaps and in order.
+fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
+    if plan.kind == Kind::Idle {
+        return Verification::default();
+    }
+    let by_client: HashMap<u32, &Outcome> = outcomes.iter().map(|o| (o.client, o)).collect();
+    let mut verification = Verification {
+        checked: true,
+        ..Verification::default()
+    };
+    let note = |verification: &mut Verification, line: String| {
+        if verification.detail.len() < 20 {
+            verification.detail.push(line);
+        }
+    };
+    if !all_ready {
+        let unready = outcomes.iter().filter(|o| !o.ready).count();
+        note(
+            &mut verification,
+            format!("{unready} sessions were never set up"),
+        );
+    }
+    for sender in outcomes.iter().filter(|o| o.acked > 0) {
+        let recipients: Vec<u32> = match plan.role(sender.client) {
+            Role::Pair { partner } => vec![partner],
+            Role::Group { first, size } => (first..first + size)
+                .filter(|&m| m != sender.client)
+                .collect(),
+            Role::Idle => Vec::new(),
+        };
+        for recipient in recipients {
+            let got = by_client
+                .get(&recipient)
+                .and_then(|o| o.from.get(&sender.client))
+                .copied()
+                .unwrap_or(0);
+            if got < sender.acked {
+                verification.missing += sender.acked - got;
+                note(
+                    &mut verification,
+                    format!(
+                        "client {recipient} received {got} of the {} messages client {} had acknowledged",
+                        sender.acked, sender.client
+                    ),
+                );
+            }
+        }
+    }
+    for outcome in outcomes {
+        verification.duplicates += outcome.duplicates;
+        verification.out_of_order += outcome.out_of_order;
+        if outcome.gaps > 0 {
+            verification.missing += outcome.gaps;
+            note(
+                &mut verification,
+                format!(
+                    "client {} holds {} messages above a gap in its conversation",
+                    outcome.client, outcome.gaps
+                ),
+            );
+        }
+        if outcome.out_of_order > 0 {
+            note(
+                &mut verification,
+                format!(
+                    "client {} received {} messages out of order",
+                    outcome.client, outcome.out_of_order
+                ),
+            );
+        }
+    }
+    verification.ok = all_ready && verification.missing == 0 && verification.out_of_order == 0;
+    verification
+}
+
+/// Wait until `done` or `timeout`; true when done.
+fn wait_until(
+    shared: &Shared,
+    progress: &mut Progress,
+    phase: &str,
+    timeout: Duration,
+    done: impl Fn(&Shared) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done(shared) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        progress.tick(phase);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn sleep_until(shared: &Shared, progress: &mut Progress, at_ns: u64, phase: &str) {
+    loop {
+        let now = shared.now();
+        if now >= at_ns {
+            return;
+        }
+        progress.tick(phase);
+        std::thread::sleep(Duration::from_nanos(at_ns - now).min(TICK));
+    }
+}
+
+/// The live progress line: one per second, on stderr.
+struct Progress<'a> {
+    shared: &'a Shared,
+    enabled: bool,
+    last: Instant,
+    last_counts: [u64; 4],
+}
+
+impl<'a> Progress<'a> {
+    fn new(shared: &'a Shared, enabled: bool) -> Self {
+        Progress {
+            shared,
+            enabled,
+            last: Instant::now(),
+            last_counts: [0; 4],
+        }
+    }
+
+    fn counts(&self) -> [u64; 4] {
+        let lives = &self.shared.lives;
+        [
+            sum(lives, |l| &l.sent),
+            sum(lives, |l| &l.acked),
+            sum(lives, |l| &l.delivered),
+            sum(lives, |l| &l.errors),
+        ]
+    }
+
+    fn tick(&mut self, phase: &str) {
+        let elapsed = self.last.elapsed();
+        if !self.enabled || elapsed < PROGRESS_EVERY {
+            return;
+        }
+        let counts = self.counts();
+        let rate = |i: usize| (counts[i] - self.last_counts[i]) as f64 / elapsed.as_secs_f64();
+        let lives = &self.shared.lives;
+        eprintln!(
+            "[{:7.1}s] {phase:<10} ready {}/{}  sent {:.0}/s  acked {:.0}/s  delivered {:.0}/s  errors {}  outstanding {}  resuming {}",
+            self.shared.epoch.elapsed().as_secs_f64(),
+            sum(lives, |l| &l.ready),
+            self.shared.plan.clients,
+            rate(0),
+            rate(1),
+            rate(2),
+            counts[3],
+            sum(lives, |l| &l.outstanding),
+            sum(lives, |l| &l.resuming),
+        );
+        self.last = Instant::now();
+        self.last_counts = counts;
+    }
+
+    fn finish(&mut self) {
+        if self.enabled {
+            eprintln!("[{:7.1}s] done", self.shared.epoch.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB, from /proc/PID/status.
+pub fn memory_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|error| format!("/proc/{pid}/status: {error}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS"))
+}
+
+/// User + system CPU seconds of a process, from /proc/PID/stat.
+fn process_cpu_s(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|error| format!("/proc/{pid}/stat: {error}"))?;
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) / hz),
+        _ => Err(format!("/proc/{pid}/stat: unexpected format")),
+    }
+}
+
+/// This process's user + system CPU seconds.
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn host_facts() -> BTreeMap<String, String> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut host = BTreeMap::new();
+    host.insert(
+        "cpus".into(),
+        std::thread::available_parallelism()
+            .map_or(0, |n| n.get())
+            .to_string(),
+    );
+    host.insert("kernel".into(), read("/proc/sys/kernel/osrelease"));
+    host.insert("hostname".into(), read("/proc/sys/kernel/hostname"));
+    host
+}

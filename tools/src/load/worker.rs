@@ -1,0 +1,330 @@
+//! One pinned worker thread: an epoll loop (mio) over its share of the clients, a timer
+//! heap for connects, scheduled sends, storm drops and pings, and a timerfd so a send
+//! due in 300 µs fires then and not at the next whole millisecond.
+
+use std::cmp::Reverse;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use super::client::{Client, Ctx, Outcome, Timer, Timers, Window};
+use super::scenario::Plan;
+use super::stats::{Live, Stats};
+
+/// Phases the main thread moves the workers through.
+pub const PHASE_RUN: u8 = 0;
+pub const PHASE_STOP: u8 = 1;
+
+/// What the main thread and the workers share.
+pub struct Shared {
+    pub plan: Plan,
+    pub workers: usize,
+    /// Time zero of the run: every timestamp is nanoseconds since it.
+    pub epoch: Instant,
+    pub lives: Vec<Live>,
+    pub phase: AtomicU8,
+    /// Set once, when every session is ready: when sending starts and stops.
+    pub window: OnceLock<Window>,
+    /// Start of the idle scenario's ping round (0: none yet).
+    pub ping_round_at: AtomicU64,
+}
+
+impl Shared {
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// What a worker hands back when the run stops.
+pub struct WorkerResult {
+    pub stats: Stats,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Longest sleep in one poll, so phase changes are seen promptly.
+const POLL_MAX: Duration = Duration::from_millis(20);
+/// Connections start this long after the run's epoch.
+const SETUP_START_NS: u64 = 10_000_000;
+/// The idle scenario spreads its ping round over this long.
+const PING_ROUND_NS: u64 = 1_000_000_000;
+const TIMER_TOKEN: Token = Token(usize::MAX);
+
+/// Run worker `worker` until the main thread says stop.
+pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<WorkerResult, String> {
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu).map_err(|error| format!("pin worker {worker} to cpu {cpu}: {error}"))?;
+    }
+    let plan = &shared.plan;
+    let live = &shared.lives[worker];
+    let mut poll = Poll::new().map_err(|error| format!("epoll: {error}"))?;
+    let timer = TimerFd::new().map_err(|error| format!("timerfd: {error}"))?;
+    poll.registry()
+        .register(
+            &mut SourceFd(&timer.fd.as_raw_fd()),
+            TIMER_TOKEN,
+            Interest::READABLE,
+        )
+        .map_err(|error| format!("register timerfd: {error}"))?;
+
+    let mine: Vec<u32> = (0..plan.clients)
+        .filter(|c| *c as usize % shared.workers == worker)
+        .collect();
+    let mut clients: Vec<Client> = mine
+        .iter()
+        .enumerate()
+        .map(|(slot, &index)| Client::new(plan, index, slot as u32))
+        .collect();
+    let mut timers = Timers::new();
+    let ramp_step = 1e9 / plan.connect_rate.max(1e-3);
+    for (slot, &index) in mine.iter().enumerate() {
+        let due = SETUP_START_NS + (f64::from(index) * ramp_step) as u64;
+        timers.push(Reverse((due, slot as u32, Timer::Connect)));
+    }
+
+    let mut stats = Stats::new();
+    let mut dirty: Vec<u32> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut window: Option<Window> = None;
+    let mut ping_round = 0;
+    let interval = plan.send_interval_ns();
+
+    while shared.phase.load(Ordering::Relaxed) != PHASE_STOP {
+        if window.is_none() {
+            if let Some(&published) = shared.window.get() {
+                window = Some(published);
+                schedule_sends(plan, &mine, published, interval, &mut timers);
+            }
+        }
+        let round = shared.ping_round_at.load(Ordering::Relaxed);
+        if round != 0 && round != ping_round {
+            ping_round = round;
+            for (slot, &index) in mine.iter().enumerate() {
+                let offset = u64::from(index) * PING_ROUND_NS / u64::from(plan.clients);
+                timers.push(Reverse((round + offset, slot as u32, Timer::Ping)));
+            }
+        }
+
+        let now = shared.now();
+        while let Some(&Reverse((due, slot, what))) = timers.peek() {
+            if due > now {
+                break;
+            }
+            timers.pop();
+            let mut ctx = Ctx {
+                now,
+                plan,
+                window,
+                stats: &mut stats,
+                live,
+                timers: &mut timers,
+                registry: poll.registry(),
+                dirty: &mut dirty,
+            };
+            let client = &mut clients[slot as usize];
+            match what {
+                Timer::Connect => client.connect(&mut ctx, due),
+                Timer::Send => {
+                    client.scheduled(&mut ctx, due);
+                    let next = due.saturating_add(interval);
+                    if window.is_some_and(|w| next < w.send_until) {
+                        ctx.timers.push(Reverse((next, slot, Timer::Send)));
+                    }
+                }
+                Timer::Drop => {
+                    let jitter = plan.storm.map_or(0, |storm| storm.jitter_ns);
+                    client.storm_drop(&mut ctx, jitter);
+                }
+                Timer::Ping => client.ping(&mut ctx),
+            }
+        }
+        flush(
+            &shared,
+            &mut clients,
+            &mut dirty,
+            &mut stats,
+            live,
+            &mut timers,
+            &poll,
+            window,
+        );
+
+        let timeout = match timers.peek() {
+            Some(&Reverse((due, _, _))) => {
+                let wait = due.saturating_sub(shared.now());
+                if wait < POLL_MAX.as_nanos() as u64 {
+                    timer
+                        .arm(wait.max(1))
+                        .map_err(|e| format!("timerfd: {e}"))?;
+                }
+                POLL_MAX
+            }
+            None => POLL_MAX,
+        };
+        match poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(format!("epoll_wait: {error}")),
+        }
+        let now = shared.now();
+        for event in events.iter() {
+            if event.token() == TIMER_TOKEN {
+                timer.clear();
+                continue;
+            }
+            let mut ctx = Ctx {
+                now,
+                plan,
+                window,
+                stats: &mut stats,
+                live,
+                timers: &mut timers,
+                registry: poll.registry(),
+                dirty: &mut dirty,
+            };
+            if let Some(client) = clients.get_mut(event.token().0) {
+                client.on_event(&mut ctx);
+            }
+        }
+        flush(
+            &shared,
+            &mut clients,
+            &mut dirty,
+            &mut stats,
+            live,
+            &mut timers,
+            &poll,
+            window,
+        );
+    }
+    Ok(WorkerResult {
+        stats,
+        outcomes: clients.iter().map(Client::outcome).collect(),
+    })
+}
+
+/// Schedule every sender's first send (spread evenly over one interval, so senders
+/// do not fire together) and the storm's drops.
+fn schedule_sends(plan: &Plan, mine: &[u32], window: Window, interval: u64, timers: &mut Timers) {
+    let senders = u64::from(plan.senders().max(1));
+    for (slot, &index) in mine.iter().enumerate() {
+        if plan.is_sender(index) && interval != u64::MAX {
+            let phase = u64::from(index) % senders * interval / senders;
+            let first = window.send_from + phase;
+            if first < window.send_until {
+                timers.push(Reverse((first, slot as u32, Timer::Send)));
+            }
+        }
+        if let Some(storm) = plan.storm {
+            if plan.storm_drops(index) {
+                let at = window.send_from + storm.at_ns;
+                timers.push(Reverse((at, slot as u32, Timer::Drop)));
+            }
+        }
+    }
+}
+
+/// Write out every client that has buffered writes this turn.
+#[allow(clippy::too_many_arguments)]
+fn flush(
+    shared: &Shared,
+    clients: &mut [Client],
+    dirty: &mut Vec<u32>,
+    stats: &mut Stats,
+    live: &Live,
+    timers: &mut Timers,
+    poll: &Poll,
+    window: Option<Window>,
+) {
+    let mut slots = std::mem::take(dirty);
+    let now = shared.now();
+    for &slot in &slots {
+        let mut ctx = Ctx {
+            now,
+            plan: &shared.plan,
+            window,
+            stats,
+            live,
+            timers,
+            registry: poll.registry(),
+            dirty,
+        };
+        clients[slot as usize].flush(&mut ctx);
+    }
+    slots.clear();
+    if dirty.is_empty() {
+        // Keep the allocation for the next turn.
+        *dirty = slots;
+    }
+}
+
+fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity(0, ..)
+    // applies to the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A monotonic one-shot timer with nanosecond resolution that epoll can wait on.
+struct TimerFd {
+    fd: OwnedFd,
+}
+
+impl TimerFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the returned descriptor is owned from here on.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(TimerFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fire once, `nanos` from now.
+    fn arm(&self, nanos: u64) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (nanos / 1_000_000_000) as libc::time_t,
+                tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: valid descriptor and a fully initialised itimerspec.
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Consume the expiration so the next one wakes epoll again.
+    fn clear(&self) {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a local buffer; EAGAIN is fine.
+        unsafe {
+            libc::read(self.fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8);
+        }
+    }
+}
