@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use parley_tools::load::report::Report;
 use parley_tools::load::run::{self, Options};
-use parley_tools::load::scenario::{Kind, Mix, Plan, Storm};
+use parley_tools::load::scenario::{Kind, Mix, Plan, Protocol, Storm};
 use parley_tools::{load_secret, parse_duration};
 
 #[global_allocator]
@@ -94,6 +94,10 @@ struct Common {
     /// WebSocket address of parleyd.
     #[arg(long, default_value = "127.0.0.1:7070")]
     target: SocketAddr,
+    /// `parley`, or `nats` for the peer comparison against nats-server's WebSocket
+    /// listener (core NATS: no acknowledgements, no persistence; idle and chat-1to1).
+    #[arg(long, default_value = "parley", value_parser = parse_protocol)]
+    protocol: Protocol,
     /// Sessions to open (each a distinct user).
     #[arg(long, default_value_t = 1000)]
     connections: u32,
@@ -155,6 +159,14 @@ struct SendArgs {
     /// Unanswered commands per session at most; later ones wait (their latency counts).
     #[arg(long, default_value_t = 256)]
     max_inflight: usize,
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    match text {
+        "parley" => Ok(Protocol::Parley),
+        "nats" => Ok(Protocol::Nats),
+        _ => Err(format!("{text:?}: use parley or nats")),
+    }
 }
 
 fn parse_mix(text: &str) -> Result<Mix, String> {
@@ -295,7 +307,11 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
             Some(mix),
         ),
     };
-    let secret = load_secret(common.secret.as_deref(), common.data_dir.as_deref())?;
+    let secret = match common.protocol {
+        // NATS runs without authentication; no token is minted.
+        Protocol::Nats => String::new(),
+        Protocol::Parley => load_secret(common.secret.as_deref(), common.data_dir.as_deref())?,
+    };
     let tag = common.tag.clone().unwrap_or_else(|| {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -304,6 +320,7 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
     });
     let plan = Plan {
         kind,
+        protocol: common.protocol,
         tag,
         clients: common.connections,
         target: common.target,

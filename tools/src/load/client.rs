@@ -20,7 +20,8 @@ use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::scenario::{Kind, MixedOp, Plan, Role};
+use super::nats::{self, ServerOp};
+use super::scenario::{Kind, MixedOp, Plan, Protocol, Role};
 use super::stats::{Live, Stats};
 use super::wire::{self, Incoming, Stamp};
 
@@ -196,6 +197,10 @@ pub struct Client {
     dirty: bool,
     rng: u64,
     out: String,
+    /// Partial NATS input, when the run speaks NATS.
+    nats: Option<nats::Input>,
+    user: String,
+    partner: Option<String>,
 }
 
 /// Longest backoff between reconnect attempts.
@@ -231,6 +236,12 @@ impl Client {
             dirty: false,
             rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(index).wrapping_mul(0xD1B5_4A32_D192_ED03),
             out: String::new(),
+            nats: (plan.protocol == Protocol::Nats).then(nats::Input::default),
+            user: plan.user(index),
+            partner: match plan.role(index) {
+                Role::Pair { partner } => Some(plan.user(partner)),
+                _ => None,
+            },
         }
     }
 
@@ -301,7 +312,7 @@ impl Client {
                             return self.lost(ctx, stream, &format!("{:?}", error.kind()))
                         }
                     }
-                    let request = match self.upgrade_request(ctx.plan.target) {
+                    let request = match self.upgrade_request(ctx.plan) {
                         Ok(request) => request,
                         Err(error) => return self.lost(ctx, stream, &error),
                     };
@@ -331,8 +342,14 @@ impl Client {
 
     fn upgrade_request(
         &self,
-        target: SocketAddr,
+        plan: &Plan,
     ) -> Result<tungstenite::handshake::client::Request, String> {
+        let target = plan.target;
+        if plan.protocol == Protocol::Nats {
+            return format!("ws://{target}/")
+                .into_client_request()
+                .map_err(|e| e.to_string());
+        }
         let mut request = format!("ws://{target}/v1/ws")
             .into_client_request()
             .map_err(|e| e.to_string())?;
@@ -377,6 +394,9 @@ impl Client {
 
     fn opened(&mut self, ctx: &mut Ctx) {
         self.attempts = 0;
+        if self.nats.is_some() {
+            return self.nats_opened(ctx);
+        }
         match self.resume {
             Resume::Needed { since, storm } => {
                 let conv = self.conv.clone().unwrap_or_default();
@@ -464,7 +484,12 @@ impl Client {
             return;
         };
         let text = std::mem::take(&mut self.out);
-        match ws.write(Message::text(text)) {
+        let message = if self.nats.is_some() {
+            Message::binary(text.into_bytes())
+        } else {
+            Message::text(text)
+        };
+        match ws.write(message) {
             Ok(()) => {}
             Err(tungstenite::Error::Io(error)) if error.kind() == ErrorKind::WouldBlock => {}
             Err(error) => return self.closed(ctx, &format!("write: {error}")),
@@ -495,6 +520,10 @@ impl Client {
                 return;
             };
             match ws.read() {
+                Ok(Message::Text(text)) if self.nats.is_some() => {
+                    self.nats_input(ctx, text.as_bytes())
+                }
+                Ok(Message::Binary(bytes)) if self.nats.is_some() => self.nats_input(ctx, &bytes),
                 Ok(Message::Text(text)) => {
                     for line in text.as_str().split('\n') {
                         if !line.is_empty() {
@@ -619,20 +648,8 @@ impl Client {
                 let Some(stamp) = doc.body.and_then(Stamp::parse) else {
                     return;
                 };
-                if stamp.sender == self.index {
-                    return;
-                }
-                *self.received.from.entry(stamp.sender).or_default() += 1;
-                Live::add(&ctx.live.delivered, 1);
-                let measured = ctx.window.is_some_and(|w| w.measures(stamp.scheduled_ns));
-                let latency = ctx.now.saturating_sub(stamp.scheduled_ns);
-                if measured {
-                    ctx.stats.delivered += 1;
-                    ctx.stats.record("e2e", latency);
-                }
-                if let Some(second) = ctx.second() {
-                    second.delivered += 1;
-                    second.latency.saturating_record(latency.max(1));
+                if stamp.sender != self.index {
+                    self.delivered(ctx, stamp);
                 }
             }
             "conv" if self.conv.is_none() => {
@@ -748,6 +765,7 @@ impl Client {
         let seq = self.received.contiguous;
         let conv = match (&self.conv, op) {
             (Some(conv), _) => conv.clone(),
+            (None, _) if self.nats.is_some() => String::new(),
             (None, _) => return,
         };
         let usable = matches!(self.conn, Conn::Open(_)) && self.resume == Resume::None;
@@ -795,15 +813,148 @@ impl Client {
 
     /// Idle scenario: one ping now.
     pub fn ping(&mut self, ctx: &mut Ctx) {
-        if matches!(self.conn, Conn::Open(_)) && self.ready {
+        if !matches!(self.conn, Conn::Open(_)) || !self.ready {
+            return;
+        }
+        if self.nats.is_some() {
+            self.nats_command(ctx, Command::Ping, "PING\r\n".into());
+        } else {
             self.command(ctx, Command::Ping, "ping", "");
         }
+    }
+
+    /// NATS: connect, subscribe to our subject, and PING; the PONG means both are done.
+    fn nats_opened(&mut self, ctx: &mut Ctx) {
+        let latency = ctx.now.saturating_sub(self.connect_due);
+        ctx.stats.record("connect", latency);
+        self.pending.clear();
+        self.nats_command(ctx, Command::Setup, nats::hello(&self.user));
+    }
+
+    /// Write a NATS frame; a PING-carrying one is answered by a PONG, in order.
+    fn nats_command(&mut self, ctx: &mut Ctx, command: Command, frame: String) {
+        Live::add(&ctx.live.outstanding, 1);
+        self.pending.push_back(Pending {
+            id: 0,
+            command,
+            since: ctx.now,
+        });
+        self.out = frame;
+        self.write_out(ctx);
+    }
+
+    fn nats_input(&mut self, ctx: &mut Ctx, bytes: &[u8]) {
+        let Some(input) = self.nats.as_mut() else {
+            return;
+        };
+        if let Err(error) = input.feed(bytes) {
+            return self.closed(ctx, &error);
+        }
+        loop {
+            let Some(input) = self.nats.as_mut() else {
+                return;
+            };
+            match input.next_op() {
+                Ok(None) => return,
+                Ok(Some(op)) => self.nats_op(ctx, op),
+                Err(error) => return self.closed(ctx, &error),
+            }
+        }
+    }
+
+    fn nats_op(&mut self, ctx: &mut Ctx, op: ServerOp) {
+        match op {
+            ServerOp::Info | ServerOp::Ok => {}
+            ServerOp::Ping => {
+                self.out = "PONG\r\n".into();
+                self.write_out(ctx);
+            }
+            ServerOp::Err(text) => ctx.stats.error(&format!("nats: {text}")),
+            ServerOp::Pong => {
+                let Some(pending) = self.pending.pop_front() else {
+                    return;
+                };
+                Live::sub(&ctx.live.outstanding, 1);
+                let latency = ctx.now.saturating_sub(pending.since);
+                match pending.command {
+                    Command::Setup => {
+                        ctx.stats.record("setup", latency);
+                        self.set_up(ctx);
+                    }
+                    _ => ctx.stats.record("ping", latency),
+                }
+            }
+            ServerOp::Msg(payload) => {
+                let Some(stamp) = std::str::from_utf8(&payload).ok().and_then(Stamp::parse) else {
+                    return ctx.stats.error("nats: payload without a stamp");
+                };
+                // One publisher per subject: its counter is the order it published in.
+                if !self.received.insert(stamp.counter, false) {
+                    return;
+                }
+                self.delivered(ctx, stamp);
+            }
+        }
+    }
+
+    /// A new message from another client arrived: count it and its latency.
+    fn delivered(&mut self, ctx: &mut Ctx, stamp: Stamp) {
+        *self.received.from.entry(stamp.sender).or_default() += 1;
+        Live::add(&ctx.live.delivered, 1);
+        let latency = ctx.now.saturating_sub(stamp.scheduled_ns);
+        if ctx.window.is_some_and(|w| w.measures(stamp.scheduled_ns)) {
+            ctx.stats.delivered += 1;
+            ctx.stats.record("e2e", latency);
+        }
+        if let Some(second) = ctx.second() {
+            second.delivered += 1;
+            second.latency.saturating_record(latency.max(1));
+        }
+    }
+
+    /// NATS has no acknowledgement: a publish counts as done once written.
+    fn nats_publish(&mut self, ctx: &mut Ctx, queued: Queued) {
+        let Some(partner) = self.partner.clone() else {
+            return;
+        };
+        let stamp = Stamp {
+            scheduled_ns: queued.scheduled_ns,
+            sender: self.index,
+            counter: queued.counter,
+        };
+        let mut body = String::new();
+        stamp.write_body(ctx.plan.message_size, &mut body);
+        self.out.clear();
+        nats::publish(&mut self.out, &partner, &body);
+        self.acked += 1;
+        Live::add(&ctx.live.sent, 1);
+        Live::add(&ctx.live.acked, 1);
+        Live::add(&ctx.live.owed, 1);
+        Live::sub(&ctx.live.outstanding, 1);
+        if ctx.window.is_some_and(|w| w.measures(queued.scheduled_ns)) {
+            ctx.stats.sent += 1;
+            ctx.stats.acked += 1;
+        }
+        if let Some(second) = ctx.second() {
+            second.sent += 1;
+            second.acked += 1;
+        }
+        self.write_out(ctx);
     }
 
     /// Write queued sends while the in-flight cap allows.
     fn pump(&mut self, ctx: &mut Ctx) {
         let resume_sent = !matches!(self.resume, Resume::Needed { .. });
         if !matches!(self.conn, Conn::Open(_)) || !self.ready || !resume_sent {
+            return;
+        }
+        if self.nats.is_some() {
+            while let Some(queued) = self.backlog.pop_front() {
+                self.nats_publish(ctx, queued);
+                if !matches!(self.conn, Conn::Open(_)) {
+                    return;
+                }
+            }
             return;
         }
         let Some(conv) = self.conv.clone() else {

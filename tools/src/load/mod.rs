@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod html;
+pub mod nats;
 pub mod report;
 pub mod run;
 pub mod scenario;

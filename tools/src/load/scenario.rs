@@ -30,6 +30,15 @@ impl Kind {
     }
 }
 
+/// The protocol the clients speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// Parley over WebSocket (`/v1/ws`).
+    Parley,
+    /// Core NATS over nats-server's WebSocket listener: the peer comparison.
+    Nats,
+}
+
 /// Relative weights of the mixed scenario's operations.
 #[derive(Clone, Copy, Debug)]
 pub struct Mix {
@@ -99,6 +108,7 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub kind: Kind,
+    pub protocol: Protocol,
     /// Prefix of every user id, unique per run, so runs against one server never share
     /// conversations.
     pub tag: String,
@@ -194,8 +204,13 @@ impl Plan {
         if self.clients == 0 {
             return Err("--connections must be at least 1".into());
         }
+        if self.protocol == Protocol::Nats && !matches!(self.kind, Kind::Idle | Kind::OneToOne) {
+            return Err("--protocol nats runs the idle and chat-1to1 scenarios only".into());
+        }
         match self.kind {
-            Kind::OneToOne | Kind::ReconnectStorm | Kind::Mixed if !self.clients.is_multiple_of(2) => {
+            Kind::OneToOne | Kind::ReconnectStorm | Kind::Mixed
+                if !self.clients.is_multiple_of(2) =>
+            {
                 Err("this scenario pairs clients: --connections must be even".into())
             }
             Kind::Group if self.group_size < 2 => Err("--group-size must be at least 2".into()),
@@ -225,6 +240,7 @@ mod tests {
     fn plan(kind: Kind, clients: u32) -> Plan {
         Plan {
             kind,
+            protocol: Protocol::Parley,
             tag: "t".into(),
             clients,
             target: "127.0.0.1:1".parse().unwrap(),
