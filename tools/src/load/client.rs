@@ -393,7 +393,6 @@ impl Client {
     }
 
     fn opened(&mut self, ctx: &mut Ctx) {
-        self.attempts = 0;
         if self.nats.is_some() {
             return self.nats_opened(ctx);
         }
@@ -457,6 +456,9 @@ impl Client {
     }
 
     fn set_up(&mut self, ctx: &mut Ctx) {
+        // Backoff resets only once a session proved usable: a server that upgrades and
+        // then refuses (4001) keeps growing it.
+        self.attempts = 0;
         self.ready = true;
         Live::add(&ctx.live.ready, 1);
         self.pump(ctx);
@@ -668,6 +670,7 @@ impl Client {
                     }
                     _ => {
                         self.resume = Resume::None;
+                        self.attempts = 0;
                         let name = if storm { "storm_resume" } else { "resume" };
                         ctx.stats.record(name, ctx.now.saturating_sub(since));
                         if storm {
@@ -682,6 +685,10 @@ impl Client {
 
     /// The session ended: count it, keep what must be resent, and come back later.
     fn closed(&mut self, ctx: &mut Ctx, why: &str) {
+        if !self.ready {
+            // Ended before it was set up (a refused token, say): a failed attempt.
+            ctx.stats.failed_connects += 1;
+        }
         ctx.stats.error(why);
         Live::add(&ctx.live.errors, 1);
         self.reconnect_later(ctx, None);
@@ -1008,13 +1015,14 @@ impl Client {
     }
 }
 
+/// Latency names of the mixed operations (`ack` alone is a send's durable `ok`).
 pub fn op_name(op: MixedOp) -> &'static str {
     match op {
-        MixedOp::Send => "send",
-        MixedOp::Ack => "ack",
-        MixedOp::Read => "read",
-        MixedOp::Typing => "typing",
-        MixedOp::History => "history",
+        MixedOp::Send => "op_send",
+        MixedOp::Ack => "op_ack",
+        MixedOp::Read => "op_read",
+        MixedOp::Typing => "op_typing",
+        MixedOp::History => "op_history",
     }
 }
 

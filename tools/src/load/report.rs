@@ -100,7 +100,8 @@ pub struct Second {
 /// in order.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Verification {
-    /// False when the scenario has nothing to verify (idle).
+    /// Whether the run was verified (always, today; false in a report that predates it).
+    /// For `idle` the check is only that every session was set up.
     pub checked: bool,
     pub ok: bool,
     /// Acknowledged messages some member never received.

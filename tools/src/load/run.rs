@@ -75,14 +75,16 @@ pub fn run(options: Options) -> Result<Report, String> {
     let setup_deadline = Instant::now() + options.setup_timeout;
     while sum(&shared.lives, |l| &l.ready) < clients && Instant::now() < setup_deadline {
         progress.tick("setup");
-        std::thread::sleep(TICK);
+        std::thread::sleep(Duration::from_millis(2));
     }
-    let setup_s = shared.epoch.elapsed().as_secs_f64();
+    let setup_s = (shared.now().saturating_sub(worker::SETUP_START_NS)) as f64 / 1e9;
     let established = sum(&shared.lives, |l| &l.ready);
 
     let mut extra = BTreeMap::new();
     let mut cpu_window = (0.0, 0.0);
-    if plan.kind == Kind::Idle {
+    if established < clients {
+        // Setup failed: nothing meaningful can be measured; report what happened.
+    } else if plan.kind == Kind::Idle {
         let round = shared.now() + 10_000_000;
         shared.ping_round_at.store(round, Ordering::Relaxed);
         wait_until(
@@ -157,8 +159,12 @@ pub fn run(options: Options) -> Result<Report, String> {
             0.0
         }
     };
+    if plan.storm.is_some() {
+        let dropped = (0..plan.clients).filter(|&c| plan.storm_drops(c)).count();
+        extra.insert("storm_dropped".into(), dropped as f64);
+    }
     if let Some(storm) = stats.latencies.get("storm_resume") {
-        extra.insert("storm_dropped".into(), storm.len() as f64);
+        extra.insert("storm_resumed".into(), storm.len() as f64);
         extra.insert("storm_all_resumed_s".into(), storm.max() as f64 / 1e9);
     }
     if plan.kind == Kind::Idle && setup_s > 0.0 {
@@ -233,7 +239,20 @@ pub fn run(options: Options) -> Result<Report, String> {
 /// Every acknowledged message reached every other member, with no gaps and in order.
 fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
     if plan.kind == Kind::Idle {
-        return Verification::default();
+        let unready = outcomes.iter().filter(|o| !o.ready).count();
+        return Verification {
+            checked: true,
+            ok: all_ready,
+            detail: if all_ready {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "{unready} of {} sessions were never set up",
+                    outcomes.len()
+                )]
+            },
+            ..Verification::default()
+        };
     }
     let by_client: HashMap<u32, &Outcome> = outcomes.iter().map(|o| (o.client, o)).collect();
     let mut verification = Verification {
@@ -249,7 +268,7 @@ fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
         let unready = outcomes.iter().filter(|o| !o.ready).count();
         note(
             &mut verification,
-            format!("{unready} sessions were never set up"),
+            format!("{unready} of {} sessions were never set up", outcomes.len()),
         );
     }
     for sender in outcomes.iter().filter(|o| o.acked > 0) {
@@ -278,11 +297,13 @@ fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
             }
         }
     }
+    let mut gaps = 0;
     for outcome in outcomes {
         verification.duplicates += outcome.duplicates;
         verification.out_of_order += outcome.out_of_order;
+        gaps += outcome.gaps;
         if outcome.gaps > 0 {
-            verification.missing += outcome.gaps;
+            // What is lost is counted per sender above; this says where.
             note(
                 &mut verification,
                 format!(
@@ -301,7 +322,8 @@ fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
             );
         }
     }
-    verification.ok = all_ready && verification.missing == 0 && verification.out_of_order == 0;
+    verification.ok =
+        all_ready && verification.missing == 0 && verification.out_of_order == 0 && gaps == 0;
     verification
 }
 
@@ -452,4 +474,190 @@ fn host_facts() -> BTreeMap<String, String> {
     host.insert("kernel".into(), read("/proc/sys/kernel/osrelease"));
     host.insert("hostname".into(), read("/proc/sys/kernel/hostname"));
     host
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::load::scenario::{Mix, Protocol};
+
+    fn plan(kind: Kind, clients: u32) -> Plan {
+        Plan {
+            kind,
+            protocol: Protocol::Parley,
+            tag: "t".into(),
+            clients,
+            target: "127.0.0.1:1".parse().unwrap(),
+            sources: 1,
+            connect_rate: 1000.0,
+            message_size: 64,
+            rate: 100.0,
+            max_inflight: 16,
+            group_size: 4,
+            senders_per_group: 1,
+            mix: Mix {
+                send: 1,
+                ack: 0,
+                read: 0,
+                typing: 0,
+                history: 0,
+            },
+            storm: None,
+            secret: "s".into(),
+        }
+    }
+
+    /// A ready client that had `acked` sends acknowledged and received `from`.
+    fn outcome(client: u32, acked: u64, from: &[(u32, u64)]) -> Outcome {
+        Outcome {
+            client,
+            acked,
+            from: from.iter().copied().collect::<HashMap<_, _>>(),
+            gaps: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            ready: true,
+        }
+    }
+
+    /// Two pairs (0-1, 2-3) where everyone received everything the partner had acked.
+    fn pairs_all_delivered() -> Vec<Outcome> {
+        vec![
+            outcome(0, 10, &[(1, 7)]),
+            outcome(1, 7, &[(0, 10)]),
+            outcome(2, 5, &[(3, 5)]),
+            outcome(3, 5, &[(2, 5)]),
+        ]
+    }
+
+    #[test]
+    fn everything_delivered_is_ok() {
+        let v = verify(&plan(Kind::OneToOne, 4), &pairs_all_delivered(), true);
+        assert!(v.checked && v.ok, "{v:?}");
+        assert_eq!((v.missing, v.out_of_order, v.duplicates), (0, 0, 0));
+        assert!(v.detail.is_empty(), "{:?}", v.detail);
+    }
+
+    #[test]
+    fn duplicates_are_counted_but_do_not_fail() {
+        let mut outcomes = pairs_all_delivered();
+        outcomes[1].duplicates = 2;
+        outcomes[2].duplicates = 1;
+        let v = verify(&plan(Kind::ReconnectStorm, 4), &outcomes, true);
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.duplicates, 3);
+    }
+
+    #[test]
+    fn a_recipient_short_of_three_messages_is_missing_three() {
+        let mut outcomes = pairs_all_delivered();
+        // Client 3 got only 2 of client 2's 5 acknowledged messages.
+        outcomes[3].from.insert(2, 2);
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        assert!(v.checked && !v.ok, "{v:?}");
+        assert_eq!(v.missing, 3);
+        assert!(
+            v.detail
+                .iter()
+                .any(|line| line.contains("client 3") && line.contains("client 2")),
+            "{:?}",
+            v.detail
+        );
+    }
+
+    #[test]
+    fn a_recipient_that_got_nothing_misses_everything() {
+        let mut outcomes = pairs_all_delivered();
+        outcomes[0].from.clear();
+        let v = verify(&plan(Kind::Mixed, 4), &outcomes, true);
+        assert!(!v.ok);
+        assert_eq!(v.missing, 7);
+    }
+
+    #[test]
+    fn a_gap_fails_the_run_without_counting_held_messages_as_missing() {
+        let mut outcomes = pairs_all_delivered();
+        outcomes[1].gaps = 2;
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        assert!(!v.ok, "{v:?}");
+        // The two seqs above the gap were received; what is lost is counted per sender.
+        assert_eq!(v.missing, 0);
+        assert!(
+            v.detail
+                .iter()
+                .any(|line| line.contains("client 1") && line.contains("gap")),
+            "{:?}",
+            v.detail
+        );
+    }
+
+    #[test]
+    fn out_of_order_fails_without_anything_missing() {
+        let mut outcomes = pairs_all_delivered();
+        outcomes[2].out_of_order = 1;
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        assert!(v.checked && !v.ok, "{v:?}");
+        assert_eq!((v.missing, v.out_of_order), (0, 1));
+        assert!(
+            v.detail.iter().any(|line| line.contains("out of order")),
+            "{:?}",
+            v.detail
+        );
+    }
+
+    #[test]
+    fn a_client_never_set_up_fails() {
+        // Client 3 never became ready; nobody sent anything, so nothing is missing.
+        let mut outcomes = vec![
+            outcome(0, 0, &[]),
+            outcome(1, 0, &[]),
+            outcome(2, 0, &[]),
+            outcome(3, 0, &[]),
+        ];
+        outcomes[3].ready = false;
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, false);
+        assert!(v.checked && !v.ok, "{v:?}");
+        assert_eq!(v.missing, 0);
+        assert!(
+            v.detail
+                .iter()
+                .any(|line| line.contains("1 of 4 sessions were never set up")),
+            "{:?}",
+            v.detail
+        );
+    }
+
+    #[test]
+    fn group_members_each_owe_every_other_members_messages() {
+        // One group of 4; client 0 sends 6, client 1 sends 2 (senders_per_group aside:
+        // whoever had acks is checked).
+        let mut outcomes = vec![
+            outcome(0, 6, &[(1, 2)]),
+            outcome(1, 2, &[(0, 6)]),
+            outcome(2, 0, &[(0, 6), (1, 2)]),
+            outcome(3, 0, &[(0, 6), (1, 2)]),
+        ];
+        let group = plan(Kind::Group, 4);
+        let v = verify(&group, &outcomes, true);
+        assert!(v.ok, "{v:?}");
+        // Client 3 lost one of client 0's and both of client 1's.
+        outcomes[3].from.insert(0, 5);
+        outcomes[3].from.remove(&1);
+        let v = verify(&group, &outcomes, true);
+        assert!(!v.ok);
+        assert_eq!(v.missing, 3);
+    }
+
+    #[test]
+    fn idle_is_checked_only_for_its_sessions() {
+        let mut outcomes = vec![outcome(0, 0, &[]), outcome(1, 0, &[])];
+        let v = verify(&plan(Kind::Idle, 2), &outcomes, true);
+        assert!(v.checked && v.ok, "{v:?}");
+        outcomes[1].ready = false;
+        let v = verify(&plan(Kind::Idle, 2), &outcomes, false);
+        assert!(v.checked && !v.ok, "{v:?}");
+        assert_eq!(v.detail, ["1 of 2 sessions were never set up"]);
+    }
 }

@@ -49,7 +49,7 @@ pub struct WorkerResult {
 /// Longest sleep in one poll, so phase changes are seen promptly.
 const POLL_MAX: Duration = Duration::from_millis(20);
 /// Connections start this long after the run's epoch.
-const SETUP_START_NS: u64 = 10_000_000;
+pub const SETUP_START_NS: u64 = 10_000_000;
 /// The idle scenario spreads its ping round over this long.
 const PING_ROUND_NS: u64 = 1_000_000_000;
 const TIMER_TOKEN: Token = Token(usize::MAX);

@@ -1,0 +1,755 @@
+//! `parley-load` run as a capacity planner runs it, against a real `parleyd`.
+//!
+//! Each test starts its own daemon (a temporary data dir, ports picked by the kernel,
+//! the per-session rate limit raised far above what the test offers), runs the real
+//! binary with `--json --quiet` and short windows, and checks what the report says.
+//! Every child process has a bounded wait, and the daemon is killed when its test ends,
+//! pass or fail.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use parley_tools::load::report::{LatencySummary, Report};
+
+/// parleyd listens within a second or so; past this it is broken, not slow.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// Longest a parley-load run may take before it is killed and its test fails.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// Per-session commands per second allowed by the daemons here: far above any test's
+/// offered rate, so the limiter never shapes a result (the burst stays at its default).
+const RATE_LIMIT_PER_SEC: &str = "100000";
+/// Setup and drain bounds for the runs that are expected to work: short enough that a
+/// broken run still ends (with a report to show) well inside RUN_LIMIT.
+const SETUP_TIMEOUT: &str = "20s";
+const DRAIN_TIMEOUT: &str = "15s";
+/// Lines of the daemon's log kept for failure messages.
+const LOG_KEEP: usize = 200;
+
+/// parleyd sits beside this package's binaries in the workspace's target directory.
+fn parleyd_path() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_parley")).with_file_name("parleyd");
+    assert!(
+        path.exists(),
+        "{} is missing: run cargo build -p parley-gateway",
+        path.display()
+    );
+    path
+}
+
+/// Children start from a clean slate: no PARLEY_* setting of the caller's (a
+/// PARLEY_JWT_SECRET would override parley-load's --data-dir, a PARLEY_LOG could hide
+/// parleyd's listening line).
+fn scrubbed(program: impl Into<PathBuf>) -> Command {
+    let mut command = Command::new(program.into());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PARLEY_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A running parleyd, killed on drop.
+struct Parleyd {
+    child: Child,
+    ws: SocketAddr,
+    data_dir: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Parleyd {
+    /// Start on kernel-picked ports and wait for its "listening" line (logged once every
+    /// shard serves and the data dir's JWT secret exists).
+    fn start() -> Parleyd {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut child = scrubbed(parleyd_path())
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args([
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("PARLEY_RATE_LIMIT_PER_SEC", RATE_LIMIT_PER_SEC)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn parleyd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            // Keep reading to the end so the daemon never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(ws) = listening_ws(&line) {
+                        let _ = tx.send(ws);
+                    }
+                    let mut log = log.lock().unwrap();
+                    if log.len() == LOG_KEEP {
+                        log.remove(0);
+                    }
+                    log.push(line);
+                }
+            });
+        }
+        // The guard exists before the wait, so a failed start still kills the child.
+        let mut daemon = Parleyd {
+            child,
+            ws: SocketAddr::from(([0, 0, 0, 0], 0)),
+            data_dir,
+            log,
+        };
+        match rx.recv_timeout(START_LIMIT) {
+            Ok(ws) => daemon.ws = ws,
+            Err(_) => panic!(
+                "parleyd never said it was listening; its log:\n{}",
+                daemon.log_text()
+            ),
+        }
+        daemon
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// `--target` and `--data-dir` (the secret the daemon generated) for parley-load.
+    fn target_args(&self) -> Vec<String> {
+        vec![
+            "--target".into(),
+            self.ws.to_string(),
+            "--data-dir".into(),
+            self.data_dir.path().display().to_string(),
+        ]
+    }
+
+    /// Run parley-load `scenario` against this daemon, with its secret, short setup and
+    /// drain bounds and `args`.
+    fn load(&self, scenario: &str, args: &[&str]) -> Run {
+        let mut all = self.target_args();
+        all.extend(
+            [
+                "--setup-timeout",
+                SETUP_TIMEOUT,
+                "--drain-timeout",
+                DRAIN_TIMEOUT,
+            ]
+            .map(String::from),
+        );
+        all.extend(args.iter().map(|s| s.to_string()));
+        parley_load(scenario, &all, Some(self))
+    }
+}
+
+impl Drop for Parleyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `127.0.0.1:40000` out of `... listening ws=127.0.0.1:40000 admin=...`.
+fn listening_ws(line: &str) -> Option<SocketAddr> {
+    line.split("listening ws=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A finished parley-load run.
+struct Run {
+    command: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+    /// The daemon's log at the end of the run, if there was a daemon.
+    daemon_log: Option<String>,
+}
+
+/// Run `parley-load <scenario> --json --quiet <args>`, killed (and the test failed)
+/// after RUN_LIMIT.
+fn parley_load(scenario: &str, args: &[String], daemon: Option<&Parleyd>) -> Run {
+    let mut command = scrubbed(env!("CARGO_BIN_EXE_parley-load"));
+    command
+        .arg(scenario)
+        .args(["--json", "--quiet"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = format!("parley-load {scenario} --json --quiet {}", args.join(" "));
+    let started = Instant::now();
+    let child = command.spawn().expect("spawn parley-load");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(RUN_LIMIT) {
+        Ok(output) => output.expect("wait for parley-load"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, which is not reaped yet (its waiter has
+            // not returned), so the pid is still its own.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let partial = rx
+                .recv_timeout(Duration::from_secs(10))
+                .ok()
+                .and_then(Result::ok);
+            let (stdout, stderr) = partial.map_or_else(Default::default, |o| {
+                (
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                    String::from_utf8_lossy(&o.stderr).into_owned(),
+                )
+            });
+            panic!(
+                "{shown} did not finish within {RUN_LIMIT:?} and was killed\n\
+                 --- stderr ---\n{stderr}\n--- stdout ---\n{stdout}"
+            );
+        }
+    };
+    Run {
+        command: shown,
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        elapsed: started.elapsed(),
+        daemon_log: daemon.map(Parleyd::log_text),
+    }
+}
+
+impl Run {
+    /// What to show when an assertion about this run fails.
+    fn context(&self) -> String {
+        let mut text = format!(
+            "run: {}\nexit: {} after {:.1?}\n--- stderr ---\n{}\n--- stdout ---\n{}",
+            self.command, self.status, self.elapsed, self.stderr, self.stdout
+        );
+        if let Some(log) = &self.daemon_log {
+            text.push_str("\n--- parleyd log ---\n");
+            text.push_str(log);
+        }
+        text
+    }
+
+    fn report(&self) -> Report {
+        match serde_json::from_str(&self.stdout) {
+            Ok(report) => report,
+            Err(error) => panic!("stdout is not a JSON report ({error})\n{}", self.context()),
+        }
+    }
+
+    fn latency<'a>(&self, report: &'a Report, name: &str) -> &'a LatencySummary {
+        match report.latencies.iter().find(|l| l.name == name) {
+            Some(latency) => latency,
+            None => panic!("no {name:?} latency in the report\n{}", self.context()),
+        }
+    }
+}
+
+/// `assert!` that shows the run's output, stderr and daemon log when it fails.
+macro_rules! ensure {
+    ($run:expr, $cond:expr, $($message:tt)+) => {
+        assert!($cond, "{}\n{}", format!($($message)+), $run.context())
+    };
+}
+
+/// The run worked end to end: exit 0, every session set up, delivery verified.
+fn assert_verified(run: &Run, report: &Report, connections: u64) {
+    ensure!(run, run.status.success(), "exit status {}", run.status);
+    let c = &report.connections;
+    ensure!(
+        run,
+        c.target == connections && c.established == connections,
+        "sessions: {c:?}"
+    );
+    let v = &report.verification;
+    ensure!(run, v.checked && v.ok, "verification: {v:?}");
+    ensure!(
+        run,
+        v.missing == 0 && v.out_of_order == 0,
+        "verification: {v:?}"
+    );
+    ensure!(
+        run,
+        report.extra.get("drained") == Some(&1.0),
+        "not drained: {:?}",
+        report.extra
+    );
+}
+
+fn within(value: f64, expected: f64, tolerance: f64) -> bool {
+    (value - expected).abs() <= expected * tolerance
+}
+
+/// A local port nothing listens on (bound, then released).
+fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr")
+}
+
+#[test]
+fn idle_sets_up_every_session_and_reads_the_server_memory() {
+    let daemon = Parleyd::start();
+    let pid = daemon.pid().to_string();
+    let run = daemon.load(
+        "idle",
+        &["--connections", "300", "--sources", "3", "--pid", &pid],
+    );
+    ensure!(run, run.status.success(), "exit status {}", run.status);
+    let report = run.report();
+    ensure!(
+        run,
+        report.scenario == "idle",
+        "scenario {}",
+        report.scenario
+    );
+    let c = &report.connections;
+    ensure!(
+        run,
+        c.target == 300 && c.established == 300 && c.sources == 3,
+        "sessions: {c:?}"
+    );
+    ensure!(run, report.errors.is_empty(), "errors: {:?}", report.errors);
+    let ping = run.latency(&report, "ping");
+    ensure!(run, ping.count == 300, "one ping per session: {ping:?}");
+    ensure!(run, ping.p50_us > 0.0, "ping: {ping:?}");
+    let server = report.server.as_ref();
+    ensure!(
+        run,
+        server.is_some_and(|s| s.pid == daemon.pid()
+            && s.rss_kib_before > 0
+            && s.rss_kib_after > 0
+            && s.rss_bytes_per_session.is_finite()),
+        "server: {server:?}"
+    );
+    let connect_per_s = report.extra.get("connect_per_s").copied().unwrap_or(0.0);
+    ensure!(run, connect_per_s > 0.0, "extra: {:?}", report.extra);
+    ensure!(
+        run,
+        report.verification.checked && report.verification.ok,
+        "idle verifies that every session was set up: {:?}",
+        report.verification
+    );
+}
+
+#[test]
+fn chat_1to1_delivers_everything_at_the_offered_rate() {
+    let daemon = Parleyd::start();
+    let run = daemon.load(
+        "chat-1to1",
+        &[
+            "--connections",
+            "40",
+            "--rate",
+            "400",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 40);
+    ensure!(run, report.scenario == "chat-1to1", "{}", report.scenario);
+    ensure!(
+        run,
+        report.measured_s == 2.0,
+        "measured_s {}",
+        report.measured_s
+    );
+    let t = &report.throughput;
+    ensure!(run, t.offered_per_s == 400.0, "throughput: {t:?}");
+    ensure!(
+        run,
+        within(t.acked_per_s, 400.0, 0.2),
+        "acked_per_s not within 20% of the offered 400/s: {t:?}"
+    );
+    // One recipient per message: every acknowledged send is delivered once.
+    ensure!(
+        run,
+        within(t.delivered_per_s, t.acked_per_s, 0.01),
+        "throughput: {t:?}"
+    );
+    let ack = run.latency(&report, "ack");
+    let e2e = run.latency(&report, "e2e");
+    ensure!(
+        run,
+        ack.count > 0 && e2e.count > 0,
+        "ack {ack:?}, e2e {e2e:?}"
+    );
+    ensure!(
+        run,
+        ack.count == (t.acked_per_s * report.measured_s).round() as u64,
+        "ack latencies {} vs acked {}/s over {} s",
+        ack.count,
+        t.acked_per_s,
+        report.measured_s
+    );
+    ensure!(
+        run,
+        !report.timeline.is_empty(),
+        "no timeline: {:?}",
+        report.timeline
+    );
+}
+
+#[test]
+fn group_fans_each_message_out_to_the_other_nine() {
+    let daemon = Parleyd::start();
+    let run = daemon.load(
+        "group",
+        &[
+            "--connections",
+            "40",
+            "--group-size",
+            "10",
+            "--senders",
+            "2",
+            "--rate",
+            "200",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 40);
+    let t = &report.throughput;
+    ensure!(
+        run,
+        within(t.acked_per_s, 200.0, 0.2),
+        "acked_per_s not within 20% of the offered 200/s: {t:?}"
+    );
+    let fan_out = t.delivered_per_s / t.acked_per_s;
+    ensure!(
+        run,
+        (8.5..=9.5).contains(&fan_out),
+        "delivered/acked = {fan_out:.2}, expected about 9: {t:?}"
+    );
+    let ack = run.latency(&report, "ack");
+    let e2e = run.latency(&report, "e2e");
+    ensure!(
+        run,
+        ack.count > 0 && e2e.count >= 8 * ack.count,
+        "ack {ack:?}, e2e {e2e:?}"
+    );
+}
+
+#[test]
+fn reconnect_storm_resumes_every_dropped_session_without_loss() {
+    let daemon = Parleyd::start();
+    let run = daemon.load(
+        "reconnect-storm",
+        &[
+            "--connections",
+            "200",
+            "--rate",
+            "400",
+            "--drop",
+            "50",
+            "--storm-at",
+            "500ms",
+            "--jitter",
+            "300ms",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 200);
+    ensure!(
+        run,
+        report.extra.get("storm_dropped") == Some(&100.0),
+        "half of 200 sessions dropped: {:?}",
+        report.extra
+    );
+    let all_resumed = report
+        .extra
+        .get("storm_all_resumed_s")
+        .copied()
+        .unwrap_or(0.0);
+    ensure!(run, all_resumed > 0.0, "extra: {:?}", report.extra);
+    let resume = run.latency(&report, "storm_resume");
+    ensure!(run, resume.count == 100, "storm_resume: {resume:?}");
+    let t = &report.throughput;
+    ensure!(
+        run,
+        within(t.acked_per_s, 400.0, 0.2),
+        "acked_per_s not within 20% of the offered 400/s: {t:?}"
+    );
+}
+
+#[test]
+fn mixed_measures_every_answered_operation() {
+    let daemon = Parleyd::start();
+    let run = daemon.load(
+        "mixed",
+        &[
+            "--connections",
+            "40",
+            "--rate",
+            "400",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 40);
+    for name in ["ack", "op_ack", "op_read", "op_history", "e2e"] {
+        let latency = run.latency(&report, name);
+        ensure!(run, latency.count > 0, "{name}: {latency:?}");
+    }
+    let t = &report.throughput;
+    ensure!(run, t.acked_per_s > 0.0, "throughput: {t:?}");
+    // Every operation scheduled in the window is answered (typing counts once written).
+    ensure!(
+        run,
+        within(t.replies_per_s, 400.0, 0.2),
+        "replies_per_s not within 20% of the offered 400 ops/s: {t:?}"
+    );
+}
+
+#[test]
+fn report_writes_an_html_page_with_plots() {
+    let daemon = Parleyd::start();
+    let out = tempfile::tempdir().expect("tempdir");
+    let page = out.path().join("run.html");
+    let page_arg = page.display().to_string();
+    let run = daemon.load(
+        "chat-1to1",
+        &[
+            "--connections",
+            "10",
+            "--rate",
+            "100",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "1s",
+            "--report",
+            &page_arg,
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 10);
+    let html = std::fs::read_to_string(&page)
+        .unwrap_or_else(|error| panic!("{}: {error}\n{}", page.display(), run.context()));
+    ensure!(run, html.contains("<svg"), "no <svg> in the page");
+    ensure!(
+        run,
+        html.contains("chat-1to1"),
+        "the page does not name its scenario"
+    );
+    ensure!(
+        run,
+        run.stderr.contains("report written"),
+        "no word of the report on stderr"
+    );
+}
+
+#[test]
+fn shapes_that_cannot_run_are_refused_up_front() {
+    let target = closed_port().to_string();
+    for (scenario, args, expected) in [
+        ("chat-1to1", vec!["--connections", "3"], "even"),
+        ("reconnect-storm", vec!["--connections", "5"], "even"),
+        (
+            "group",
+            vec!["--connections", "25", "--group-size", "10"],
+            "multiple of --group-size",
+        ),
+    ] {
+        let mut all: Vec<String> = vec!["--target".into(), target.clone()];
+        all.extend(["--secret", "x"].map(String::from));
+        all.extend(args.iter().map(|s| s.to_string()));
+        let run = parley_load(scenario, &all, None);
+        ensure!(
+            run,
+            run.status.code() == Some(1),
+            "exit status {}",
+            run.status
+        );
+        ensure!(
+            run,
+            run.stderr.contains(expected),
+            "stderr does not say {expected:?}"
+        );
+        ensure!(run, run.stdout.is_empty(), "a refused run printed a report");
+        ensure!(
+            run,
+            run.elapsed < Duration::from_secs(10),
+            "a refused run took {:?}",
+            run.elapsed
+        );
+    }
+}
+
+#[test]
+fn a_wrong_secret_fails_the_run_instead_of_hanging() {
+    let daemon = Parleyd::start();
+    let target = daemon.ws.to_string();
+    let args: Vec<String> = [
+        "--target",
+        &target,
+        "--secret",
+        "wrong",
+        "--connections",
+        "10",
+        "--rate",
+        "100",
+        "--setup-timeout",
+        "3s",
+        "--warmup",
+        "500ms",
+        "--duration",
+        "1s",
+        "--drain-timeout",
+        "5s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let run = parley_load("chat-1to1", &args, Some(&daemon));
+    // Setup (3 s) + warm-up and measuring (1.5 s) + generous slack; never the 60 s kill.
+    ensure!(
+        run,
+        run.elapsed < Duration::from_secs(20),
+        "took {:?}",
+        run.elapsed
+    );
+    ensure!(
+        run,
+        !run.status.success(),
+        "a run whose sessions were all refused exited 0"
+    );
+    let report = run.report();
+    ensure!(
+        run,
+        report.connections.established == 0,
+        "sessions: {:?}",
+        report.connections
+    );
+    ensure!(
+        run,
+        !report.verification.ok,
+        "verification passed: {:?}",
+        report.verification
+    );
+    // parleyd accepts the upgrade and closes at once with 4001 "invalid token"
+    // (docs/protocol.md 9.2); the engine records that close code.
+    ensure!(
+        run,
+        report.errors.keys().any(|code| code.contains("4001")),
+        "errors do not show the 4001 refusal: {:?}",
+        report.errors
+    );
+}
+
+/// The idle scenario has no delivery to verify, so its exit status must come from the
+/// sessions themselves: none set up is a failed run.
+#[test]
+fn idle_with_a_wrong_secret_fails_the_run() {
+    let daemon = Parleyd::start();
+    let target = daemon.ws.to_string();
+    let args: Vec<String> = [
+        "--target",
+        &target,
+        "--secret",
+        "wrong",
+        "--connections",
+        "10",
+        "--setup-timeout",
+        "3s",
+        "--drain-timeout",
+        "5s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let run = parley_load("idle", &args, Some(&daemon));
+    let report = run.report();
+    ensure!(
+        run,
+        report.connections.established == 0,
+        "sessions: {:?}",
+        report.connections
+    );
+    ensure!(
+        run,
+        !run.status.success(),
+        "an idle run with 0 of 10 sessions set up exited 0"
+    );
+}
+
+#[test]
+fn nothing_listening_ends_after_the_setup_timeout_and_fails() {
+    let target = closed_port().to_string();
+    let args: Vec<String> = [
+        "--target",
+        &target,
+        "--secret",
+        "x",
+        "--connections",
+        "10",
+        "--rate",
+        "100",
+        "--setup-timeout",
+        "3s",
+        "--warmup",
+        "500ms",
+        "--duration",
+        "1s",
+        "--drain-timeout",
+        "5s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let run = parley_load("chat-1to1", &args, None);
+    ensure!(
+        run,
+        run.elapsed < Duration::from_secs(20),
+        "took {:?}",
+        run.elapsed
+    );
+    ensure!(
+        run,
+        !run.status.success(),
+        "a run that never connected exited 0"
+    );
+    let report = run.report();
+    let c = &report.connections;
+    ensure!(
+        run,
+        c.established == 0 && c.failed_attempts > 0,
+        "sessions: {c:?}"
+    );
+    ensure!(
+        run,
+        !report.verification.ok,
+        "verification: {:?}",
+        report.verification
+    );
+    ensure!(
+        run,
+        report.errors.keys().any(|code| code.starts_with("connect")),
+        "errors do not show the failed connects: {:?}",
+        report.errors
+    );
+}
