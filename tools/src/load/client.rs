@@ -52,8 +52,10 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn measures(&self, scheduled_ns: u64) -> bool {
-        (self.measure_from..self.send_until).contains(&scheduled_ns)
+    /// Latencies are kept for sends scheduled in the window; rates count what happened
+    /// in it (so under overload they show what the server got through, not the offer).
+    pub fn measures(&self, ns: u64) -> bool {
+        (self.measure_from..self.send_until).contains(&ns)
     }
 }
 
@@ -572,7 +574,7 @@ impl Client {
         let Some(pending) = self.pending.remove(position) else {
             return;
         };
-        if ctx.window.is_some_and(|w| w.measures(pending.since)) {
+        if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
             ctx.stats.replies += 1;
         }
         Live::sub(&ctx.live.outstanding, 1);
@@ -598,8 +600,10 @@ impl Client {
                 self.acked += 1;
                 Live::add(&ctx.live.acked, 1);
                 Live::add(&ctx.live.owed, ctx.plan.recipients_per_message());
-                if ctx.window.is_some_and(|w| w.measures(pending.since)) {
+                if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
                     ctx.stats.acked += 1;
+                }
+                if ctx.window.is_some_and(|w| w.measures(pending.since)) {
                     ctx.stats.record("ack", latency);
                 }
                 if let Some(second) = ctx.second() {
@@ -909,8 +913,10 @@ impl Client {
         *self.received.from.entry(stamp.sender).or_default() += 1;
         Live::add(&ctx.live.delivered, 1);
         let latency = ctx.now.saturating_sub(stamp.scheduled_ns);
-        if ctx.window.is_some_and(|w| w.measures(stamp.scheduled_ns)) {
+        if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
             ctx.stats.delivered += 1;
+        }
+        if ctx.window.is_some_and(|w| w.measures(stamp.scheduled_ns)) {
             ctx.stats.record("e2e", latency);
         }
         if let Some(second) = ctx.second() {
@@ -938,7 +944,7 @@ impl Client {
         Live::add(&ctx.live.acked, 1);
         Live::add(&ctx.live.owed, 1);
         Live::sub(&ctx.live.outstanding, 1);
-        if ctx.window.is_some_and(|w| w.measures(queued.scheduled_ns)) {
+        if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
             ctx.stats.sent += 1;
             ctx.stats.acked += 1;
         }
@@ -989,7 +995,7 @@ impl Client {
             });
             self.unanswered.push_back(queued);
             Live::add(&ctx.live.sent, 1);
-            if ctx.window.is_some_and(|w| w.measures(queued.scheduled_ns)) {
+            if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
                 ctx.stats.sent += 1;
             }
             if let Some(second) = ctx.second() {

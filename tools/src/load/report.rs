@@ -51,7 +51,9 @@ pub struct Connections {
     pub setup_s: f64,
 }
 
-/// Rates over the measured window, per second.
+/// Rates over the measured window, per second: what was sent, acknowledged and
+/// delivered within it. Under overload they fall below the offered rate: that gap is
+/// the server's (or generator's) limit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Throughput {
     /// Offered load: the rate the run scheduled (commands or messages per second).
