@@ -774,10 +774,11 @@ impl Client {
             _ => MixedOp::Send,
         };
         let seq = self.received.contiguous;
-        let conv = match (&self.conv, op) {
-            (Some(conv), _) => conv.clone(),
-            (None, _) if self.nats.is_some() => String::new(),
-            (None, _) => return,
+        let conv = match &self.conv {
+            Some(conv) => conv.clone(),
+            // NATS sessions publish to their partner's subject: no conversation.
+            None if self.nats.is_some() => String::new(),
+            None => return,
         };
         let usable = matches!(self.conn, Conn::Open(_)) && self.resume == Resume::None;
         match op {
