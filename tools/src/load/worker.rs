@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::client::{Client, Ctx, Outcome, Timer, Timers, Window};
 use super::scenario::Plan;
@@ -86,18 +86,28 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         timers.push(Reverse((due, slot as u32, Timer::Connect)));
     }
 
-    let mut stats = Stats::new();
-    let mut dirty: Vec<u32> = Vec::new();
+    let registry = poll
+        .registry()
+        .try_clone()
+        .map_err(|error| format!("epoll: {error}"))?;
+    let mut state = LoopState {
+        plan,
+        live,
+        window: None,
+        stats: Stats::new(),
+        timers,
+        dirty: Vec::new(),
+        registry,
+    };
     let mut events = Events::with_capacity(1024);
-    let mut window: Option<Window> = None;
     let mut ping_round = 0;
     let interval = plan.send_interval_ns();
 
     while shared.phase.load(Ordering::Relaxed) != PHASE_STOP {
-        if window.is_none() {
+        if state.window.is_none() {
             if let Some(&published) = shared.window.get() {
-                window = Some(published);
-                schedule_sends(plan, &mine, published, interval, &mut timers);
+                state.window = Some(published);
+                schedule_sends(plan, &mine, published, interval, &mut state.timers);
             }
         }
         let round = shared.ping_round_at.load(Ordering::Relaxed);
@@ -105,26 +115,20 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
             ping_round = round;
             for (slot, &index) in mine.iter().enumerate() {
                 let offset = u64::from(index) * PING_ROUND_NS / u64::from(plan.clients);
-                timers.push(Reverse((round + offset, slot as u32, Timer::Ping)));
+                state
+                    .timers
+                    .push(Reverse((round + offset, slot as u32, Timer::Ping)));
             }
         }
 
         let now = shared.now();
-        while let Some(&Reverse((due, slot, what))) = timers.peek() {
+        while let Some(&Reverse((due, slot, what))) = state.timers.peek() {
             if due > now {
                 break;
             }
-            timers.pop();
-            let mut ctx = Ctx {
-                now,
-                plan,
-                window,
-                stats: &mut stats,
-                live,
-                timers: &mut timers,
-                registry: poll.registry(),
-                dirty: &mut dirty,
-            };
+            state.timers.pop();
+            let window = state.window;
+            let mut ctx = state.ctx(now);
             let client = &mut clients[slot as usize];
             match what {
                 Timer::Connect => client.connect(&mut ctx, due),
@@ -142,30 +146,17 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
                 Timer::Ping => client.ping(&mut ctx),
             }
         }
-        flush(
-            &shared,
-            &mut clients,
-            &mut dirty,
-            &mut stats,
-            live,
-            &mut timers,
-            &poll,
-            window,
-        );
+        state.flush(&mut clients, shared.now());
 
-        let timeout = match timers.peek() {
-            Some(&Reverse((due, _, _))) => {
-                let wait = due.saturating_sub(shared.now());
-                if wait < POLL_MAX.as_nanos() as u64 {
-                    timer
-                        .arm(wait.max(1))
-                        .map_err(|e| format!("timerfd: {e}"))?;
-                }
-                POLL_MAX
+        if let Some(&Reverse((due, _, _))) = state.timers.peek() {
+            let wait = due.saturating_sub(shared.now());
+            if wait < POLL_MAX.as_nanos() as u64 {
+                timer
+                    .arm(wait.max(1))
+                    .map_err(|e| format!("timerfd: {e}"))?;
             }
-            None => POLL_MAX,
-        };
-        match poll.poll(&mut events, Some(timeout)) {
+        }
+        match poll.poll(&mut events, Some(POLL_MAX)) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(format!("epoll_wait: {error}")),
@@ -176,35 +167,56 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
                 timer.clear();
                 continue;
             }
-            let mut ctx = Ctx {
-                now,
-                plan,
-                window,
-                stats: &mut stats,
-                live,
-                timers: &mut timers,
-                registry: poll.registry(),
-                dirty: &mut dirty,
-            };
             if let Some(client) = clients.get_mut(event.token().0) {
-                client.on_event(&mut ctx);
+                client.on_event(&mut state.ctx(now));
             }
         }
-        flush(
-            &shared,
-            &mut clients,
-            &mut dirty,
-            &mut stats,
-            live,
-            &mut timers,
-            &poll,
-            window,
-        );
+        state.flush(&mut clients, shared.now());
     }
     Ok(WorkerResult {
-        stats,
+        stats: state.stats,
         outcomes: clients.iter().map(Client::outcome).collect(),
     })
+}
+
+/// What a worker's loop keeps besides its clients: lent to each handler as a `Ctx`.
+struct LoopState<'a> {
+    plan: &'a Plan,
+    live: &'a Live,
+    window: Option<Window>,
+    stats: Stats,
+    timers: Timers,
+    /// Slots with unflushed writes.
+    dirty: Vec<u32>,
+    registry: Registry,
+}
+
+impl LoopState<'_> {
+    fn ctx(&mut self, now: u64) -> Ctx<'_> {
+        Ctx {
+            now,
+            plan: self.plan,
+            window: self.window,
+            stats: &mut self.stats,
+            live: self.live,
+            timers: &mut self.timers,
+            registry: &self.registry,
+            dirty: &mut self.dirty,
+        }
+    }
+
+    /// Write out every client that has buffered writes this turn.
+    fn flush(&mut self, clients: &mut [Client], now: u64) {
+        let mut slots = std::mem::take(&mut self.dirty);
+        for &slot in &slots {
+            clients[slot as usize].flush(&mut self.ctx(now));
+        }
+        slots.clear();
+        if self.dirty.is_empty() {
+            // Keep the allocation for the next turn.
+            self.dirty = slots;
+        }
+    }
 }
 
 /// Schedule every sender's first send (spread evenly over one interval, so senders
@@ -225,40 +237,6 @@ fn schedule_sends(plan: &Plan, mine: &[u32], window: Window, interval: u64, time
                 timers.push(Reverse((at, slot as u32, Timer::Drop)));
             }
         }
-    }
-}
-
-/// Write out every client that has buffered writes this turn.
-#[allow(clippy::too_many_arguments)]
-fn flush(
-    shared: &Shared,
-    clients: &mut [Client],
-    dirty: &mut Vec<u32>,
-    stats: &mut Stats,
-    live: &Live,
-    timers: &mut Timers,
-    poll: &Poll,
-    window: Option<Window>,
-) {
-    let mut slots = std::mem::take(dirty);
-    let now = shared.now();
-    for &slot in &slots {
-        let mut ctx = Ctx {
-            now,
-            plan: &shared.plan,
-            window,
-            stats,
-            live,
-            timers,
-            registry: poll.registry(),
-            dirty,
-        };
-        clients[slot as usize].flush(&mut ctx);
-    }
-    slots.clear();
-    if dirty.is_empty() {
-        // Keep the allocation for the next turn.
-        *dirty = slots;
     }
 }
 
