@@ -7,6 +7,7 @@ pub mod command;
 pub mod conversation;
 pub mod event;
 pub mod fast;
+pub mod framing;
 pub mod limits;
 pub mod mesh;
 pub mod output;

@@ -309,6 +309,23 @@ impl Session {
         }
     }
 
+    /// Exactly one JSON document, from a transport that frames documents itself (QUIC's
+    /// length prefix): unlike [`on_text`](Self::on_text) it is not split at `\n`, so a
+    /// pretty-printed document stays whole.
+    pub fn on_document_frame(&mut self, now: Now, document: &str) {
+        self.on_inbound(now);
+        if self.is_closing() {
+            return;
+        }
+        if document.len() > self.config.limits.max_frame_bytes {
+            self.on_oversized_frame(now, document.len());
+            return;
+        }
+        if !document.trim().is_empty() {
+            self.on_document(now, document);
+        }
+    }
+
     /// A frame the transport discarded unread because it exceeded `max_frame_bytes`.
     pub fn on_oversized_frame(&mut self, now: Now, len: usize) {
         self.on_inbound(now);
@@ -421,6 +438,18 @@ impl Session {
             batch.push_str(next.as_str());
         }
         Some(batch)
+    }
+
+    /// The limits this session runs under.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.config.limits
+    }
+
+    /// The oldest queued document, for a transport that frames each one itself.
+    pub fn pop_outbound(&mut self) -> Option<Doc> {
+        let document = self.outbound.pop_front()?;
+        self.outbound_bytes -= document.len();
+        Some(document)
     }
 
     /// The next action for the transport. A close waits until the queue is empty so that
