@@ -26,7 +26,7 @@ start_parleyd() {
     stop_parleyd
     rm -rf "$OUT/data"
     target/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
-        --admin-listen 127.0.0.1:$((PORT + 2)) >"$OUT/parleyd.log" 2>&1 &
+        --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) >"$OUT/parleyd.log" 2>&1 &
     PARLEYD_PID=$!
     for _ in $(seq 100); do
         grep -q listening "$OUT/parleyd.log" && return 0

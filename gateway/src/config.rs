@@ -80,8 +80,28 @@ settings! {
     data_dir: PathBuf = PathBuf::from("./parley-data"), shown "./parley-data";
     /// WebSocket listener address; every shard listens on it (SO_REUSEPORT). Port 0 picks a free port.
     ws_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7070)), shown "127.0.0.1:7070";
-    /// QUIC listener address (reserved: QUIC is not served by this build).
+    /// QUIC (UDP) listener address, ALPN parley/1; every shard has a socket on it (SO_REUSEPORT). Port 0 picks a free port.
     quic_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7071)), shown "127.0.0.1:7071";
+    /// PEM certificate chain for QUIC's TLS. Empty (with quic_key empty): a self-signed development certificate in the data dir, its fingerprint logged.
+    quic_cert: PathBuf = PathBuf::new(), shown "\"\" (development certificate)";
+    /// PEM private key of quic_cert.
+    quic_key: PathBuf = PathBuf::new(), shown "\"\" (development certificate)";
+    /// Validate a new QUIC client's address with a stateless retry (one round trip) before keeping any state for it.
+    quic_retry: bool = true, shown "true";
+    /// QUIC idle timeout negotiated with clients, in milliseconds.
+    quic_idle_timeout_ms: u64 = 75_000, shown "75000";
+    /// Bidirectional streams a QUIC client may open; the session uses the first, others are refused.
+    quic_max_streams: u64 = 4, shown "4";
+    /// QUIC flow-control window per stream, in bytes.
+    quic_stream_window_bytes: u64 = 256 * 1024, shown "262144";
+    /// QUIC flow-control window per connection, in bytes.
+    quic_connection_window_bytes: u64 = 1024 * 1024, shown "1048576";
+    /// Open QUIC connections per shard (handshaking ones included); new ones beyond are dropped.
+    quic_max_connections_per_shard: usize = 100_000, shown "100000";
+    /// Largest UDP payload sent or received, in bytes (1200-65527); also the GSO segment size.
+    quic_max_udp_payload_bytes: usize = 1350, shown "1350";
+    /// DATAGRAM frames queued per QUIC connection, each way (typing); more are shed.
+    quic_datagram_queue_len: usize = 64, shown "64";
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
     admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072)), shown "127.0.0.1:7072";
     /// Number of shards, one pinned executor each; 0 means one per online CPU.
@@ -213,7 +233,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 21] = [
+        let positive: [(&'static str, u64); 27] = [
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_media_bytes", self.max_media_bytes as u64),
             ("history_page_max", self.history_page_max as u64),
@@ -238,6 +258,21 @@ impl Settings {
                 "max_connections_per_shard",
                 self.max_connections_per_shard as u64,
             ),
+            ("quic_idle_timeout_ms", self.quic_idle_timeout_ms),
+            ("quic_max_streams", self.quic_max_streams),
+            ("quic_stream_window_bytes", self.quic_stream_window_bytes),
+            (
+                "quic_connection_window_bytes",
+                self.quic_connection_window_bytes,
+            ),
+            (
+                "quic_max_connections_per_shard",
+                self.quic_max_connections_per_shard as u64,
+            ),
+            (
+                "quic_datagram_queue_len",
+                self.quic_datagram_queue_len as u64,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -261,6 +296,9 @@ impl Settings {
                     self.max_frame_bytes
                 ),
             ));
+        }
+        if !(1200..=65_527).contains(&self.quic_max_udp_payload_bytes) {
+            return Err(invalid("quic_max_udp_payload_bytes", "must be 1200-65527"));
         }
         if self.listen_backlog <= 0 {
             return Err(invalid("listen_backlog", "must be greater than 0"));
@@ -342,6 +380,20 @@ impl Settings {
             sync_max_convs: self.sync_max_convs,
             presence_get_max_users: self.presence_get_max_users,
             message_cache_per_conv: self.message_cache_per_conv,
+        }
+    }
+
+    pub fn quic_settings(&self) -> crate::quic::QuicSettings {
+        crate::quic::QuicSettings {
+            idle_timeout: Duration::from_millis(self.quic_idle_timeout_ms),
+            max_streams_bidi: self.quic_max_streams,
+            stream_window_bytes: self.quic_stream_window_bytes,
+            connection_window_bytes: self.quic_connection_window_bytes,
+            max_connections: self.quic_max_connections_per_shard,
+            retry: self.quic_retry,
+            max_udp_payload_bytes: self.quic_max_udp_payload_bytes,
+            datagram_queue_len: self.quic_datagram_queue_len,
+            write_batch_bytes: self.write_batch_bytes,
         }
     }
 

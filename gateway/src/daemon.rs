@@ -22,7 +22,9 @@ use socket2::{Domain, Socket, Type};
 use crate::admin::{self, AdminState};
 use crate::config::{Cli, ConfigError, Settings};
 use crate::metrics::ShardMetrics;
-use crate::runtime::{spawn_shard, ShardControl, ShardEvent, ShardPlan};
+use crate::quic::QuicKeys;
+use crate::quic_cert::{self, CertError};
+use crate::runtime::{spawn_shard, QuicPlan, ShardControl, ShardEvent, ShardPlan};
 use crate::ws::WsLimits;
 use parley_wal::WalOptions;
 
@@ -51,6 +53,8 @@ pub enum StartupError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("QUIC certificate: {0}")]
+    Cert(#[from] CertError),
     #[error("cannot start {what}: {source}")]
     Spawn { what: String, source: io::Error },
     #[error("shard {index}: {reason}")]
@@ -116,6 +120,11 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
 
     let (ws_addr, ws_listeners) =
         bind_ws(settings.ws_listen, shard_count, settings.listen_backlog)?;
+    let (quic_addr, quic_sockets, gso) = bind_quic(
+        settings.quic_listen,
+        shard_count,
+        settings.quic_max_udp_payload_bytes,
+    )?;
     let admin_listener =
         TcpListener::bind(settings.admin_listen).map_err(|source| StartupError::Listen {
             setting: "admin_listen",
@@ -157,8 +166,26 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
         segment_size: settings.wal_segment_bytes,
         ..WalOptions::default()
     };
+    let tls =
+        quic_cert::load_or_create(&settings.data_dir, &settings.quic_cert, &settings.quic_key)?;
+    if tls.generated {
+        tracing::info!(cert = %tls.cert.display(), "generated a self-signed QUIC development certificate");
+    }
+    tracing::info!(
+        cert = %tls.cert.display(),
+        sha256 = %tls.fingerprint,
+        gso,
+        retry = settings.quic_retry,
+        "QUIC certificate (clients may pin this fingerprint: parley connect --quic --pin)"
+    );
+    let quic_keys = quic_keys();
+    let quic_settings = settings.quic_settings();
     let meshes = parley_router::mesh::mesh(shard_count, settings.mesh_ring_entries);
-    for ((index, ws_listener), mesh) in ws_listeners.into_iter().enumerate().zip(meshes) {
+    let quic_meshes = parley_router::mesh::mesh(shard_count, settings.mesh_ring_entries);
+    let per_shard = ws_listeners.into_iter().zip(quic_sockets).zip(quic_meshes);
+    for ((index, ((ws_listener, quic_socket), quic_mesh)), mesh) in
+        per_shard.enumerate().zip(meshes)
+    {
         let shard_metrics = Arc::new(ShardMetrics::default());
         let control = Arc::new(ShardControl::default());
         let cpu = cpus[index % cpus.len()];
@@ -179,6 +206,15 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             chat_limits: chat_limits.clone(),
             mesh,
             snapshot_every_records: settings.snapshot_every_records,
+            quic: QuicPlan {
+                socket: quic_socket,
+                local: quic_addr,
+                settings: quic_settings.clone(),
+                tls: tls.clone(),
+                keys: quic_keys.clone(),
+                gso,
+                mesh: quic_mesh,
+            },
         };
         let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
             what: format!("shard {index} on CPU {cpu}"),
@@ -213,7 +249,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     tracing::info!(
         shards = shard_count,
         data_dir = %settings.data_dir.display(),
-        "listening ws={ws_addr} admin={admin_addr}"
+        "listening ws={ws_addr} admin={admin_addr} quic={quic_addr}"
     );
     let _no_systemd_is_fine = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
@@ -371,6 +407,75 @@ fn bind_ws(
         sockets.push(OwnedFd::from(socket));
     }
     Ok((bound, sockets))
+}
+
+/// One SO_REUSEPORT UDP socket per shard on the same address (probed first, like
+/// [`bind_ws`]), and whether the kernel takes GSO sends of `segment`-byte datagrams.
+fn bind_quic(
+    addr: SocketAddr,
+    shards: usize,
+    segment: usize,
+) -> Result<(SocketAddr, Vec<OwnedFd>, bool), StartupError> {
+    let listen_error = |source| StartupError::Listen {
+        setting: "quic_listen",
+        addr,
+        source,
+    };
+    let domain = Domain::for_address(addr);
+    let probe = Socket::new(domain, Type::DGRAM, None).map_err(listen_error)?;
+    probe.bind(&addr.into()).map_err(listen_error)?;
+    let bound = probe
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| listen_error(io::Error::other("no local address")))?;
+    drop(probe);
+    let mut sockets = Vec::with_capacity(shards);
+    let mut gso = true;
+    for _ in 0..shards {
+        let socket = Socket::new(domain, Type::DGRAM, None).map_err(listen_error)?;
+        socket.set_reuse_port(true).map_err(listen_error)?;
+        socket.set_nonblocking(true).map_err(listen_error)?;
+        // Best effort: the kernel caps these at net.core.{r,w}mem_max (tuning/ raises it).
+        let _capped = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+        let _capped = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+        socket.bind(&bound.into()).map_err(listen_error)?;
+        gso &= enable_gso(&socket, segment);
+        sockets.push(OwnedFd::from(socket));
+    }
+    Ok((bound, sockets, gso))
+}
+
+/// Socket buffer asked for each QUIC socket.
+const QUIC_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Set UDP_SEGMENT on the socket: a send longer than `segment` leaves as several
+/// datagrams of `segment` bytes (the last may be shorter). False where unsupported.
+fn enable_gso(socket: &Socket, segment: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    let size = segment as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    result == 0
+}
+
+/// Fresh process-wide keys for retry tokens and TLS session tickets.
+fn quic_keys() -> QuicKeys {
+    let mut keys = QuicKeys {
+        retry: [0; 32],
+        tickets: [0; 48],
+    };
+    crate::quic::random(&mut keys.retry);
+    crate::quic::random(&mut keys.tickets);
+    keys
 }
 
 /// The CPUs this process may run on, in order; shard k is pinned to the k-th.

@@ -1,9 +1,12 @@
 //! `parleyd`: the gateway daemon. Configuration, the shard runtime, the WebSocket
-//! transport, the admin listener and the process lifecycle.
+//! and QUIC transports, the admin listener and the process lifecycle.
 
 pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
+pub mod quic;
+pub mod quic_cert;
+pub mod quic_conn;
 pub mod runtime;
 pub mod ws;

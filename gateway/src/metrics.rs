@@ -17,6 +17,12 @@ pub struct ShardMetrics {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub handshake_failures: AtomicU64,
+    pub quic_connections_open: AtomicU64,
+    pub quic_handshakes: AtomicU64,
+    pub quic_retries: AtomicU64,
+    pub quic_bad_tokens: AtomicU64,
+    pub quic_dropped: AtomicU64,
+    pub quic_forwarded: AtomicU64,
     /// Copied from the shard's chat core by its router task.
     pub messages_sequenced: AtomicU64,
     pub sends_deduplicated: AtomicU64,
@@ -59,7 +65,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 15] = [
+const PER_SHARD: [PerShardSeries; 21] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -126,13 +132,13 @@ const PER_SHARD: [PerShardSeries; 15] = [
     (
         "parley_frames_in_total",
         "counter",
-        "WebSocket data frames received.",
+        "Data frames received (WebSocket frames, QUIC documents and datagrams).",
         |m| m.frames_in.load(Relaxed),
     ),
     (
         "parley_frames_out_total",
         "counter",
-        "WebSocket data frames sent.",
+        "Data frames sent (WebSocket frames, QUIC documents and datagrams).",
         |m| m.frames_out.load(Relaxed),
     ),
     (
@@ -140,6 +146,42 @@ const PER_SHARD: [PerShardSeries; 15] = [
         "counter",
         "Connections dropped before a WebSocket session started.",
         |m| m.handshake_failures.load(Relaxed),
+    ),
+    (
+        "parley_quic_connections",
+        "gauge",
+        "Open QUIC connections, including handshaking and closing ones.",
+        |m| m.quic_connections_open.load(Relaxed),
+    ),
+    (
+        "parley_quic_handshakes_total",
+        "counter",
+        "QUIC connections accepted (address validated when retry is on).",
+        |m| m.quic_handshakes.load(Relaxed),
+    ),
+    (
+        "parley_quic_retries_total",
+        "counter",
+        "Stateless retries sent to new QUIC clients.",
+        |m| m.quic_retries.load(Relaxed),
+    ),
+    (
+        "parley_quic_bad_tokens_total",
+        "counter",
+        "Initials with an invalid or expired retry token, dropped.",
+        |m| m.quic_bad_tokens.load(Relaxed),
+    ),
+    (
+        "parley_quic_dropped_total",
+        "counter",
+        "UDP datagrams dropped: not QUIC, unknown connection id, too short, or refused by quiche.",
+        |m| m.quic_dropped.load(Relaxed),
+    ),
+    (
+        "parley_quic_forwarded_total",
+        "counter",
+        "QUIC datagrams forwarded to the shard owning their connection id.",
+        |m| m.quic_forwarded.load(Relaxed),
     ),
     (
         "parley_shard_ready",

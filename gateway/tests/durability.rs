@@ -713,6 +713,8 @@ fn failing_args(data_dir: &Path, shards: &str) -> Vec<String> {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--quic-listen",
+        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
         "--shards",

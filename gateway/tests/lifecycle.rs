@@ -23,6 +23,8 @@ fn start_failing(
             ws,
             "--admin-listen",
             admin,
+            "--quic-listen",
+            "127.0.0.1:0",
         ],
         &[],
     )
@@ -230,6 +232,8 @@ fn generated_secret_is_reused_and_private() {
         "--ws-listen",
         "127.0.0.1:0",
         "--admin-listen",
+        "127.0.0.1:0",
+        "--quic-listen",
         "127.0.0.1:0",
     ];
     let run = |args: &[&str]| {

@@ -1,6 +1,7 @@
 //! Shared pieces of Parley's command-line tools.
 
 pub mod load;
+pub mod quic;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

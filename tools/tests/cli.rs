@@ -96,6 +96,8 @@ fn connect_says_hello_and_sends_typed_lines() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
             "--shards",
             "1",
         ])

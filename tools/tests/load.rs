@@ -75,6 +75,8 @@ impl Parleyd {
                 "127.0.0.1:0",
                 "--admin-listen",
                 "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
             ])
             .env("PARLEY_RATE_LIMIT_PER_SEC", RATE_LIMIT_PER_SEC)
             .stdout(Stdio::null())

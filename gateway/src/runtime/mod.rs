@@ -42,6 +42,9 @@ use parley_wal::{Wal, WalOptions};
 use crate::metrics::{dec, inc, ShardMetrics};
 use crate::ws::{WsConnection, WsLimits};
 
+mod quic;
+pub use quic::{ForwardedDatagram, QuicPlan};
+
 /// Bytes read from a socket in one go; one buffer per shard, shared by its connections.
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// glommio's registered-buffer pool per shard. Small, so every shard's pool fits in the
@@ -105,6 +108,7 @@ pub struct ShardPlan {
     pub mesh: MeshEnds<MeshEntry>,
     /// Records between snapshots of the chat state; 0 never.
     pub snapshot_every_records: u64,
+    pub quic: QuicPlan,
 }
 
 /// What a shard tells the process about its start and end.
@@ -142,10 +146,17 @@ pub fn spawn_shard(plan: ShardPlan) -> io::Result<std::thread::JoinHandle<()>> {
 struct Mailbox {
     documents: RefCell<VecDeque<(Doc, bool)>>,
     waker: RefCell<Option<Waker>>,
+    /// A QUIC session's mailbox: the shard's QUIC task serves every such session, and is
+    /// told which ones have mail.
+    quic: Option<(u64, Rc<quic::MailNotice>)>,
 }
 
 impl Mailbox {
     fn wake(&self) {
+        if let Some((id, notice)) = &self.quic {
+            notice.post(*id);
+            return;
+        }
         if let Some(waker) = self.waker.borrow().as_ref() {
             waker.wake_by_ref();
         }
@@ -178,6 +189,8 @@ struct Shard {
     draining: Cell<bool>,
     /// Woken when the last connection ends during a drain.
     idle_waker: Cell<Option<Waker>>,
+    /// Wakes the shard's QUIC task (for the drain).
+    quic_notice: RefCell<Option<Rc<quic::MailNotice>>>,
 }
 
 /// Open the shard's log and rebuild its state, reporting progress.
@@ -282,6 +295,7 @@ async fn run_shard(plan: ShardPlan) {
         next_connection: Cell::new(0),
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
+        quic_notice: RefCell::new(None),
     });
     glommio::spawn_local(run_router(
         shard.clone(),
@@ -290,6 +304,10 @@ async fn run_shard(plan: ShardPlan) {
         plan.snapshot_every_records,
     ))
     .detach();
+    if let Err(reason) = quic::spawn(&shard, plan.quic) {
+        let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
+        return;
+    }
     // State is recovered: the shard is ready as soon as it accepts.
     plan.metrics.ready.store(true, Ordering::Release);
     let _ = plan.lifecycle.send(ShardEvent::Serving(plan.index));
@@ -305,6 +323,9 @@ async fn run_shard(plan: ShardPlan) {
     shard.draining.set(true);
     for mailbox in shard.connections.borrow().values() {
         mailbox.wake();
+    }
+    if let Some(notice) = shard.quic_notice.borrow().as_ref() {
+        notice.wake();
     }
     let open = shard.connections.borrow().len();
     tracing::info!(

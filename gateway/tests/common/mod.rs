@@ -136,6 +136,8 @@ impl Daemon {
             "127.0.0.1:0".into(),
             "--admin-listen".into(),
             "127.0.0.1:0".into(),
+            "--quic-listen".into(),
+            "127.0.0.1:0".into(),
             "--jwt-secret".into(),
             SECRET.into(),
             "--shards".into(),

@@ -206,6 +206,7 @@ def start_parleyd(data_dir: Path, *extra: str, secret: str = SECRET) -> Parleyd:
         "--data-dir", str(data_dir),
         "--ws-listen", "127.0.0.1:0",
         "--admin-listen", "127.0.0.1:0",
+        "--quic-listen", "127.0.0.1:0",
         "--jwt-secret", secret,
         "--shards", "2",
         *extra,

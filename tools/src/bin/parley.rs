@@ -1,13 +1,14 @@
 //! `parley`: mint tokens and talk to a running parleyd.
 
 use std::io::{BufRead, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use parley_tools::quic::{BlockingQuic, QuicClientError, QuicOptions, Trust};
 use parley_tools::{line_to_command, load_secret, mint_token, parse_duration};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
@@ -17,6 +18,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How often `connect` looks at typed lines while waiting for events.
 const INPUT_POLL: Duration = Duration::from_millis(50);
+/// Longest wait for a QUIC handshake.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(name = "parley", version, about = "Parley command-line client")]
@@ -56,12 +59,24 @@ enum Command {
         user: String,
         #[arg(long)]
         device: Option<String>,
-        /// WebSocket URL of parleyd.
+        /// WebSocket URL of parleyd (unless --quic).
         #[arg(long, default_value = "ws://127.0.0.1:7070/v1/ws")]
         url: String,
         /// Use this token instead of minting one.
         #[arg(long)]
         token: Option<String>,
+        /// Speak QUIC (ALPN parley/1) to this address instead of WebSocket.
+        #[arg(long, value_name = "HOST:PORT")]
+        quic: Option<String>,
+        /// QUIC: accept only the certificate with this SHA-256 fingerprint (parleyd logs it).
+        #[arg(long, value_name = "FINGERPRINT")]
+        pin: Option<String>,
+        /// QUIC: verify the certificate against this PEM file.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// QUIC: accept any certificate (development only).
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -94,6 +109,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             device,
             url,
             token,
+            quic,
+            pin,
+            ca,
+            insecure,
             secret,
         } => {
             let token = match token {
@@ -108,12 +127,118 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     )
                 }
             };
-            connect(&url, &token, device.as_deref())
+            match quic {
+                Some(addr) => {
+                    let trust = match (pin, ca, insecure) {
+                        (Some(pin), _, _) => Trust::Pin(pin),
+                        (None, Some(ca), _) => Trust::Ca(ca),
+                        (None, None, true) => Trust::Insecure,
+                        (None, None, false) => {
+                            return Err("QUIC needs --pin FINGERPRINT (parleyd logs it), --ca FILE or --insecure".into())
+                        }
+                    };
+                    let link = quic_link(&addr, trust)?;
+                    converse(Box::new(link), Some(&token), device.as_deref())
+                }
+                None => converse(Box::new(ws_link(&url, &token)?), None, device.as_deref()),
+            }
         }
     }
 }
 
-fn connect(url: &str, token: &str, device: Option<&str>) -> Result<ExitCode, String> {
+/// A session's transport, as the interactive loop sees it.
+trait Link {
+    fn send(&mut self, document: String) -> Result<(), String>;
+    /// Documents that arrived within `wait`; `Err` with why once the session is over.
+    fn receive(&mut self, wait: Duration) -> Result<Vec<String>, Ended>;
+    fn close(&mut self);
+}
+
+/// The session ended: normally (the server closed, saying why) or by an error.
+enum Ended {
+    Closed(String),
+    Failed(String),
+}
+
+struct WsLink(WebSocket<TcpStream>);
+
+impl Link for WsLink {
+    fn send(&mut self, document: String) -> Result<(), String> {
+        self.0
+            .send(Message::text(document))
+            .map_err(|error| format!("send failed: {error}"))
+    }
+
+    fn receive(&mut self, wait: Duration) -> Result<Vec<String>, Ended> {
+        let _ = self.0.get_mut().set_read_timeout(Some(wait));
+        match self.0.read() {
+            Ok(Message::Text(text)) => Ok(text.split('\n').map(str::to_string).collect()),
+            Ok(Message::Close(frame)) => Err(Ended::Closed(match frame {
+                Some(frame) => format!("{} {}", u16::from(frame.code), frame.reason),
+                None => String::new(),
+            })),
+            Ok(_) => Ok(Vec::new()),
+            Err(tungstenite::Error::Io(error))
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(Vec::new())
+            }
+            Err(tungstenite::Error::ConnectionClosed) => Err(Ended::Closed(String::new())),
+            Err(error) => Err(Ended::Failed(error.to_string())),
+        }
+    }
+
+    fn close(&mut self) {
+        let _ = self.0.close(None);
+        let _ = self.0.flush();
+    }
+}
+
+struct QuicLink(BlockingQuic);
+
+impl Link for QuicLink {
+    fn send(&mut self, document: String) -> Result<(), String> {
+        self.0
+            .send_document(&document)
+            .map_err(|error| format!("send failed: {error}"))
+    }
+
+    fn receive(&mut self, wait: Duration) -> Result<Vec<String>, Ended> {
+        let deadline = Instant::now() + wait;
+        let mut documents = Vec::new();
+        while let Some(document) = self.0.session.next_document() {
+            documents.push(document);
+        }
+        if !documents.is_empty() {
+            return Ok(documents);
+        }
+        match self.0.step(deadline, "for events") {
+            Ok(()) | Err(QuicClientError::Timeout(_)) => {}
+            Err(error) => return Err(Ended::Failed(error.to_string())),
+        }
+        while let Some(document) = self.0.session.next_document() {
+            documents.push(document);
+        }
+        match self.0.session.check_closed() {
+            Err(_) if !documents.is_empty() => Ok(documents),
+            Err(QuicClientError::Closed { code, reason }) => {
+                Err(Ended::Closed(format!("{code} {reason}")))
+            }
+            Err(error) => Err(Ended::Failed(error.to_string())),
+            Ok(()) => Ok(documents),
+        }
+    }
+
+    fn close(&mut self) {
+        self.0.session.close(1000, "bye");
+        let _ = self.0.flush();
+    }
+}
+
+fn ws_link(url: &str, token: &str) -> Result<WsLink, String> {
     let mut request = url
         .into_client_request()
         .map_err(|error| format!("{url}: {error}"))?;
@@ -125,16 +250,43 @@ fn connect(url: &str, token: &str, device: Option<&str>) -> Result<ExitCode, Str
     let port = request.uri().port_u16().unwrap_or(80);
     let stream =
         TcpStream::connect((host.as_str(), port)).map_err(|error| format!("{url}: {error}"))?;
-    let (mut ws, _) =
+    let (ws, _) =
         tungstenite::client(request, stream).map_err(|error| format!("{url}: {error}"))?;
-    ws.get_mut()
-        .set_read_timeout(Some(INPUT_POLL))
-        .map_err(|error| error.to_string())?;
+    Ok(WsLink(ws))
+}
 
+fn quic_link(addr: &str, trust: Trust) -> Result<QuicLink, String> {
+    let peer: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|error| format!("{addr}: {error}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    let options = QuicOptions {
+        trust,
+        server_name: addr
+            .rsplit_once(':')
+            .map_or(addr, |(host, _)| host)
+            .trim_matches(['[', ']'])
+            .to_string(),
+        datagrams: true,
+    };
+    BlockingQuic::connect(peer, &options, HANDSHAKE_WAIT)
+        .map(QuicLink)
+        .map_err(|error| format!("{addr}: {error}"))
+}
+
+/// The interactive loop: hello first (with the token over QUIC, whose first document
+/// must authenticate), then typed lines out and events in.
+fn converse(
+    mut link: Box<dyn Link>,
+    hello_token: Option<&str>,
+    device: Option<&str>,
+) -> Result<ExitCode, String> {
     let mut next_id = 1u64;
-    let hello = serde_json::json!({"id": next_id, "op": "hello", "device": device});
+    let hello =
+        serde_json::json!({"id": next_id, "op": "hello", "token": hello_token, "device": device});
     next_id += 1;
-    send(&mut ws, hello.to_string())?;
+    link.send(hello.to_string())?;
 
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -152,50 +304,30 @@ fn connect(url: &str, token: &str, device: Option<&str>) -> Result<ExitCode, Str
                 Ok(line) => match line_to_command(&line, next_id) {
                     Ok(command) => {
                         next_id += 1;
-                        send(&mut ws, command)?;
+                        link.send(command)?;
                     }
                     Err(error) => eprintln!("parley: {error}"),
                 },
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    let _ = ws.close(None);
-                    let _ = ws.flush();
+                    link.close();
                     return Ok(ExitCode::SUCCESS);
                 }
             }
         }
-        match ws.read() {
-            Ok(Message::Text(text)) => {
+        match link.receive(INPUT_POLL) {
+            Ok(documents) => {
                 let mut out = stdout.lock();
-                for document in text.split('\n') {
+                for document in documents {
                     let _ = writeln!(out, "{document}");
                 }
                 let _ = out.flush();
             }
-            Ok(Message::Close(frame)) => {
-                match frame {
-                    Some(frame) => eprintln!(
-                        "parley: closed by server: {} {}",
-                        u16::from(frame.code),
-                        frame.reason
-                    ),
-                    None => eprintln!("parley: closed by server"),
-                }
+            Err(Ended::Closed(why)) => {
+                eprintln!("parley: closed by server: {why}");
                 return Ok(ExitCode::SUCCESS);
             }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(error))
-                if matches!(
-                    error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(tungstenite::Error::ConnectionClosed) => return Ok(ExitCode::SUCCESS),
-            Err(error) => return Err(error.to_string()),
+            Err(Ended::Failed(error)) => return Err(error),
         }
     }
-}
-
-fn send(ws: &mut WebSocket<TcpStream>, document: String) -> Result<(), String> {
-    ws.send(Message::text(document))
-        .map_err(|error| format!("send failed: {error}"))
 }

@@ -1,0 +1,349 @@
+//! The shard's QUIC I/O: one SO_REUSEPORT UDP socket per shard, driving the sans-IO
+//! [`QuicEndpoint`] with three tasks:
+//!
+//! - **receive**: reads datagrams; a packet whose connection id names another shard goes
+//!   to that shard over the forwarding ring, the rest to the endpoint;
+//! - **drive**: forwarded packets, the core's documents for QUIC sessions, timers, the
+//!   drain and backpressure's end;
+//! - **send**: writes the endpoint's datagrams, each no earlier than quiche's pacing time.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures::Future;
+use glommio::net::UdpSocket;
+use glommio::timer::Timer;
+use parley_router::mesh::MeshEnds;
+use parley_router::session::Now;
+
+use super::{Mailbox, Shard};
+use crate::metrics::inc;
+use crate::quic::{QuicEndpoint, QuicKeys, QuicSettings, Route, SessionUpdate};
+use crate::quic_cert::TlsFiles;
+
+/// Largest datagram read (a GSO-less peer never sends more than its path MTU).
+const RECV_BUFFER_BYTES: usize = 64 * 1024;
+/// Forwarded datagrams taken per turn, so one busy peer shard cannot starve the others.
+const FORWARDED_PER_TURN: usize = 1024;
+/// Pause after a receive error, so a persistent one is not a busy loop.
+const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(1);
+
+/// A datagram another shard received for a connection this shard owns.
+#[derive(Debug)]
+pub struct ForwardedDatagram {
+    pub from: SocketAddr,
+    pub packet: Box<[u8]>,
+}
+
+/// What a shard needs to serve QUIC.
+pub struct QuicPlan {
+    pub socket: OwnedFd,
+    pub local: SocketAddr,
+    pub settings: QuicSettings,
+    pub tls: TlsFiles,
+    pub keys: QuicKeys,
+    /// The socket takes UDP_SEGMENT sends of `settings.max_udp_payload_bytes` segments.
+    pub gso: bool,
+    pub mesh: MeshEnds<ForwardedDatagram>,
+}
+
+/// Which QUIC sessions have mail from the core, and the task that serves them.
+#[derive(Default)]
+pub struct MailNotice {
+    pending: RefCell<Vec<u64>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl MailNotice {
+    pub fn post(&self, id: u64) {
+        self.pending.borrow_mut().push(id);
+        self.wake();
+    }
+
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+struct QuicShard {
+    endpoint: RefCell<QuicEndpoint>,
+    socket: UdpSocket,
+    mesh: RefCell<MeshEnds<ForwardedDatagram>>,
+    notice: Rc<MailNotice>,
+    sender_waker: RefCell<Option<Waker>>,
+}
+
+/// Build the endpoint and start the shard's QUIC tasks.
+pub(super) fn spawn(shard: &Rc<Shard>, plan: QuicPlan) -> Result<(), String> {
+    let config = crate::quic::server_config(&plan.settings, &plan.tls, &plan.keys)
+        .map_err(|error| format!("QUIC TLS configuration: {error}"))?;
+    let endpoint = QuicEndpoint::new(
+        shard.index,
+        plan.mesh.shards(),
+        plan.local,
+        config,
+        plan.settings,
+        shard.session_config.clone(),
+        shard.metrics.clone(),
+        &plan.keys,
+        plan.gso,
+    );
+    // SAFETY: main created this UDP socket for this shard alone and gave up its fd.
+    let socket = unsafe { UdpSocket::from_raw_fd(plan.socket.into_raw_fd()) };
+    let notice = Rc::new(MailNotice::default());
+    *shard.quic_notice.borrow_mut() = Some(notice.clone());
+    let quic = Rc::new(QuicShard {
+        endpoint: RefCell::new(endpoint),
+        socket,
+        mesh: RefCell::new(plan.mesh),
+        notice,
+        sender_waker: RefCell::new(None),
+    });
+    glommio::spawn_local(receive(shard.clone(), quic.clone())).detach();
+    glommio::spawn_local(drive(shard.clone(), quic.clone())).detach();
+    glommio::spawn_local(send(shard.clone(), quic)).detach();
+    Ok(())
+}
+
+async fn receive(shard: Rc<Shard>, quic: Rc<QuicShard>) {
+    let mut buffer = vec![0u8; RECV_BUFFER_BYTES];
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let received = quic.socket.recv_from(&mut buffer).await;
+        let (len, from) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                // ICMP errors surface on UDP reads; none ends the listener.
+                if last_error_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                    tracing::warn!(shard = shard.index, %error, "QUIC receive failed");
+                    last_error_log = Some(Instant::now());
+                }
+                Timer::new(RECV_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let packet = &mut buffer[..len];
+        let now = Now::system();
+        let route = quic.endpoint.borrow().route(packet);
+        match route {
+            Route::Local => {
+                let may_read = !shard.backpressure.get();
+                quic.endpoint
+                    .borrow_mut()
+                    .on_datagram(now, packet, from, may_read);
+            }
+            Route::Forward(owner) => {
+                let forwarded = ForwardedDatagram {
+                    from,
+                    packet: packet.to_vec().into_boxed_slice(),
+                };
+                // A full ring drops the datagram; QUIC's loss recovery resends it.
+                match quic.mesh.borrow_mut().send(owner, forwarded) {
+                    Ok(()) => inc(&shard.metrics.quic_forwarded),
+                    Err(_) => inc(&shard.metrics.quic_dropped),
+                }
+            }
+            Route::Drop => inc(&shard.metrics.quic_dropped),
+        }
+        finish_turn(&shard, &quic, now);
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// The driver's bookkeeping between wake-ups.
+struct Driver {
+    timer: Option<(Instant, Timer)>,
+    drained: bool,
+    /// The backpressure episode whose end this task waits for.
+    parked_in: Option<u64>,
+}
+
+async fn drive(shard: Rc<Shard>, quic: Rc<QuicShard>) {
+    let mut driver = Driver {
+        timer: None,
+        drained: false,
+        parked_in: None,
+    };
+    futures::future::poll_fn(|cx| {
+        let registered = quic
+            .notice
+            .waker
+            .borrow()
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !registered {
+            *quic.notice.waker.borrow_mut() = Some(cx.waker().clone());
+        }
+        poll_drive(cx, &shard, &quic, &mut driver)
+    })
+    .await
+}
+
+fn poll_drive(
+    cx: &mut Context<'_>,
+    shard: &Shard,
+    quic: &QuicShard,
+    driver: &mut Driver,
+) -> Poll<()> {
+    let now = Now::system();
+    let may_read = !shard.backpressure.get();
+    let mut progress = false;
+    {
+        let mut endpoint = quic.endpoint.borrow_mut();
+        let taken = quic
+            .mesh
+            .borrow_mut()
+            .receive(FORWARDED_PER_TURN, |_, mut forwarded| {
+                endpoint.on_datagram(now, &mut forwarded.packet, forwarded.from, may_read)
+            });
+        progress |= taken > 0;
+        let mail = std::mem::take(&mut *quic.notice.pending.borrow_mut());
+        let connections = shard.connections.borrow();
+        for id in mail {
+            if let Some(mailbox) = connections.get(&id) {
+                let documents = std::mem::take(&mut *mailbox.documents.borrow_mut());
+                endpoint.push_documents(now, id, documents.into_iter());
+            }
+        }
+        drop(connections);
+        if shard.draining.get() && !driver.drained {
+            driver.drained = true;
+            endpoint.drain(now);
+        }
+        // Backpressure: wait for its end, then read what was left unread.
+        if shard.backpressure.get() {
+            let epoch = shard.blocked_epoch.get();
+            if driver.parked_in != Some(epoch) {
+                driver.parked_in = Some(epoch);
+                shard.blocked.borrow_mut().push(cx.waker().clone());
+            }
+        } else if driver.parked_in.take().is_some() {
+            endpoint.resume_reading(now);
+        }
+        endpoint.on_timers(now);
+    }
+    finish_turn(shard, quic, now);
+
+    let next = quic.endpoint.borrow().next_timer();
+    if let Some(deadline) = next {
+        if driver.timer.as_ref().is_none_or(|(at, _)| *at != deadline) {
+            let wait = deadline.saturating_duration_since(now.instant);
+            driver.timer = Some((deadline, Timer::new(wait)));
+        }
+        if let Some((_, armed)) = &mut driver.timer {
+            if Pin::new(armed).poll(cx).is_ready() {
+                driver.timer = None;
+                progress = true;
+            }
+        }
+    }
+    if progress || quic.mesh.borrow().poll_ready(cx).is_ready() {
+        cx.waker().wake_by_ref();
+    }
+    Poll::Pending
+}
+
+/// Produce the endpoint's datagrams, tell the core what the sessions did, wake the sender.
+fn finish_turn(shard: &Shard, quic: &QuicShard, now: Now) {
+    let mut endpoint = quic.endpoint.borrow_mut();
+    endpoint.flush(now);
+    let mut kicked = false;
+    for update in endpoint.take_updates() {
+        kicked = true;
+        match update {
+            SessionUpdate::Chat {
+                id,
+                first,
+                user,
+                device,
+                requests,
+            } => {
+                let mut core = shard.core.borrow_mut();
+                if first {
+                    let mailbox = Mailbox {
+                        quic: Some((id, quic.notice.clone())),
+                        ..Mailbox::default()
+                    };
+                    shard.connections.borrow_mut().insert(id, Rc::new(mailbox));
+                    core.session_opened(id, &user, now);
+                }
+                for request in requests {
+                    core.on_request(id, request.re, &user, &device, request.command, now);
+                }
+            }
+            SessionUpdate::Closed { id, opened } => {
+                if opened {
+                    shard.connections.borrow_mut().remove(&id);
+                    shard.core.borrow_mut().session_closed(id, now);
+                }
+                if shard.draining.get() && shard.connections.borrow().is_empty() {
+                    if let Some(waker) = shard.idle_waker.take() {
+                        waker.wake();
+                    }
+                }
+            }
+        }
+    }
+    let has_output = endpoint.has_output();
+    drop(endpoint);
+    if kicked {
+        shard.kick();
+    }
+    if has_output {
+        if let Some(waker) = quic.sender_waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+async fn send(shard: Rc<Shard>, quic: Rc<QuicShard>) {
+    let mut last_error_log: Option<Instant> = None;
+    let mut pacing: Option<(Instant, Timer)> = None;
+    loop {
+        let due = quic.endpoint.borrow_mut().take_due(Instant::now());
+        if let Some(transmit) = due {
+            if let Err(error) = quic.socket.send_to(&transmit.data, transmit.to).await {
+                // A full socket buffer or an unreachable peer: the datagram is lost, and
+                // QUIC's loss recovery resends what mattered.
+                inc(&shard.metrics.quic_dropped);
+                if last_error_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                    tracing::debug!(shard = shard.index, %error, to = %transmit.to, "QUIC send failed");
+                    last_error_log = Some(Instant::now());
+                }
+            }
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        futures::future::poll_fn(|cx| {
+            *quic.sender_waker.borrow_mut() = Some(cx.waker().clone());
+            let endpoint = quic.endpoint.borrow();
+            if endpoint.has_due(Instant::now()) {
+                return Poll::Ready(());
+            }
+            let Some(at) = endpoint.next_paced() else {
+                pacing = None;
+                return Poll::Pending;
+            };
+            if pacing.as_ref().is_none_or(|(armed, _)| *armed != at) {
+                pacing = Some((at, Timer::new(at.saturating_duration_since(Instant::now()))));
+            }
+            let fired = pacing
+                .as_mut()
+                .is_some_and(|(_, timer)| Pin::new(timer).poll(cx).is_ready());
+            if fired {
+                pacing = None;
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
