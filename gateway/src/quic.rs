@@ -36,6 +36,10 @@ const RETRY_TOKEN_MAGIC: &[u8; 4] = b"prt1";
 const RETRY_MAC_BYTES: usize = 16;
 /// Spare connection ids offered to each client, so it can migrate to a new path.
 const SPARE_CIDS: usize = 2;
+/// Client addresses one connection may use over its life. quiche keeps a path per address
+/// while the client reuses its connection id (a NAT rebinding does), and sizes its path
+/// table by the active connection id limit; clients that rotate ids free old paths.
+const MAX_PATHS: u64 = 16;
 /// Most segments the kernel accepts in one GSO send (UDP_MAX_SEGMENTS).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send (a UDP datagram's payload limit).
@@ -758,7 +762,7 @@ pub fn server_config(
     config.set_initial_max_streams_uni(0);
     config.set_max_connection_window(settings.connection_window_bytes);
     config.set_max_stream_window(settings.stream_window_bytes);
-    config.set_active_connection_id_limit(SPARE_CIDS as u64 + 1);
+    config.set_active_connection_id_limit(MAX_PATHS);
     config.set_disable_active_migration(false);
     config.enable_dgram(
         true,

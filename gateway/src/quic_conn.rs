@@ -93,6 +93,9 @@ impl QuicConnection {
             self.session.on_peer_closed();
             return;
         }
+        // Path events (a new client address, a migration) need no action: quiche validates
+        // and migrates by itself. Drained so they do not accumulate.
+        while self.conn.path_event_next().is_some() {}
         if self.conn.is_established() || self.conn.is_in_early_data() {
             self.read_datagrams(now, scratch);
             if may_read {

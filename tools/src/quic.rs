@@ -316,10 +316,14 @@ impl BlockingQuic {
                 let mut packet = self.buffer[..len].to_vec();
                 self.session.on_datagram(&mut packet, from, self.local);
             }
+            // ConnectionRefused: an ICMP error from an earlier send (the server went
+            // away); datagrams it sent before still wait behind it.
             Err(error)
                 if matches!(
                     error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::ConnectionRefused
                 ) =>
             {
                 if self.session.timeout().is_some_and(|t| t.is_zero()) {
@@ -332,6 +336,16 @@ impl BlockingQuic {
             self.session.on_timeout();
         }
         self.flush()
+    }
+
+    /// Move to a new UDP socket (a new source port) as a NAT rebinding would: quiche is not
+    /// told, so to the server the client's address simply changes mid-session.
+    pub fn rebind_source_port(&mut self) -> Result<(), QuicClientError> {
+        let peer = self.socket.peer_addr()?;
+        let socket = UdpSocket::bind(SocketAddr::new(self.socket.local_addr()?.ip(), 0))?;
+        socket.connect(peer)?;
+        self.socket = socket;
+        Ok(())
     }
 
     /// Send every datagram quiche has ready.

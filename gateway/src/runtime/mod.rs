@@ -189,8 +189,8 @@ struct Shard {
     draining: Cell<bool>,
     /// Woken when the last connection ends during a drain.
     idle_waker: Cell<Option<Waker>>,
-    /// Wakes the shard's QUIC task (for the drain).
-    quic_notice: RefCell<Option<Rc<quic::MailNotice>>>,
+    /// The shard's QUIC side, for the drain.
+    quic: RefCell<Option<Rc<quic::QuicShard>>>,
 }
 
 /// Open the shard's log and rebuild its state, reporting progress.
@@ -295,7 +295,7 @@ async fn run_shard(plan: ShardPlan) {
         next_connection: Cell::new(0),
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
-        quic_notice: RefCell::new(None),
+        quic: RefCell::new(None),
     });
     glommio::spawn_local(run_router(
         shard.clone(),
@@ -324,8 +324,9 @@ async fn run_shard(plan: ShardPlan) {
     for mailbox in shard.connections.borrow().values() {
         mailbox.wake();
     }
-    if let Some(notice) = shard.quic_notice.borrow().as_ref() {
-        notice.wake();
+    let quic = shard.quic.borrow().clone();
+    if let Some(quic) = &quic {
+        quic.wake_for_drain();
     }
     let open = shard.connections.borrow().len();
     tracing::info!(
@@ -341,6 +342,13 @@ async fn run_shard(plan: ShardPlan) {
             Poll::Pending
         }
     }));
+    // QUIC's close frames are datagrams still queued for the sender: wait for them too.
+    let all_closed = Box::pin(async move {
+        all_closed.await;
+        if let Some(quic) = &quic {
+            quic.output_sent().await;
+        }
+    });
     let deadline = Box::pin(Timer::new(plan.drain_timeout));
     match select(all_closed, deadline).await {
         Either::Left(_) => tracing::info!(shard = plan.index, "drained"),
@@ -349,7 +357,7 @@ async fn run_shard(plan: ShardPlan) {
             left = shard.connections.borrow().len(),
             "drain_timeout reached; dropping the remaining connections"
         ),
-    }
+    };
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, max_connections: usize) {

@@ -7,7 +7,7 @@
 //!   drain and backpressure's end;
 //! - **send**: writes the endpoint's datagrams, each no earlier than quiche's pacing time.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
@@ -72,12 +72,37 @@ impl MailNotice {
     }
 }
 
-struct QuicShard {
+pub(super) struct QuicShard {
     endpoint: RefCell<QuicEndpoint>,
     socket: UdpSocket,
     mesh: RefCell<MeshEnds<ForwardedDatagram>>,
     notice: Rc<MailNotice>,
     sender_waker: RefCell<Option<Waker>>,
+    /// Woken when the sender runs out of datagrams (the drain waits for that).
+    sent_waker: RefCell<Option<Waker>>,
+    /// The instant the driver's timer is armed for: a turn of another task that makes an
+    /// earlier timer due wakes the driver to re-arm.
+    timer_armed: Cell<Option<Instant>>,
+}
+
+impl QuicShard {
+    /// The shard drains: the driver closes every QUIC session.
+    pub(super) fn wake_for_drain(&self) {
+        self.notice.wake();
+    }
+
+    /// Resolves once no datagram waits to be sent.
+    pub(super) async fn output_sent(&self) {
+        futures::future::poll_fn(|cx| {
+            if self.endpoint.borrow().has_output() {
+                *self.sent_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
 }
 
 /// Build the endpoint and start the shard's QUIC tasks.
@@ -97,15 +122,16 @@ pub(super) fn spawn(shard: &Rc<Shard>, plan: QuicPlan) -> Result<(), String> {
     );
     // SAFETY: main created this UDP socket for this shard alone and gave up its fd.
     let socket = unsafe { UdpSocket::from_raw_fd(plan.socket.into_raw_fd()) };
-    let notice = Rc::new(MailNotice::default());
-    *shard.quic_notice.borrow_mut() = Some(notice.clone());
     let quic = Rc::new(QuicShard {
         endpoint: RefCell::new(endpoint),
         socket,
         mesh: RefCell::new(plan.mesh),
-        notice,
+        notice: Rc::new(MailNotice::default()),
         sender_waker: RefCell::new(None),
+        sent_waker: RefCell::new(None),
+        timer_armed: Cell::new(None),
     });
+    *shard.quic.borrow_mut() = Some(quic.clone());
     glommio::spawn_local(receive(shard.clone(), quic.clone())).detach();
     glommio::spawn_local(drive(shard.clone(), quic.clone())).detach();
     glommio::spawn_local(send(shard.clone(), quic)).detach();
@@ -232,6 +258,7 @@ fn poll_drive(
     finish_turn(shard, quic, now);
 
     let next = quic.endpoint.borrow().next_timer();
+    quic.timer_armed.set(next);
     if let Some(deadline) = next {
         if driver.timer.as_ref().is_none_or(|(at, _)| *at != deadline) {
             let wait = deadline.saturating_duration_since(now.instant);
@@ -292,7 +319,11 @@ fn finish_turn(shard: &Shard, quic: &QuicShard, now: Now) {
         }
     }
     let has_output = endpoint.has_output();
+    let next_timer = endpoint.next_timer();
     drop(endpoint);
+    if next_timer.is_some_and(|at| quic.timer_armed.get().is_none_or(|armed| at < armed)) {
+        quic.notice.wake();
+    }
     if kicked {
         shard.kick();
     }
@@ -320,6 +351,11 @@ async fn send(shard: Rc<Shard>, quic: Rc<QuicShard>) {
             }
             glommio::yield_if_needed().await;
             continue;
+        }
+        if let Some(waker) = quic.sent_waker.borrow_mut().take() {
+            if !quic.endpoint.borrow().has_output() {
+                waker.wake();
+            }
         }
         futures::future::poll_fn(|cx| {
             *quic.sender_waker.borrow_mut() = Some(cx.waker().clone());

@@ -23,6 +23,7 @@ pub struct Daemon {
     child: Option<Child>,
     pub ws: SocketAddr,
     pub admin: SocketAddr,
+    pub quic: SocketAddr,
     pub data_dir: tempfile::TempDir,
     stderr: mpsc::Receiver<String>,
     /// What it logged until it was listening.
@@ -69,6 +70,7 @@ pub struct Launched {
     pub child: Child,
     pub ws: SocketAddr,
     pub admin: SocketAddr,
+    pub quic: SocketAddr,
     pub stderr: mpsc::Receiver<String>,
     /// The lines logged up to and including the listening line (recovery's among them).
     pub startup: Vec<String>,
@@ -111,10 +113,17 @@ pub fn launch(args: &[String]) -> Launched {
                 .trim_start_matches("admin=")
                 .parse()
                 .unwrap();
+            let quic = words
+                .next()
+                .unwrap()
+                .trim_start_matches("quic=")
+                .parse()
+                .unwrap();
             return Launched {
                 child,
                 ws,
                 admin,
+                quic,
                 stderr: rx,
                 startup,
             };
@@ -148,6 +157,7 @@ impl Daemon {
             child,
             ws,
             admin,
+            quic,
             stderr,
             startup,
         } = launch(&args);
@@ -155,6 +165,7 @@ impl Daemon {
             child: Some(child),
             ws,
             admin,
+            quic,
             data_dir,
             stderr,
             startup,

@@ -1,8 +1,8 @@
 """Fixtures and helpers for the independent-client tests of parleyd.
 
 Nothing here imports or calls Parley's Rust code: tokens are minted with hmac/hashlib,
-the daemon is driven only through its command line, its WebSocket listener and its
-admin HTTP listener.
+the daemon is driven only through its command line, its WebSocket listener, its QUIC
+listener and its admin HTTP listener.
 
 The binary is $PARLEYD if set, else <repo>/target/debug/parleyd, where <repo> is three
 directories above this file. Build it with:
@@ -40,7 +40,9 @@ STOP_TIMEOUT_S = 15.0
 # Every exchange with the gateway is bounded by this (seconds).
 IO_TIMEOUT_S = 5.0
 
-_LISTENING = re.compile(r"listening ws=(\S+):(\d+) admin=(\S+):(\d+)")
+_LISTENING = re.compile(r"listening ws=(\S+):(\d+) admin=(\S+):(\d+)(?: quic=(\S+):(\d+))?")
+# Logged before `listening`: the QUIC certificate's file and SHA-256 fingerprint (of its DER).
+_QUIC_CERT = re.compile(r"QUIC certificate.* cert=(\S+) sha256=([0-9A-Fa-f:]+)")
 
 
 def parleyd_binary() -> Path:
@@ -95,6 +97,11 @@ class Parleyd:
     ws_port: int = 0
     admin_port: int = 0
     secret: str = SECRET
+    data_dir: Path | None = None
+    # The QUIC listener, and the certificate it serves (as logged at start).
+    quic_port: int = 0
+    quic_cert_path: Path | None = None
+    quic_cert_sha256: str | None = None
     log: list[str] = field(default_factory=list)
     _lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
 
@@ -138,10 +145,16 @@ class Parleyd:
                     f"parleyd exited with {code} before listening; stderr:\n{self.stderr_text()}",
                     pytrace=False,
                 )
+            cert = _QUIC_CERT.search(line)
+            if cert:
+                self.quic_cert_path = Path(cert.group(1))
+                self.quic_cert_sha256 = cert.group(2).upper()
             match = _LISTENING.search(line)
             if match:
                 self.ws_port = int(match.group(2))
                 self.admin_port = int(match.group(4))
+                if match.group(6) is not None:
+                    self.quic_port = int(match.group(6))
                 return
 
     def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
@@ -214,7 +227,7 @@ def start_parleyd(data_dir: Path, *extra: str, secret: str = SECRET) -> Parleyd:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
     env["PARLEY_LOG"] = "info"
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    daemon = Parleyd(proc=proc, secret=secret)
+    daemon = Parleyd(proc=proc, secret=secret, data_dir=data_dir)
     daemon.wait_listening()
     return daemon
 
