@@ -114,8 +114,10 @@ pub struct QuicSession {
     documents: VecDeque<String>,
     /// Typing events that arrived as DATAGRAM frames.
     pub datagrams_received: u64,
-    scratch: Box<[u8]>,
 }
+
+/// Bytes read from quiche per call (on the stack: a session keeps no read buffer).
+const READ_CHUNK: usize = 4096;
 
 impl QuicSession {
     pub fn connect(
@@ -137,7 +139,6 @@ impl QuicSession {
             pending: Vec::new(),
             documents: VecDeque::new(),
             datagrams_received: 0,
-            scratch: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
 
@@ -236,25 +237,23 @@ impl QuicSession {
     }
 
     fn read(&mut self) {
-        while let Ok(n) = self.conn.dgram_recv(&mut self.scratch) {
+        let mut chunk = [0u8; READ_CHUNK];
+        while let Ok(n) = self.conn.dgram_recv(&mut chunk) {
             self.datagrams_received += 1;
             self.documents
-                .push_back(String::from_utf8_lossy(&self.scratch[..n]).into_owned());
+                .push_back(String::from_utf8_lossy(&chunk[..n]).into_owned());
         }
-        while let Ok((n, _fin)) = self.conn.stream_recv(SESSION_STREAM, &mut self.scratch) {
+        while let Ok((n, _fin)) = self.conn.stream_recv(SESSION_STREAM, &mut chunk) {
             let documents = &mut self.documents;
-            self.reader.push(
-                &self.scratch[..n],
-                MAX_DOCUMENT_BYTES,
-                |frame| match frame {
+            self.reader
+                .push(&chunk[..n], MAX_DOCUMENT_BYTES, |frame| match frame {
                     Frame::Document(bytes) => {
                         documents.push_back(String::from_utf8_lossy(bytes).into_owned())
                     }
                     Frame::Oversized(len) => documents.push_back(format!(
                         "{{\"client_error\":\"document of {len} bytes skipped\"}}"
                     )),
-                },
-            );
+                });
         }
     }
 }

@@ -58,6 +58,7 @@ fn scrubbed(program: impl Into<PathBuf>) -> Command {
 struct Parleyd {
     child: Child,
     ws: SocketAddr,
+    quic: SocketAddr,
     data_dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -91,8 +92,8 @@ impl Parleyd {
             // Keep reading to the end so the daemon never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(ws) = listening_ws(&line) {
-                        let _ = tx.send(ws);
+                    if let Some(addresses) = listening(&line) {
+                        let _ = tx.send(addresses);
                     }
                     let mut log = log.lock().unwrap();
                     if log.len() == LOG_KEEP {
@@ -106,11 +107,12 @@ impl Parleyd {
         let mut daemon = Parleyd {
             child,
             ws: SocketAddr::from(([0, 0, 0, 0], 0)),
+            quic: SocketAddr::from(([0, 0, 0, 0], 0)),
             data_dir,
             log,
         };
         match rx.recv_timeout(START_LIMIT) {
-            Ok(ws) => daemon.ws = ws,
+            Ok((ws, quic)) => (daemon.ws, daemon.quic) = (ws, quic),
             Err(_) => panic!(
                 "parleyd never said it was listening; its log:\n{}",
                 daemon.log_text()
@@ -140,7 +142,18 @@ impl Parleyd {
     /// Run parley-load `scenario` against this daemon, with its secret, short setup and
     /// drain bounds and `args`.
     fn load(&self, scenario: &str, args: &[&str]) -> Run {
-        let mut all = self.target_args();
+        self.load_at(self.target_args(), scenario, args)
+    }
+
+    /// As `load`, over QUIC.
+    fn load_quic(&self, scenario: &str, args: &[&str]) -> Run {
+        let mut target = self.target_args();
+        target[1] = self.quic.to_string();
+        target.push("--quic".into());
+        self.load_at(target, scenario, args)
+    }
+
+    fn load_at(&self, mut all: Vec<String>, scenario: &str, args: &[&str]) -> Run {
         all.extend(
             [
                 "--setup-timeout",
@@ -162,14 +175,15 @@ impl Drop for Parleyd {
     }
 }
 
-/// `127.0.0.1:40000` out of `... listening ws=127.0.0.1:40000 admin=...`.
-fn listening_ws(line: &str) -> Option<SocketAddr> {
-    line.split("listening ws=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
+/// The WebSocket and QUIC addresses out of `... listening ws=A admin=B quic=C ...`.
+fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut words = line.split("listening ws=").nth(1)?.split_whitespace();
+    let ws = words.next()?.parse().ok()?;
+    let quic = words
+        .find_map(|word| word.strip_prefix("quic="))?
         .parse()
-        .ok()
+        .ok()?;
+    Some((ws, quic))
 }
 
 /// A finished parley-load run.
@@ -754,4 +768,58 @@ fn nothing_listening_ends_after_the_setup_timeout_and_fails() {
         "errors do not show the failed connects: {:?}",
         report.errors
     );
+}
+
+#[test]
+fn chat_1to1_over_quic_delivers_everything() {
+    let daemon = Parleyd::start();
+    let run = daemon.load_quic(
+        "chat-1to1",
+        &[
+            "--connections",
+            "40",
+            "--rate",
+            "400",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 40);
+    let t = &report.throughput;
+    ensure!(
+        run,
+        within(t.acked_per_s, 400.0, 0.2) && within(t.delivered_per_s, t.acked_per_s, 0.01),
+        "throughput: {t:?}"
+    );
+}
+
+#[test]
+fn reconnect_storm_over_quic_resumes_every_dropped_session() {
+    let daemon = Parleyd::start();
+    let run = daemon.load_quic(
+        "reconnect-storm",
+        &[
+            "--connections",
+            "100",
+            "--rate",
+            "200",
+            "--drop",
+            "50",
+            "--storm-at",
+            "500ms",
+            "--jitter",
+            "300ms",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "2s",
+        ],
+    );
+    let report = run.report();
+    assert_verified(&run, &report, 100);
+    let resume = run.latency(&report, "storm_resume");
+    ensure!(run, resume.count == 50, "storm_resume: {resume:?}");
 }

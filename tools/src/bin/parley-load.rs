@@ -91,13 +91,18 @@ enum Scenario {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// WebSocket address of parleyd.
+    /// Address of parleyd: its WebSocket listener, or with --quic its QUIC listener.
     #[arg(long, default_value = "127.0.0.1:7070")]
     target: SocketAddr,
-    /// `parley`, or `nats` for the peer comparison against nats-server's WebSocket
-    /// listener (core NATS: no acknowledgements, no persistence; idle and chat-1to1).
+    /// `parley` (WebSocket), `quic` (Parley over QUIC), or `nats` for the peer comparison
+    /// against nats-server's WebSocket listener (core NATS: no acknowledgements, no
+    /// persistence; idle and chat-1to1).
     #[arg(long, default_value = "parley", value_parser = parse_protocol)]
     protocol: Protocol,
+    /// Speak QUIC to --target (the same as --protocol quic). The certificate is not
+    /// verified: this is a measuring tool for loopback and lab networks.
+    #[arg(long)]
+    quic: bool,
     /// Sessions to open (each a distinct user).
     #[arg(long, default_value_t = 1000)]
     connections: u32,
@@ -165,7 +170,8 @@ fn parse_protocol(text: &str) -> Result<Protocol, String> {
     match text {
         "parley" => Ok(Protocol::Parley),
         "nats" => Ok(Protocol::Nats),
-        _ => Err(format!("{text:?}: use parley or nats")),
+        "quic" => Ok(Protocol::Quic),
+        _ => Err(format!("{text:?}: use parley, quic or nats")),
     }
 }
 
@@ -307,10 +313,17 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
             Some(mix),
         ),
     };
-    let secret = match common.protocol {
+    let protocol = if common.quic {
+        Protocol::Quic
+    } else {
+        common.protocol
+    };
+    let secret = match protocol {
         // NATS runs without authentication; no token is minted.
         Protocol::Nats => String::new(),
-        Protocol::Parley => load_secret(common.secret.as_deref(), common.data_dir.as_deref())?,
+        Protocol::Parley | Protocol::Quic => {
+            load_secret(common.secret.as_deref(), common.data_dir.as_deref())?
+        }
     };
     let tag = common.tag.clone().unwrap_or_else(|| {
         let nanos = SystemTime::now()
@@ -320,7 +333,7 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
     });
     let plan = Plan {
         kind,
-        protocol: common.protocol,
+        protocol,
         tag,
         clients: common.connections,
         target: common.target,

@@ -1,5 +1,5 @@
-//! One simulated user: its socket, its WebSocket, the commands it has in flight and
-//! what it has received. Driven by its worker's event loop; never blocks.
+//! One simulated user: its socket, its WebSocket or QUIC session, the commands it has in
+//! flight and what it has received. Driven by its worker's event loop; never blocks.
 //!
 //! A client reconnects by itself whenever its session ends (a storm drop, a close from
 //! the server, a connect failure), with jittered exponential backoff, and resumes its
@@ -12,7 +12,7 @@ use std::io::{self, ErrorKind};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use mio::net::TcpStream;
+use mio::net::{TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::ClientHandshake;
@@ -24,6 +24,7 @@ use super::nats::{self, ServerOp};
 use super::scenario::{Kind, MixedOp, Plan, Protocol, Role};
 use super::stats::{Live, Stats};
 use super::wire::{self, Incoming, Stamp};
+use crate::quic::{QuicOptions, QuicSession, Trust, MAX_UDP_PAYLOAD};
 
 /// Timers a worker keeps: (due, client slot, what).
 pub type Timers = BinaryHeap<Reverse<(u64, u32, Timer)>>;
@@ -38,6 +39,8 @@ pub enum Timer {
     Drop,
     /// A ping, for the idle scenario's latency round.
     Ping,
+    /// quiche's timer (loss recovery, idle) of a QUIC session.
+    Quic,
 }
 
 /// The run's clock and windows, in nanoseconds since the run's epoch.
@@ -70,6 +73,8 @@ pub struct Ctx<'a> {
     pub registry: &'a Registry,
     /// Slots with unflushed writes.
     pub dirty: &'a mut Vec<u32>,
+    /// The worker's quiche client configuration, when the run speaks QUIC.
+    pub quic: Option<&'a mut quiche::Config>,
 }
 
 impl Ctx<'_> {
@@ -86,6 +91,18 @@ enum Conn {
     Connecting(TcpStream),
     Handshaking(MidHandshake<ClientHandshake<TcpStream>>),
     Open(WebSocket<TcpStream>),
+    Quic(Box<QuicLink>),
+}
+
+/// A QUIC session and its own UDP socket.
+struct QuicLink {
+    socket: UdpSocket,
+    session: QuicSession,
+    local: SocketAddr,
+    /// The handshake completed and `opened` ran.
+    open: bool,
+    /// The instant (run ns) quiche's timer is queued for.
+    timer_at: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,6 +268,15 @@ impl Client {
         self.ready
     }
 
+    /// A session is up: a WebSocket after its upgrade, QUIC after its handshake.
+    fn is_open(&self) -> bool {
+        match &self.conn {
+            Conn::Open(_) => true,
+            Conn::Quic(link) => link.open,
+            _ => false,
+        }
+    }
+
     fn random(&mut self) -> u64 {
         // xorshift64*: cheap, and per client so runs are repeatable.
         self.rng ^= self.rng >> 12;
@@ -265,6 +291,9 @@ impl Client {
             return;
         }
         self.connect_due = due;
+        if ctx.plan.protocol == Protocol::Quic {
+            return self.connect_quic(ctx);
+        }
         match open_socket(ctx.plan, self.index) {
             Ok(mut stream) => {
                 match ctx.registry.register(
@@ -334,6 +363,10 @@ impl Client {
                     self.flush(ctx);
                     return;
                 }
+                Conn::Quic(link) => {
+                    self.conn = Conn::Quic(link);
+                    return self.quic_input(ctx);
+                }
             }
             if !matches!(self.conn, Conn::Open(_)) {
                 return;
@@ -398,14 +431,25 @@ impl Client {
         if self.nats.is_some() {
             return self.nats_opened(ctx);
         }
+        // Over QUIC the token travels in the first document, which must be hello.
+        let token = match self.conn {
+            Conn::Quic(_) => format!(r#""token":"{}""#, self.token),
+            _ => String::new(),
+        };
         match self.resume {
             Resume::Needed { since, storm } => {
                 let conv = self.conv.clone().unwrap_or_default();
-                let fields = wire::cursors("resume", &[(&conv, self.received.contiguous)]);
+                let mut fields = wire::cursors("resume", &[(&conv, self.received.contiguous)]);
+                if !token.is_empty() {
+                    fields = format!("{token},{fields}");
+                }
                 self.command(ctx, Command::Hello, "hello", &fields);
                 self.resume = Resume::Running { since, storm };
             }
             _ => {
+                if !token.is_empty() {
+                    self.command(ctx, Command::Hello, "hello", &token);
+                }
                 let latency = ctx.now.saturating_sub(self.connect_due);
                 ctx.stats.record("connect", latency);
             }
@@ -484,6 +528,15 @@ impl Client {
     }
 
     fn write_out(&mut self, ctx: &mut Ctx) {
+        if let Conn::Quic(link) = &mut self.conn {
+            link.session.send_document(&self.out);
+            self.out.clear();
+            if !self.dirty {
+                self.dirty = true;
+                ctx.dirty.push(self.slot);
+            }
+            return;
+        }
         let Conn::Open(ws) = &mut self.conn else {
             return;
         };
@@ -507,6 +560,9 @@ impl Client {
     /// Write out what is buffered; called once per loop turn for each dirty client.
     pub fn flush(&mut self, ctx: &mut Ctx) {
         self.dirty = false;
+        if let Conn::Quic(_) = self.conn {
+            return self.quic_output(ctx);
+        }
         let Conn::Open(ws) = &mut self.conn else {
             return;
         };
@@ -711,6 +767,9 @@ impl Client {
             Conn::Open(mut ws) => {
                 let _ = ctx.registry.deregister(ws.get_mut());
             }
+            Conn::Quic(mut link) => {
+                let _ = ctx.registry.deregister(&mut link.socket);
+            }
         }
         // Commands other than sends are not resent: they stop being outstanding.
         let lost = self
@@ -746,7 +805,7 @@ impl Client {
 
     /// The reconnect storm: vanish now, come back after a jittered delay, resume.
     pub fn storm_drop(&mut self, ctx: &mut Ctx, jitter_ns: u64) {
-        if !matches!(self.conn, Conn::Open(_)) || self.conv.is_none() {
+        if !self.is_open() || self.conv.is_none() {
             return;
         }
         if let Resume::Running { storm: true, .. } | Resume::Needed { storm: true, .. } =
@@ -780,7 +839,7 @@ impl Client {
             None if self.nats.is_some() => String::new(),
             None => return,
         };
-        let usable = matches!(self.conn, Conn::Open(_)) && self.resume == Resume::None;
+        let usable = self.is_open() && self.resume == Resume::None;
         match op {
             MixedOp::Send => {
                 self.counter += 1;
@@ -825,7 +884,7 @@ impl Client {
 
     /// Idle scenario: one ping now.
     pub fn ping(&mut self, ctx: &mut Ctx) {
-        if !matches!(self.conn, Conn::Open(_)) || !self.ready {
+        if !self.is_open() || !self.ready {
             return;
         }
         if self.nats.is_some() {
@@ -959,7 +1018,7 @@ impl Client {
     /// Write queued sends while the in-flight cap allows.
     fn pump(&mut self, ctx: &mut Ctx) {
         let resume_sent = !matches!(self.resume, Resume::Needed { .. });
-        if !matches!(self.conn, Conn::Open(_)) || !self.ready || !resume_sent {
+        if !self.is_open() || !self.ready || !resume_sent {
             return;
         }
         if self.nats.is_some() {
@@ -1003,8 +1062,132 @@ impl Client {
                 second.sent += 1;
             }
             self.write_out(ctx);
-            if !matches!(self.conn, Conn::Open(_)) {
+            if !self.is_open() {
                 return;
+            }
+        }
+    }
+
+    /// Open a QUIC session on its own UDP socket from this client's source address.
+    fn connect_quic(&mut self, ctx: &mut Ctx) {
+        let Some(config) = ctx.quic.as_deref_mut() else {
+            return self.connect_failed(ctx, "no QUIC configuration");
+        };
+        let bound =
+            std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(ctx.plan.source(self.index)), 0))
+                .and_then(|socket| {
+                    socket.set_nonblocking(true)?;
+                    socket.connect(ctx.plan.target)?;
+                    let local = socket.local_addr()?;
+                    Ok((UdpSocket::from_std(socket), local))
+                });
+        let (mut socket, local) = match bound {
+            Ok(bound) => bound,
+            Err(error) => return self.connect_failed(ctx, &format!("{:?}", error.kind())),
+        };
+        let options = QuicOptions {
+            trust: Trust::Insecure,
+            server_name: "localhost".into(),
+            datagrams: true,
+        };
+        let session = match QuicSession::connect(config, &options, local, ctx.plan.target) {
+            Ok(session) => session,
+            Err(error) => return self.connect_failed(ctx, &error.to_string()),
+        };
+        if let Err(error) =
+            ctx.registry
+                .register(&mut socket, Token(self.slot as usize), Interest::READABLE)
+        {
+            return self.connect_failed(ctx, &error.to_string());
+        }
+        self.conn = Conn::Quic(Box::new(QuicLink {
+            socket,
+            session,
+            local,
+            open: false,
+            timer_at: None,
+        }));
+        self.quic_output(ctx);
+    }
+
+    /// Datagrams arrived: feed them to quiche, then handle what the session has.
+    fn quic_input(&mut self, ctx: &mut Ctx) {
+        let Conn::Quic(link) = &mut self.conn else {
+            return;
+        };
+        let mut buffer = [0u8; 2048];
+        loop {
+            match link.socket.recv_from(&mut buffer) {
+                Ok((len, from)) => link
+                    .session
+                    .on_datagram(&mut buffer[..len], from, link.local),
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                // An ICMP error from an earlier send; the session's timers decide.
+                Err(_) => break,
+            }
+        }
+        self.quic_progress(ctx);
+    }
+
+    /// quiche's timer fired (if `due` is still the one queued).
+    pub fn quic_timer(&mut self, ctx: &mut Ctx, due: u64) {
+        let Conn::Quic(link) = &mut self.conn else {
+            return;
+        };
+        if link.timer_at != Some(due) {
+            return;
+        }
+        link.timer_at = None;
+        link.session.on_timeout();
+        self.quic_progress(ctx);
+    }
+
+    /// Open the session once the handshake is done, read its documents, notice its end.
+    fn quic_progress(&mut self, ctx: &mut Ctx) {
+        let Conn::Quic(link) = &mut self.conn else {
+            return;
+        };
+        match link.session.is_ready() {
+            Ok(true) if !link.open => {
+                link.open = true;
+                self.opened(ctx);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let why = match error {
+                    crate::quic::QuicClientError::Closed { code, .. } => format!("close: {code}"),
+                    other => other.to_string(),
+                };
+                return self.closed(ctx, &why);
+            }
+        }
+        loop {
+            let Conn::Quic(link) = &mut self.conn else {
+                return;
+            };
+            let Some(document) = link.session.next_document() else {
+                break;
+            };
+            self.document(ctx, &document);
+        }
+        self.quic_output(ctx);
+    }
+
+    /// Send what quiche has and queue its timer.
+    fn quic_output(&mut self, ctx: &mut Ctx) {
+        let Conn::Quic(link) = &mut self.conn else {
+            return;
+        };
+        let mut out = [0u8; MAX_UDP_PAYLOAD];
+        while let Some((len, to)) = link.session.poll_transmit(&mut out) {
+            // A full socket buffer loses the datagram; quiche's recovery resends it.
+            let _lost = link.socket.send_to(&out[..len], to);
+        }
+        if let Some(wait) = link.session.timeout() {
+            let at = ctx.now + wait.as_nanos() as u64;
+            if link.timer_at.is_none_or(|armed| at < armed) {
+                link.timer_at = Some(at);
+                ctx.timers.push(Reverse((at, self.slot, Timer::Quic)));
             }
         }
     }

@@ -37,6 +37,8 @@ pub enum Protocol {
     Parley,
     /// Core NATS over nats-server's WebSocket listener: the peer comparison.
     Nats,
+    /// Parley over QUIC (ALPN `parley/1`), one UDP socket per session.
+    Quic,
 }
 
 /// Relative weights of the mixed scenario's operations.

@@ -13,7 +13,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::client::{Client, Ctx, Outcome, Timer, Timers, Window};
-use super::scenario::Plan;
+use super::scenario::{Plan, Protocol};
 use super::stats::{Live, Stats};
 
 /// Phases the main thread moves the workers through.
@@ -98,6 +98,17 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         timers,
         dirty: Vec::new(),
         registry,
+        quic: match plan.protocol {
+            Protocol::Quic => Some(
+                crate::quic::client_config(&crate::quic::QuicOptions {
+                    trust: crate::quic::Trust::Insecure,
+                    server_name: "localhost".into(),
+                    datagrams: true,
+                })
+                .map_err(|error| error.to_string())?,
+            ),
+            _ => None,
+        },
     };
     let mut events = Events::with_capacity(1024);
     let mut ping_round = 0;
@@ -144,6 +155,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
                     client.storm_drop(&mut ctx, jitter);
                 }
                 Timer::Ping => client.ping(&mut ctx),
+                Timer::Quic => client.quic_timer(&mut ctx, due),
             }
         }
         state.flush(&mut clients, shared.now());
@@ -189,6 +201,8 @@ struct LoopState<'a> {
     /// Slots with unflushed writes.
     dirty: Vec<u32>,
     registry: Registry,
+    /// quiche's client configuration (one per worker: it holds a TLS context).
+    quic: Option<quiche::Config>,
 }
 
 impl LoopState<'_> {
@@ -202,6 +216,7 @@ impl LoopState<'_> {
             timers: &mut self.timers,
             registry: &self.registry,
             dirty: &mut self.dirty,
+            quic: self.quic.as_mut(),
         }
     }
 

@@ -1,0 +1,779 @@
+"""parleyd's QUIC transport through an independent client: aioquic, hand-minted JWTs.
+
+PROTOCOL.md section 1 over QUIC: ALPN `parley/1`; the session is the client's first
+bidirectional stream (id 0), each document a 4-byte big-endian length then that many
+bytes of UTF-8 JSON; `typing` may also travel as a DATAGRAM frame (one document, no
+length prefix). Close codes are QUIC application error codes (4001, 4002, 1001).
+
+Covered here, each against a two-shard parleyd:
+
+1. chat between a QUIC user and a WebSocket user, both directions;
+2. the session surviving changes of the client's source port (NAT rebinding and active
+   migration to a new connection id), packets landing on the other shard included;
+3. `typing` as DATAGRAM frames, both directions;
+4. hostile datagrams (garbage, truncated Initials, an Initial that never answers the
+   retry, a flood of unknown connection ids) next to a live session;
+5. authentication: a first document that is not `hello`, a bad token, and no document;
+6. TLS resumption with a session ticket, and `hello` sent as 0-RTT early data.
+
+Two clients: `QuicSession`, aioquic's asyncio protocol, and `SansIoQuicSession`, aioquic's
+sans-IO `QuicConnection` on UDP sockets this file binds (so a test chooses the source
+port and can move to a new one). Both share the framing of `QuicDocuments`. The
+WebSocket peer is `WsSession`. Every wait is bounded (a timeout fails the test); nothing
+sleeps to synchronise. Run from the repo root:
+
+    cargo build -p parley-gateway
+    python3 -m pytest -q -p no:cacheprovider gateway/tests/python
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import time
+from typing import Callable
+
+import pytest
+from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.logger import QuicLogger
+from aioquic.tls import SessionTicket
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from conftest import IO_TIMEOUT_S, STOP_TIMEOUT_S, Parleyd, mint_token, run, start_parleyd, ws_connect
+
+ALPN = "parley/1"
+SESSION_STREAM = 0
+LENGTH_PREFIX = struct.Struct(">I")
+MAX_DATAGRAM_FRAME_BYTES = 65536
+
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_AUTH_TIMEOUT = 4002
+
+# How often test 2 moves the client to a new UDP socket (at least; see there).
+REBINDS = 8
+# Short-header packets with unknown connection ids in test 4's flood.
+FLOOD_PACKETS = 5000
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """One parleyd (two shards, default QUIC settings: retry on) shared by the tests
+    that need no special flags. Each test uses its own user names."""
+    daemon = start_parleyd(tmp_path_factory.mktemp("parleyd-quic"))
+    assert daemon.quic_port, f"no quic= in parleyd's listening line:\n{daemon.stderr_text()}"
+    yield daemon
+    try:
+        code = daemon.terminate()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"shared parleyd did not exit within {STOP_TIMEOUT_S}s of SIGTERM")
+    assert code == 0, f"shared parleyd exited {code}; stderr:\n{daemon.stderr_text()}"
+
+
+def quic_metric(daemon: Parleyd, name: str) -> float:
+    """A QUIC metric summed over the shards."""
+    return daemon.metric_sum(name)
+
+
+# ---------------------------------------------------------------- documents
+
+
+def encode(document: dict) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Inbox:
+    """Documents received on one session, kept until a test takes them: `take` waits
+    (bounded) for the oldest one a predicate accepts and leaves the others."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.pending: list[dict] = []
+        self.received: list[dict] = []  # everything, in arrival order, for failure messages
+        self.ended: str | None = None
+        self._arrived = asyncio.Event()
+
+    def put(self, document: dict) -> None:
+        self.pending.append(document)
+        self.received.append(document)
+        self._arrived.set()
+
+    def end(self, why: str) -> None:
+        if self.ended is None:
+            self.ended = why
+        self._arrived.set()
+
+    def holds(self, predicate: Callable[[dict], bool]) -> bool:
+        return any(predicate(document) for document in self.pending)
+
+    async def take(self, what: str, predicate: Callable[[dict], bool], timeout: float = IO_TIMEOUT_S) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for index, document in enumerate(self.pending):
+                if predicate(document):
+                    return self.pending.pop(index)
+            if self.ended is not None:
+                raise AssertionError(f"{self.name}: {self.ended} while waiting for {what}; received {self.received}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: no {what} within {timeout}s; received {self.received}")
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+
+def is_event(ev: str, **match) -> Callable[[dict], bool]:
+    return lambda doc: doc.get("ev") == ev and all(doc.get(k) == v for k, v in match.items())
+
+
+class ParleySession:
+    """Commands and replies over any transport; a subclass provides `_write`."""
+
+    name: str
+    inbox: Inbox
+
+    def _init_session(self, name: str) -> None:
+        self.name = name
+        self.inbox = Inbox(name)
+        self._next_id = 1
+
+    async def _write(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    async def send(self, op: str, **fields) -> int:
+        """Send one command; return its id."""
+        id_ = self._next_id
+        self._next_id += 1
+        await self._write(encode({"id": id_, "op": op, **fields}))
+        return id_
+
+    async def reply(self, id_: int, timeout: float = IO_TIMEOUT_S) -> dict:
+        return await self.inbox.take(f"reply to {id_}", lambda doc: "re" in doc and doc["re"] == id_, timeout)
+
+    async def ok(self, op: str, **fields) -> dict:
+        """Send a command and return its `ok` body (fail on `err`)."""
+        reply = await self.reply(await self.send(op, **fields))
+        assert "ok" in reply, f"{self.name}: {op} {fields} failed: {reply}"
+        return reply["ok"]
+
+    async def event(self, ev: str, timeout: float = IO_TIMEOUT_S, **match) -> dict:
+        """The oldest event named `ev` whose fields include `match` (others stay)."""
+        return await self.inbox.take(f"event {ev} {match}", is_event(ev, **match), timeout)
+
+
+# ---------------------------------------------------------------- WebSocket peer
+
+
+class WsSession(ParleySession):
+    """A WebSocket session; a reader task splits frames into documents for the inbox."""
+
+    def __init__(self, ws, name: str):
+        self._init_session(name)
+        self.ws = ws
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                for line in frame.split("\n"):
+                    if line.strip():
+                        self.inbox.put(json.loads(line))
+        except Exception as error:  # the connection failed: waiting tests must learn it
+            self.inbox.end(f"WebSocket failed: {error!r}")
+        self.inbox.end("WebSocket closed")
+
+    async def _write(self, payload: bytes) -> None:
+        await self.ws.send(payload.decode("utf-8"))
+
+
+@contextlib.asynccontextmanager
+async def open_ws_session(daemon: Parleyd, user: str):
+    """`user` over WebSocket, authenticated at the upgrade and joined to live delivery."""
+    async with ws_connect(daemon.ws_url, token=mint_token(user)) as ws:
+        session = WsSession(ws, f"{user}(ws)")
+        try:
+            await session.ok("conv.list")  # live delivery is certain from its reply on
+            yield session
+        finally:
+            session._reader.cancel()
+
+
+# ---------------------------------------------------------------- QUIC clients
+
+
+def client_configuration(
+    daemon: Parleyd,
+    *,
+    datagrams: bool = False,
+    session_ticket: SessionTicket | None = None,
+    quic_logger: QuicLogger | None = None,
+) -> QuicConfiguration:
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        server_name="localhost",  # a SAN of the development certificate
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_BYTES if datagrams else None,
+        session_ticket=session_ticket,
+        quic_logger=quic_logger,
+    )
+    # Certificate check: the development certificate parleyd wrote is the trust anchor
+    # (`cafile`). aioquic verifies with OpenSSL's X509Store, which accepts this
+    # self-signed leaf as trusted although it is not a CA certificate, so full
+    # verification (chain, dates, hostname) stays on: no CERT_NONE. Test 1 also checks
+    # that the SHA-256 of the served DER certificate is the fingerprint parleyd logged.
+    assert daemon.quic_cert_path is not None, "parleyd logged no QUIC certificate"
+    configuration.load_verify_locations(cafile=str(daemon.quic_cert_path))
+    return configuration
+
+
+class QuicDocuments(ParleySession):
+    """Parley over one aioquic connection (`self._quic`, `self.transmit()` from the
+    subclass): documents framed on stream 0, DATAGRAM frames, handshake and close."""
+
+    _quic: QuicConnection
+
+    def transmit(self) -> None:
+        raise NotImplementedError
+
+    def _init_quic_documents(self, name: str) -> None:
+        self._init_session(name)
+        loop = asyncio.get_running_loop()
+        self.datagrams = Inbox(f"{name} datagrams")
+        self.handshake: asyncio.Future[events.HandshakeCompleted] = loop.create_future()
+        self.terminated: asyncio.Future[events.ConnectionTerminated] = loop.create_future()
+        self._stream_bytes = bytearray()
+        # Stream ids, other than the session's, the server sent data on (none expected).
+        self.other_streams: set[int] = set()
+
+    def _on_quic_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            if not self.handshake.done():
+                self.handshake.set_result(event)
+        elif isinstance(event, events.StreamDataReceived):
+            if event.stream_id != SESSION_STREAM:
+                self.other_streams.add(event.stream_id)
+                return
+            self._stream_bytes += event.data
+            while len(self._stream_bytes) >= LENGTH_PREFIX.size:
+                (length,) = LENGTH_PREFIX.unpack_from(self._stream_bytes)
+                if len(self._stream_bytes) < LENGTH_PREFIX.size + length:
+                    break
+                document = bytes(self._stream_bytes[LENGTH_PREFIX.size : LENGTH_PREFIX.size + length])
+                del self._stream_bytes[: LENGTH_PREFIX.size + length]
+                self.inbox.put(json.loads(document.decode("utf-8")))
+            if event.end_stream:
+                self.inbox.end(f"server ended stream 0 ({len(self._stream_bytes)} bytes of a partial document left)")
+        elif isinstance(event, events.StreamReset):
+            if event.stream_id == SESSION_STREAM:
+                self.inbox.end(f"server reset stream 0 (error {event.error_code})")
+        elif isinstance(event, events.DatagramFrameReceived):
+            self.datagrams.put(json.loads(event.data.decode("utf-8")))
+        elif isinstance(event, events.ConnectionTerminated):
+            why = f"connection closed (error {event.error_code}, frame type {event.frame_type}, {event.reason_phrase!r})"
+            self.inbox.end(why)
+            self.datagrams.end(why)
+            if not self.handshake.done():
+                self.handshake.set_exception(ConnectionError(why))
+            if not self.terminated.done():
+                self.terminated.set_result(event)
+
+    async def _write(self, payload: bytes) -> None:
+        self.write_raw(LENGTH_PREFIX.pack(len(payload)) + payload)
+
+    def write_raw(self, data: bytes, end_stream: bool = False) -> None:
+        self._quic.send_stream_data(SESSION_STREAM, data, end_stream)
+        self.transmit()
+
+    def send_datagram(self, document: dict) -> None:
+        self._quic.send_datagram_frame(encode(document))
+        self.transmit()
+
+    async def hello(self, user: str, **fields) -> dict:
+        ok = await self.ok("hello", token=mint_token(user), **fields)
+        assert ok["user"] == user, ok
+        return ok
+
+    async def wait_handshake(self, timeout: float = IO_TIMEOUT_S) -> events.HandshakeCompleted:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.handshake), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.name}: QUIC handshake did not complete within {timeout}s") from None
+
+    async def wait_terminated(self, timeout: float = IO_TIMEOUT_S) -> events.ConnectionTerminated:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.terminated), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(
+                f"{self.name}: connection not closed within {timeout}s; received {self.inbox.received}"
+            ) from None
+
+    def served_certificate_sha256(self) -> str:
+        """The SHA-256 of the server's DER certificate, as parleyd logs it (AB:CD:...)."""
+        certificate = self._quic.tls._peer_certificate  # aioquic keeps it; no public accessor
+        assert certificate is not None
+        return hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest().upper()
+
+
+class QuicSession(QuicDocuments, QuicConnectionProtocol):
+    """aioquic's asyncio client protocol, carrying one Parley session."""
+
+    def __init__(self, *args, **kwargs):
+        QuicConnectionProtocol.__init__(self, *args, **kwargs)
+        self._init_quic_documents("quic")
+
+    def transmit(self) -> None:
+        QuicConnectionProtocol.transmit(self)
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        self._on_quic_event(event)
+
+
+@contextlib.asynccontextmanager
+async def open_quic(
+    daemon: Parleyd,
+    name: str,
+    *,
+    datagrams: bool = False,
+    session_ticket: SessionTicket | None = None,
+    on_session_ticket: Callable[[SessionTicket], None] | None = None,
+):
+    """A handshaken QUIC connection to `daemon` (no document sent yet)."""
+    configuration = client_configuration(daemon, datagrams=datagrams, session_ticket=session_ticket)
+    async with connect(
+        "127.0.0.1",
+        daemon.quic_port,
+        configuration=configuration,
+        create_protocol=QuicSession,
+        session_ticket_handler=on_session_ticket,
+        wait_connected=False,
+    ) as session:
+        session.name = name
+        session.inbox.name = name
+        session.transmit()  # connect(wait_connected=False) left the first Initial queued
+        await session.wait_handshake()
+        yield session
+
+
+class _UdpReceiver(asyncio.DatagramProtocol):
+    def __init__(self, session: "SansIoQuicSession"):
+        self.session = session
+        self.closed = False
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if not self.closed:
+            self.session.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors (e.g. after a rebind) change nothing: QUIC recovers
+
+
+class SansIoQuicSession(QuicDocuments):
+    """aioquic's sans-IO `QuicConnection` on UDP sockets this class binds, so the test
+    decides the client's source port, and can move the connection to a new one."""
+
+    def __init__(
+        self,
+        daemon: Parleyd,
+        name: str,
+        configuration: QuicConfiguration,
+        on_session_ticket: Callable[[SessionTicket], None] | None = None,
+    ):
+        self._init_quic_documents(name)
+        self._loop = asyncio.get_running_loop()
+        self._quic = QuicConnection(configuration=configuration, session_ticket_handler=on_session_ticket)
+        self._server = ("127.0.0.1", daemon.quic_port)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._receiver: _UdpReceiver | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        # Called with each datagram before aioquic sees it (test 6 watches for the Retry).
+        self.before_receive: Callable[[bytes], None] | None = None
+
+    @property
+    def local_port(self) -> int:
+        assert self._transport is not None
+        return self._transport.get_extra_info("sockname")[1]
+
+    async def _bind(self) -> None:
+        transport, receiver = await self._loop.create_datagram_endpoint(
+            lambda: _UdpReceiver(self), local_addr=("127.0.0.1", 0)
+        )
+        self._transport, self._receiver = transport, receiver
+
+    async def start(self) -> None:
+        """Bind a socket and send the first Initial (without waiting for the handshake)."""
+        await self._bind()
+        self._quic.connect(self._server, now=self._loop.time())
+        self.transmit()
+
+    async def open(self) -> events.HandshakeCompleted:
+        await self.start()
+        return await self.wait_handshake()
+
+    async def rebind(self, *, new_connection_id: bool) -> None:
+        """Continue from a new UDP socket (a new source port). With `new_connection_id`
+        the client also switches to a spare connection id the server issued (active
+        migration); without, the server just sees the address change (NAT rebinding).
+        Nothing is sent until the next command."""
+        old_transport, old_receiver = self._transport, self._receiver
+        await self._bind()
+        assert old_transport is not None and old_receiver is not None
+        old_receiver.closed = True
+        old_transport.close()
+        if new_connection_id:
+            self._quic.change_connection_id()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if self.before_receive is not None:
+            self.before_receive(data)
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        self._process_events()
+        self.transmit()
+
+    def _process_events(self) -> None:
+        while (event := self._quic.next_event()) is not None:
+            self._on_quic_event(event)
+
+    def transmit(self) -> None:
+        assert self._transport is not None
+        for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
+            self._transport.sendto(data, addr)
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._on_timer)
+        self._timer_at = timer_at
+
+    def _on_timer(self) -> None:
+        now = max(self._timer_at or 0.0, self._loop.time())
+        self._timer = None
+        self._timer_at = None
+        self._quic.handle_timer(now=now)
+        self._process_events()
+        self.transmit()
+
+    async def close(self) -> None:
+        if not self.terminated.done():
+            self._quic.close()
+            self.transmit()
+            with contextlib.suppress(AssertionError):
+                await self.wait_terminated()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+
+@contextlib.asynccontextmanager
+async def open_sans_io(daemon: Parleyd, name: str, configuration: QuicConfiguration | None = None):
+    session = SansIoQuicSession(daemon, name, configuration or client_configuration(daemon))
+    try:
+        await session.open()
+        yield session
+    finally:
+        await session.close()
+
+
+async def direct_conversation(creator: ParleySession, other: ParleySession, other_user: str) -> str:
+    """`creator` makes the direct conversation with `other_user`; `other` is told."""
+    created = await creator.ok("conv.create", kind="direct", members=[other_user])
+    await other.event("conv", conv=created["conv"])
+    return created["conv"]
+
+
+async def assert_message_flows(sender: ParleySession, receiver: ParleySession, conv: str, cmid: str, body: str) -> dict:
+    """`sender` sends `body`; `receiver` gets the `msg` event with the same seq and body."""
+    sent = await sender.ok("send", conv=conv, cmid=cmid, body=body)
+    assert sent["dup"] is False, sent
+    received = await receiver.event("msg", conv=conv, seq=sent["seq"])
+    assert received["body"] == body, received
+    assert received["cmid"] == cmid, received
+    assert received["mid"] == sent["mid"], (received, sent)
+    return received
+
+
+# ---------------------------------------------------------------- 1. chat
+
+
+def test_quic_and_websocket_users_chat_both_ways(gateway):
+    quic_user, ws_user = "t1-alice", "t1-bob"
+
+    async def scenario():
+        async with open_ws_session(gateway, ws_user) as bob, open_quic(gateway, quic_user) as alice:
+            handshake = await alice.wait_handshake()
+            assert handshake.alpn_protocol == ALPN
+            assert alice.served_certificate_sha256() == gateway.quic_cert_sha256.replace(":", ""), (
+                "the served certificate is not the one parleyd logged"
+            )
+
+            hello = await alice.hello(quic_user)
+            assert hello["device"] == "default", hello
+            assert isinstance(hello["session"], str) and hello["session"], hello
+            await alice.ok("conv.list")  # joins live delivery
+
+            conv = await direct_conversation(alice, bob, ws_user)
+
+            # QUIC -> WebSocket, a body that is not ASCII (the length prefix counts bytes)
+            # and one long enough to span several QUIC packets.
+            first = await assert_message_flows(alice, bob, conv, "q-1", "hello from QUIC — ünïcödé ✓")
+            assert first["from"] == quic_user and first["seq"] == 1, first
+            long_body = "".join(chr(0x3B1 + i % 25) for i in range(6000))  # 12000 UTF-8 bytes
+            await assert_message_flows(alice, bob, conv, "q-2", long_body)
+            # The sending session gets its own messages too (PROTOCOL.md section 6).
+            await alice.event("msg", conv=conv, seq=1)
+            await alice.event("msg", conv=conv, seq=2)
+
+            # WebSocket -> QUIC.
+            reply = await assert_message_flows(bob, alice, conv, "w-1", "hello from WebSocket")
+            assert reply["from"] == ws_user and reply["seq"] == 3, reply
+            assert not alice.other_streams, alice.other_streams
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- 2. migration
+
+
+def test_session_survives_source_port_changes(gateway):
+    quic_user, ws_user = "t2-alice", "t2-bob"
+
+    async def scenario():
+        async with open_ws_session(gateway, ws_user) as bob, open_sans_io(gateway, quic_user) as alice:
+            await alice.hello(quic_user)
+            await alice.ok("conv.list")
+            conv = await direct_conversation(alice, bob, ws_user)
+            await assert_message_flows(alice, bob, conv, "before", "before any rebind")
+
+            handshakes_before = quic_metric(gateway, "parley_quic_handshakes_total")
+            forwarded_before = quic_metric(gateway, "parley_quic_forwarded_total")
+            ports = {alice.local_port}
+            rebinds = 0
+            # At least REBINDS moves; more (bounded) until some packet of the connection
+            # provably reached the other shard first. Each new port lands on either shard
+            # with probability 1/2, so 40 moves all missing it is a 2^-40 event.
+            while rebinds < REBINDS or (
+                quic_metric(gateway, "parley_quic_forwarded_total") == forwarded_before and rebinds < 40
+            ):
+                # Alternate NAT rebinding (same connection id) and active migration.
+                await alice.rebind(new_connection_id=rebinds % 2 == 1)
+                rebinds += 1
+                assert alice.local_port not in ports, "the new socket reused an old port"
+                ports.add(alice.local_port)
+                await alice.ok("ping")  # first packet from the new port: a reply comes back to it
+                await assert_message_flows(alice, bob, conv, f"quic-{rebinds}", f"from port {alice.local_port}")
+                await assert_message_flows(bob, alice, conv, f"ws-{rebinds}", f"to port {alice.local_port}")
+
+            assert quic_metric(gateway, "parley_quic_forwarded_total") > forwarded_before, (
+                f"{rebinds} source ports, none of whose packets was forwarded between shards"
+            )
+            # The same connection throughout: no new handshake, no second hello.
+            assert quic_metric(gateway, "parley_quic_handshakes_total") == handshakes_before
+            assert alice.inbox.ended is None
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- 3. typing as DATAGRAM
+
+
+def test_typing_travels_as_datagrams_both_ways(gateway):
+    quic_user, ws_user = "t3-alice", "t3-bob"
+
+    async def scenario():
+        async with open_ws_session(gateway, ws_user) as bob, open_quic(gateway, quic_user, datagrams=True) as alice:
+            assert alice._quic._remote_max_datagram_frame_size, "parleyd did not enable DATAGRAM frames"
+            await alice.hello(quic_user)
+            await alice.ok("conv.list")
+            conv = await direct_conversation(alice, bob, ws_user)
+
+            # QUIC -> WebSocket: the command as a DATAGRAM frame (no length prefix).
+            alice.send_datagram({"id": 100, "op": "typing", "conv": conv, "on": True})
+            typing = await bob.event("typing", conv=conv, user=quic_user)
+            assert typing["on"] is True, typing
+
+            # WebSocket -> QUIC: the event arrives as a DATAGRAM frame.
+            await bob.send("typing", conv=conv, on=True)
+            typing = await alice.datagrams.take("typing datagram", is_event("typing", conv=conv, user=ws_user))
+            assert typing["on"] is True, typing
+            # ...and not on the stream as well: it was written before this ping's reply
+            # would be, so a stream copy would be in the inbox by the time the reply is.
+            await alice.ok("ping")
+            assert not alice.inbox.holds(is_event("typing")), alice.inbox.received
+
+    run(scenario())
+
+
+def test_typing_uses_the_stream_without_datagrams(gateway):
+    quic_user, ws_user = "t3b-alice", "t3b-bob"
+
+    async def scenario():
+        async with open_ws_session(gateway, ws_user) as bob, open_quic(gateway, quic_user) as alice:
+            await alice.hello(quic_user)
+            await alice.ok("conv.list")
+            conv = await direct_conversation(alice, bob, ws_user)
+            await bob.send("typing", conv=conv, on=True)
+            typing = await alice.event("typing", conv=conv, user=ws_user)
+            assert typing["on"] is True, typing
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- 4. hostile input
+
+
+def real_initial_datagram(daemon: Parleyd) -> bytes:
+    """The first datagram a real client sends (a padded Initial), never completed."""
+    connection = QuicConnection(configuration=client_configuration(daemon))
+    connection.connect(("127.0.0.1", daemon.quic_port), now=time.monotonic())
+    datagrams = connection.datagrams_to_send(now=time.monotonic())
+    assert datagrams, "aioquic produced no Initial"
+    return datagrams[0][0]
+
+
+def short_header_packet(rng_bytes: Callable[[int], bytes]) -> bytes:
+    """A 1-RTT packet (header form 0, fixed bit 1) to a random 16-byte connection id."""
+    first = 0x40 | (rng_bytes(1)[0] & 0x3F)
+    return bytes([first]) + rng_bytes(16) + rng_bytes(24 + rng_bytes(1)[0] % 40)
+
+
+def test_hostile_datagrams_leave_the_session_alone(spawn_parleyd):
+    daemon = spawn_parleyd()  # fresh: only this test's connections count
+
+    async def scenario():
+        async with open_quic(daemon, "t4-alice") as alice:
+            await alice.hello("t4-alice")
+            connections = quic_metric(daemon, "parley_quic_connections")
+            assert connections == 1, f"one client, {connections} connections"
+            dropped_before = quic_metric(daemon, "parley_quic_dropped_total")
+            retries_before = quic_metric(daemon, "parley_quic_retries_total")
+            handshakes_before = quic_metric(daemon, "parley_quic_handshakes_total")
+
+            target = ("127.0.0.1", daemon.quic_port)
+            hostile = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            hostile.setblocking(False)
+            try:
+
+                def blast(datagrams) -> int:
+                    sent = 0
+                    for datagram in datagrams:
+                        with contextlib.suppress(BlockingIOError):
+                            hostile.sendto(datagram, target)
+                            sent += 1
+                    return sent
+
+                # Garbage of every size, long-header-looking or not.
+                assert blast(os.urandom(1 + os.urandom(1)[0] * 5) for _ in range(300))
+                await alice.ok("ping")
+
+                # Truncated Initials (a real one cut short), and a whole one whose retry
+                # is never answered (stateless: a Retry goes back, no connection is kept).
+                initial = real_initial_datagram(daemon)
+                assert len(initial) >= 1200
+                blast([initial[:50], initial[:100], initial[:600], initial[: len(initial) - 1]])
+                blast([real_initial_datagram(daemon)])
+                await alice.ok("ping")
+
+                # A flood of short-header packets to connection ids nobody issued, sent in
+                # bursts with the session pinged between them.
+                sent = 0
+                for burst in range(10):
+                    sent += blast(short_header_packet(os.urandom) for _ in range(FLOOD_PACKETS // 10))
+                    await asyncio.sleep(0)  # let the session's own packets in between
+                    if burst % 3 == 0:
+                        await alice.ok("ping")
+                assert sent > FLOOD_PACKETS // 2, f"only {sent} flood datagrams left the socket"
+                await alice.ok("ping")
+            finally:
+                hostile.close()
+
+            assert quic_metric(daemon, "parley_quic_connections") == 1, "hostile datagrams made connections"
+            assert quic_metric(daemon, "parley_quic_handshakes_total") == handshakes_before
+            assert quic_metric(daemon, "parley_quic_retries_total") > retries_before, (
+                "the complete Initial got no stateless retry"
+            )
+            dropped = quic_metric(daemon, "parley_quic_dropped_total") - dropped_before
+            assert dropped > 0, "parley_quic_dropped_total did not grow"
+            assert alice.inbox.ended is None
+            await alice.ok("ping")
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- 5. authentication
+
+
+@pytest.mark.parametrize(
+    "first_document",
+    [
+        pytest.param({"id": 1, "op": "ping"}, id="ping-before-hello"),
+        pytest.param(
+            {"id": 1, "op": "hello", "token": mint_token("t5-mallory", secret="not-the-secret")},
+            id="hello-with-bad-token",
+        ),
+    ],
+)
+def test_first_document_must_be_a_valid_hello(gateway, first_document):
+    async def scenario():
+        async with open_quic(gateway, "t5") as session:
+            await session._write(encode(first_document))
+            reply = await session.inbox.take("the unauthorized reply", lambda doc: doc.get("re") == 1)
+            assert reply.get("err", {}).get("code") == "unauthorized", reply
+            closed = await session.wait_terminated()
+            assert closed.frame_type is None, f"a transport close, not an application one: {closed}"
+            assert closed.error_code == CLOSE_UNAUTHORIZED, closed
+
+    run(scenario())
+
+
+def test_silent_client_is_closed_with_auth_timeout(spawn_parleyd):
+    daemon = spawn_parleyd("--auth-timeout-ms", "500")
+
+    async def scenario():
+        async with open_quic(daemon, "t5-silent") as session:
+            opened = time.monotonic()
+            closed = await session.wait_terminated(timeout=5.0)
+            waited = time.monotonic() - opened
+            assert closed.frame_type is None, f"a transport close, not an application one: {closed}"
+            assert closed.error_code == CLOSE_AUTH_TIMEOUT, closed
+            assert waited >= 0.4, f"closed after {waited:.3f}s, before the 500 ms auth timeout"
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- 6. resumption and 0-RTT
+
+
+def test_session_ticket_resumes_tls(gateway):
+    user = "t6-alice"
+
+    async def scenario():
+        tickets: list[SessionTicket] = []
+        async with open_quic(gateway, "first", on_session_ticket=tickets.append) as first:
+            handshake = await first.wait_handshake()
+            assert not handshake.session_resumed
+            await first.hello(user)
+            # Tickets come after the handshake; one round trip more is plenty.
+            await first.ok("ping")
+        assert tickets, "parleyd sent no TLS session ticket"
+
+        async with open_quic(gateway, "resumed", session_ticket=tickets[-1]) as resumed:
+            handshake = await resumed.wait_handshake()
+            assert handshake.session_resumed, "the TLS session was not resumed"
+            await resumed.hello(user)
+            await resumed.ok("ping")
+
+    run(scenario())
