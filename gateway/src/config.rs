@@ -102,6 +102,8 @@ settings! {
     quic_max_udp_payload_bytes: usize = 1350, shown "1350";
     /// DATAGRAM frames queued per QUIC connection, each way (typing); more are shed.
     quic_datagram_queue_len: usize = 64, shown "64";
+    /// Client addresses one QUIC connection may use over its life while it keeps its connection id (NAT rebindings); 3-64.
+    quic_max_client_addresses: u64 = 4, shown "4";
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
     admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072)), shown "127.0.0.1:7072";
     /// Number of shards, one pinned executor each; 0 means one per online CPU.
@@ -297,6 +299,9 @@ impl Settings {
                 ),
             ));
         }
+        if !(3..=64).contains(&self.quic_max_client_addresses) {
+            return Err(invalid("quic_max_client_addresses", "must be 3-64"));
+        }
         if !(1200..=65_527).contains(&self.quic_max_udp_payload_bytes) {
             return Err(invalid("quic_max_udp_payload_bytes", "must be 1200-65527"));
         }
@@ -394,6 +399,7 @@ impl Settings {
             max_udp_payload_bytes: self.quic_max_udp_payload_bytes,
             datagram_queue_len: self.quic_datagram_queue_len,
             write_batch_bytes: self.write_batch_bytes,
+            max_client_addresses: self.quic_max_client_addresses,
         }
     }
 

@@ -36,10 +36,7 @@ const RETRY_TOKEN_MAGIC: &[u8; 4] = b"prt1";
 const RETRY_MAC_BYTES: usize = 16;
 /// Spare connection ids offered to each client, so it can migrate to a new path.
 const SPARE_CIDS: usize = 2;
-/// Client addresses one connection may use over its life. quiche keeps a path per address
-/// while the client reuses its connection id (a NAT rebinding does), and sizes its path
-/// table by the active connection id limit; clients that rotate ids free old paths.
-const MAX_PATHS: u64 = 16;
+
 /// Most segments the kernel accepts in one GSO send (UDP_MAX_SEGMENTS).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send (a UDP datagram's payload limit).
@@ -59,6 +56,7 @@ pub struct QuicSettings {
     pub max_udp_payload_bytes: usize,
     pub datagram_queue_len: usize,
     pub write_batch_bytes: usize,
+    pub max_client_addresses: u64,
 }
 
 /// One datagram (or, with GSO, a run of equal-size datagrams) to send.
@@ -97,7 +95,9 @@ pub enum SessionUpdate {
 }
 
 struct Entry {
-    connection: QuicConnection,
+    /// Boxed: quiche's connection is about 8 KiB inline, and the map's spare capacity
+    /// would otherwise hold that much per empty slot.
+    connection: Box<QuicConnection>,
     /// Connection ids (ours) that route to this connection.
     cids: Vec<Vec<u8>>,
     /// The instant a timer entry for this connection is queued for, if any.
@@ -530,7 +530,7 @@ impl QuicEndpoint {
         self.connections.insert(
             id,
             Entry {
-                connection,
+                connection: Box::new(connection),
                 cids,
                 armed: None,
                 dirty: false,
@@ -762,7 +762,9 @@ pub fn server_config(
     config.set_initial_max_streams_uni(0);
     config.set_max_connection_window(settings.connection_window_bytes);
     config.set_max_stream_window(settings.stream_window_bytes);
-    config.set_active_connection_id_limit(MAX_PATHS);
+    // quiche keeps a path per client address while the client reuses its connection id (a
+    // NAT rebinding does), and sizes its path table by this limit.
+    config.set_active_connection_id_limit(settings.max_client_addresses.max(SPARE_CIDS as u64 + 1));
     config.set_disable_active_migration(false);
     config.enable_dgram(
         true,

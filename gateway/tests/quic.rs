@@ -188,7 +188,8 @@ fn typing_reaches_a_quic_user_as_a_datagram() {
 
 #[test]
 fn a_session_survives_its_client_changing_ports_across_shards() {
-    let daemon = Daemon::start(&[]);
+    // Twelve rebindings that keep the connection id: thirteen client addresses.
+    let daemon = Daemon::start(&["--quic-max-client-addresses", "16"]);
     let (mut quic, _) = QuicUser::chat(&daemon, "qmover");
     let mut ws = Client::chat(&daemon, "wstill");
     let conv = ws.ok(
