@@ -33,11 +33,12 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 from aioquic.asyncio import QuicConnectionProtocol, connect
@@ -84,6 +85,16 @@ def gateway(tmp_path_factory):
 def quic_metric(daemon: Parleyd, name: str) -> float:
     """A QUIC metric summed over the shards."""
     return daemon.metric_sum(name)
+
+
+async def metric_reaches(daemon: Parleyd, name: str, expected: float, timeout: float = IO_TIMEOUT_S) -> None:
+    """Poll /metrics (bounded) until `name`, summed over the shards, equals `expected`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := quic_metric(daemon, name)) != expected:
+        if loop.time() >= deadline:
+            raise AssertionError(f"{name} is {value}, not {expected}, after {timeout}s")
+        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------- documents
@@ -366,6 +377,12 @@ async def open_quic(
         yield session
 
 
+def is_retry_datagram(data: bytes) -> bool:
+    """A QUIC v1 Retry: long header (0x80), fixed bit (0x40), packet type 3 (0x30). A Retry
+    is never coalesced, so its first byte is the datagram's."""
+    return bool(data) and data[0] & 0xF0 == 0xF0
+
+
 class _UdpReceiver(asyncio.DatagramProtocol):
     def __init__(self, session: "SansIoQuicSession"):
         self.session = session
@@ -398,8 +415,8 @@ class SansIoQuicSession(QuicDocuments):
         self._receiver: _UdpReceiver | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        # Called with each datagram before aioquic sees it (test 6 watches for the Retry).
-        self.before_receive: Callable[[bytes], None] | None = None
+        # Documents to send as 0-RTT data once the server's Retry is processed (see start).
+        self._early_after_retry: list[bytes] = []
 
     @property
     def local_port(self) -> int:
@@ -412,10 +429,22 @@ class SansIoQuicSession(QuicDocuments):
         )
         self._transport, self._receiver = transport, receiver
 
-    async def start(self) -> None:
-        """Bind a socket and send the first Initial (without waiting for the handshake)."""
+    async def start(self, early_documents: Sequence[dict] = (), *, after_retry: bool = False) -> None:
+        """Bind a socket and send the first Initial, without waiting for the handshake.
+
+        `early_documents` go on the stream as 0-RTT data (the configuration must hold a
+        session ticket): in the first flight, or with `after_retry` as soon as the
+        server's Retry is processed. aioquic restarts the handshake on a Retry and resends
+        data sent before it only after loss detection, by then usually in 1-RTT packets;
+        queued right after the Retry, they leave with the new Initial, as 0-RTT."""
         await self._bind()
         self._quic.connect(self._server, now=self._loop.time())
+        payloads = [encode(document) for document in early_documents]
+        if after_retry:
+            self._early_after_retry = payloads
+        else:
+            for payload in payloads:
+                self._quic.send_stream_data(SESSION_STREAM, LENGTH_PREFIX.pack(len(payload)) + payload)
         self.transmit()
 
     async def open(self) -> events.HandshakeCompleted:
@@ -436,11 +465,19 @@ class SansIoQuicSession(QuicDocuments):
             self._quic.change_connection_id()
 
     def datagram_received(self, data: bytes, addr) -> None:
-        if self.before_receive is not None:
-            self.before_receive(data)
+        retry = is_retry_datagram(data)
         self._quic.receive_datagram(data, addr, now=self._loop.time())
+        if retry and self._early_after_retry:
+            for payload in self._early_after_retry:
+                self._quic.send_stream_data(SESSION_STREAM, LENGTH_PREFIX.pack(len(payload)) + payload)
+            self._early_after_retry = []
         self._process_events()
         self.transmit()
+
+    def has_spare_connection_id(self) -> bool:
+        """The server issued a connection id the client has not used yet (aioquic's
+        `change_connection_id` silently keeps the current one otherwise)."""
+        return bool(self._quic._peer_cid_available)
 
     def _process_events(self) -> None:
         while (event := self._quic.next_event()) is not None:
@@ -569,7 +606,10 @@ def test_session_survives_source_port_changes(gateway):
                 quic_metric(gateway, "parley_quic_forwarded_total") == forwarded_before and rebinds < 40
             ):
                 # Alternate NAT rebinding (same connection id) and active migration.
-                await alice.rebind(new_connection_id=rebinds % 2 == 1)
+                migrate = rebinds % 2 == 1
+                if migrate:
+                    assert alice.has_spare_connection_id(), f"no spare connection id after {rebinds} rebinds"
+                await alice.rebind(new_connection_id=migrate)
                 rebinds += 1
                 assert alice.local_port not in ports, "the new socket reused an old port"
                 ports.add(alice.local_port)
@@ -585,6 +625,24 @@ def test_session_survives_source_port_changes(gateway):
             assert alice.inbox.ended is None
 
     run(scenario())
+
+
+def test_active_migrations_are_not_limited(gateway):
+    """docs/protocol.md 9.20: a client that moves to a new connection id on each
+    migration (as RFC 9000 recommends) may change address any number of times."""
+    user = "t2b-alice"
+    migrations = 24
+
+    async def scenario():
+        async with open_sans_io(gateway, user) as alice:
+            await alice.hello(user)
+            for done in range(migrations):
+                assert alice.has_spare_connection_id(), f"the server offered no spare connection id after {done} migrations"
+                await alice.rebind(new_connection_id=True)
+                pong = await alice.reply(await alice.send("ping"))
+                assert "ok" in pong, f"migration {done + 1}: {pong}"
+
+    run(scenario(), timeout=60.0)
 
 
 # ---------------------------------------------------------------- 3. typing as DATAGRAM
@@ -754,6 +812,45 @@ def test_silent_client_is_closed_with_auth_timeout(spawn_parleyd):
     run(scenario())
 
 
+def test_drain_closes_with_going_away(spawn_parleyd):
+    daemon = spawn_parleyd()
+
+    async def scenario():
+        async with open_quic(daemon, "t5-drained") as session:
+            await session.hello("t5-drained")
+            daemon.proc.send_signal(signal.SIGTERM)
+            closed = await session.wait_terminated()
+            assert closed.frame_type is None, f"a transport close, not an application one: {closed}"
+            assert closed.error_code == 1001, closed
+
+    run(scenario())
+    assert daemon.proc.wait(timeout=STOP_TIMEOUT_S) == 0, daemon.stderr_text()
+
+
+def test_closed_and_vanished_connections_are_released(spawn_parleyd):
+    """The server forgets a connection the client closed, and one whose client vanished
+    without a word (QUIC's idle timeout), so `parley_quic_connections` goes back to 0."""
+    daemon = spawn_parleyd("--quic-idle-timeout-ms", "1000")
+
+    async def scenario():
+        async with open_quic(daemon, "t5-closer") as closer:
+            await closer.hello("t5-closer")
+            assert quic_metric(daemon, "parley_quic_connections") == 1
+        await metric_reaches(daemon, "parley_quic_connections", 0)
+
+        vanisher = SansIoQuicSession(daemon, "t5-vanisher", client_configuration(daemon))
+        await vanisher.open()
+        await vanisher.hello("t5-vanisher")
+        assert quic_metric(daemon, "parley_quic_connections") == 1
+        # Vanish: stop the client's timers and close its socket, no CONNECTION_CLOSE.
+        if vanisher._timer is not None:
+            vanisher._timer.cancel()
+        vanisher._transport.close()
+        await metric_reaches(daemon, "parley_quic_connections", 0)
+
+    run(scenario())
+
+
 # ---------------------------------------------------------------- 6. resumption and 0-RTT
 
 
@@ -775,5 +872,64 @@ def test_session_ticket_resumes_tls(gateway):
             assert handshake.session_resumed, "the TLS session was not resumed"
             await resumed.hello(user)
             await resumed.ok("ping")
+
+    run(scenario())
+
+
+async def fetch_session_ticket(daemon: Parleyd, user: str) -> SessionTicket:
+    """A TLS session ticket from one complete connection."""
+    tickets: list[SessionTicket] = []
+    async with open_quic(daemon, "ticket", on_session_ticket=tickets.append) as first:
+        await first.hello(user)
+        await first.ok("ping")  # tickets follow the handshake; a round trip is plenty
+    assert tickets, "parleyd sent no TLS session ticket"
+    assert tickets[-1].max_early_data_size is not None, "the ticket does not allow early data"
+    return tickets[-1]
+
+
+def stream_frames_sent(logger: QuicLogger) -> list[tuple[str, int, int]]:
+    """(packet type, offset, length) of every STREAM frame on stream 0 the client sent."""
+    frames = []
+    for trace in logger.to_dict()["traces"]:
+        for event in trace["events"]:
+            if event["name"] != "transport:packet_sent":
+                continue
+            packet_type = event["data"]["header"]["packet_type"]
+            for frame in event["data"].get("frames", []):
+                if frame["frame_type"] == "stream" and frame["stream_id"] == SESSION_STREAM:
+                    frames.append((packet_type, frame["offset"], frame["length"]))
+    return frames
+
+
+@pytest.mark.parametrize("retry", [True, False], ids=["retry-on", "retry-off"])
+def test_hello_as_0rtt_early_data(gateway, spawn_parleyd, retry):
+    daemon = gateway if retry else spawn_parleyd("--quic-retry", "false")
+    user = "t6-early"
+
+    async def scenario():
+        ticket = await fetch_session_ticket(daemon, user)
+        logger = QuicLogger()
+        session = SansIoQuicSession(
+            daemon, "early", client_configuration(daemon, session_ticket=ticket, quic_logger=logger)
+        )
+        hello = {"id": 1, "op": "hello", "token": mint_token(user)}
+        try:
+            # With retry on, the server answers the first Initial with a Retry: hello then
+            # leaves with the second Initial, still as 0-RTT (see SansIoQuicSession.start).
+            await session.start([hello], after_retry=retry)
+            handshake = await session.wait_handshake()
+            assert handshake.session_resumed, "the TLS session was not resumed"
+            assert handshake.early_data_accepted, "the server refused 0-RTT"
+            reply = await session.reply(1)
+            assert reply.get("ok", {}).get("user") == user, reply
+
+            # hello's bytes went only in 0-RTT packets and were never resent in 1-RTT:
+            # the server read them from the early data.
+            hello_bytes = LENGTH_PREFIX.size + len(encode(hello))
+            carriers = {packet for packet, offset, _ in stream_frames_sent(logger) if offset < hello_bytes}
+            assert carriers == {"0RTT"}, f"hello was sent in {carriers} packets"
+            await session.ok("ping")
+        finally:
+            await session.close()
 
     run(scenario())

@@ -1110,6 +1110,18 @@ impl Client {
         self.quic_output(ctx);
     }
 
+    /// The run is over: close a QUIC session (application code 1000) and send the close.
+    pub fn end_quic_session(&mut self) {
+        let Conn::Quic(link) = &mut self.conn else {
+            return;
+        };
+        link.session.close(1000, "run over");
+        let mut out = [0u8; MAX_UDP_PAYLOAD];
+        while let Some((len, to)) = link.session.poll_transmit(&mut out) {
+            let _lost = link.socket.send_to(&out[..len], to);
+        }
+    }
+
     /// Datagrams arrived: feed them to quiche, then handle what the session has.
     fn quic_input(&mut self, ctx: &mut Ctx) {
         let Conn::Quic(link) = &mut self.conn else {

@@ -185,6 +185,11 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         }
         state.flush(&mut clients, shared.now());
     }
+    // QUIC has no FIN a process exit sends for it: close each session, or the server
+    // keeps it until its idle timeout.
+    for client in &mut clients {
+        client.end_quic_session();
+    }
     Ok(WorkerResult {
         stats: state.stats,
         outcomes: clients.iter().map(Client::outcome).collect(),
