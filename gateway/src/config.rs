@@ -102,7 +102,7 @@ settings! {
     quic_max_udp_payload_bytes: usize = 1350, shown "1350";
     /// DATAGRAM frames queued per QUIC connection, each way (typing); more are shed.
     quic_datagram_queue_len: usize = 64, shown "64";
-    /// Client addresses one QUIC connection may use over its life while it keeps its connection id (NAT rebindings); 3-64.
+    /// Client addresses one QUIC connection may use over its life (NAT rebindings, migrations); 3-64.
     quic_max_client_addresses: u64 = 4, shown "4";
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
     admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072)), shown "127.0.0.1:7072";
