@@ -371,24 +371,29 @@ fn jwt_secret(settings: &Settings) -> Result<String, StartupError> {
     }
 }
 
-/// One SO_REUSEPORT listening socket per shard on the same address.
+/// One SO_REUSEPORT socket of `kind` per shard on the same address, each set up by
+/// `configure` (which binds it).
 ///
-/// A probe without SO_REUSEPORT binds first: it fails if anything listens there already,
-/// including another parleyd, which SO_REUSEPORT alone would silently share the port
-/// with. With port 0 the probe also picks the port every shard then binds.
-fn bind_ws(
+/// A probe without SO_REUSEPORT binds first: it fails if anything uses the address
+/// already, including another parleyd, which SO_REUSEPORT alone would silently share the
+/// port with. With port 0 the probe also picks the port every shard then binds.
+fn bind_per_shard(
+    setting: &'static str,
     addr: SocketAddr,
+    kind: Type,
     shards: usize,
-    backlog: i32,
+    mut configure: impl FnMut(&Socket, SocketAddr) -> io::Result<()>,
 ) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
     let listen_error = |source| StartupError::Listen {
-        setting: "ws_listen",
+        setting,
         addr,
         source,
     };
     let domain = Domain::for_address(addr);
-    let probe = Socket::new(domain, Type::STREAM, None).map_err(listen_error)?;
-    probe.set_reuse_address(true).map_err(listen_error)?;
+    let probe = Socket::new(domain, kind, None).map_err(listen_error)?;
+    if kind == Type::STREAM {
+        probe.set_reuse_address(true).map_err(listen_error)?;
+    }
     probe.bind(&addr.into()).map_err(listen_error)?;
     let bound = probe
         .local_addr()
@@ -398,51 +403,45 @@ fn bind_ws(
     drop(probe);
     let mut sockets = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let socket = Socket::new(domain, Type::STREAM, None).map_err(listen_error)?;
-        socket.set_reuse_address(true).map_err(listen_error)?;
+        let socket = Socket::new(domain, kind, None).map_err(listen_error)?;
         socket.set_reuse_port(true).map_err(listen_error)?;
         socket.set_nonblocking(true).map_err(listen_error)?;
-        socket.bind(&bound.into()).map_err(listen_error)?;
-        socket.listen(backlog).map_err(listen_error)?;
+        configure(&socket, bound).map_err(listen_error)?;
         sockets.push(OwnedFd::from(socket));
     }
     Ok((bound, sockets))
 }
 
-/// One SO_REUSEPORT UDP socket per shard on the same address (probed first, like
-/// [`bind_ws`]), and whether the kernel takes GSO sends of `segment`-byte datagrams.
+/// The WebSocket listening sockets, one per shard.
+fn bind_ws(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: i32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), StartupError> {
+    bind_per_shard("ws_listen", addr, Type::STREAM, shards, |socket, bound| {
+        socket.set_reuse_address(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(backlog)
+    })
+}
+
+/// The QUIC UDP sockets, one per shard, and whether the kernel takes GSO sends of
+/// `segment`-byte datagrams on every one.
 fn bind_quic(
     addr: SocketAddr,
     shards: usize,
     segment: usize,
 ) -> Result<(SocketAddr, Vec<OwnedFd>, bool), StartupError> {
-    let listen_error = |source| StartupError::Listen {
-        setting: "quic_listen",
-        addr,
-        source,
-    };
-    let domain = Domain::for_address(addr);
-    let probe = Socket::new(domain, Type::DGRAM, None).map_err(listen_error)?;
-    probe.bind(&addr.into()).map_err(listen_error)?;
-    let bound = probe
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| listen_error(io::Error::other("no local address")))?;
-    drop(probe);
-    let mut sockets = Vec::with_capacity(shards);
     let mut gso = true;
-    for _ in 0..shards {
-        let socket = Socket::new(domain, Type::DGRAM, None).map_err(listen_error)?;
-        socket.set_reuse_port(true).map_err(listen_error)?;
-        socket.set_nonblocking(true).map_err(listen_error)?;
-        // Best effort: the kernel caps these at net.core.{r,w}mem_max (tuning/ raises it).
-        let _capped = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
-        let _capped = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
-        socket.bind(&bound.into()).map_err(listen_error)?;
-        gso &= enable_gso(&socket, segment);
-        sockets.push(OwnedFd::from(socket));
-    }
+    let (bound, sockets) =
+        bind_per_shard("quic_listen", addr, Type::DGRAM, shards, |socket, bound| {
+            // Best effort: the kernel caps these at net.core.{r,w}mem_max (tuning/ raises it).
+            let _capped = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+            let _capped = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+            socket.bind(&bound.into())?;
+            gso &= enable_gso(socket, segment);
+            Ok(())
+        })?;
     Ok((bound, sockets, gso))
 }
 

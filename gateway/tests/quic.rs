@@ -360,25 +360,31 @@ fn without_retry_a_client_connects_in_one_round_trip() {
     assert_eq!(daemon.metric("parley_quic_handshakes_total", ""), 1);
 }
 
+/// Run parleyd on free ports (QUIC on `quic_listen`) plus `extra`, expecting it to refuse
+/// to start: its exit status and stderr.
+fn refused_start(quic_listen: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--quic-listen",
+        quic_listen,
+    ];
+    args.extend_from_slice(extra);
+    let (status, stderr) = run_to_exit(&args, &[]);
+    (status.code(), stderr)
+}
+
 #[test]
 fn a_busy_quic_port_refuses_the_start_with_the_setting_named() {
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr: SocketAddr = taken.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--quic-listen",
-            &addr.to_string(),
-        ],
-        &[],
-    );
-    assert_eq!(status.code(), Some(1));
+    let (code, stderr) = refused_start(&addr.to_string(), &[]);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains(&format!("cannot listen on quic_listen {addr}")),
         "{stderr}"
@@ -387,22 +393,7 @@ fn a_busy_quic_port_refuses_the_start_with_the_setting_named() {
 
 #[test]
 fn half_a_configured_certificate_refuses_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let (status, stderr) = run_to_exit(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--quic-cert",
-            "/nonexistent/cert.pem",
-        ],
-        &[],
-    );
-    assert_eq!(status.code(), Some(1));
+    let (code, stderr) = refused_start("127.0.0.1:0", &["--quic-cert", "/nonexistent/cert.pem"]);
+    assert_eq!(code, Some(1));
     assert!(stderr.contains("must be set together"), "{stderr}");
 }
