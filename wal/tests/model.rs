@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use parley_wal::{Entry, Wal, WalOptions};
+use parley_wal::format::stored_len;
+use parley_wal::{Entry, Wal, WalError, WalOptions};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -109,6 +110,15 @@ proptest! {
                         .iter()
                         .map(|p| Entry { record_type: 9, timestamp: 0, payload: p })
                         .collect();
+                    // Four of the largest records exceed the batch limit: the whole batch
+                    // must be refused and the log left as it was.
+                    let size: usize = sizes.iter().map(|&len| stored_len(len)).sum();
+                    if size > wal.max_batch_size() {
+                        let refused = wal.append_batch(&entries);
+                        prop_assert!(matches!(refused, Err(WalError::TooLarge { .. })), "{:?}", refused);
+                        prop_assert_eq!(wal.next_lsn(), first);
+                        continue;
+                    }
                     let last = wal.append_batch(&entries).unwrap();
                     prop_assert_eq!(last, first + sizes.len() as u64 - 1);
                     let count = payloads.len();
@@ -123,7 +133,7 @@ proptest! {
                     let mut keep = model.len() * per_mille as usize / 1000;
                     if keep > 0 && !model[keep - 1].2 {
                         let inside = wal.truncate_after(keep as u64);
-                        prop_assert!(matches!(inside, Err(parley_wal::WalError::NotBatchEnd(_))), "{:?}", inside.err());
+                        prop_assert!(matches!(inside, Err(WalError::NotBatchEnd(_))), "{:?}", inside.err());
                     }
                     while keep > 0 && !model[keep - 1].2 {
                         keep -= 1;
