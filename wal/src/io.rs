@@ -129,6 +129,7 @@ impl LogIo for UringIo {
         use io_uring::{opcode, squeue, types};
         let fd = types::Fd(file.as_raw_fd());
         let mut written = 0usize;
+        let mut transient_retries = 0u32;
         // A short write is legal; finish it before the fsync is linked behind it.
         while written < buf.len() {
             let rest = &buf[written..];
@@ -174,6 +175,11 @@ impl LogIo for UringIo {
             let (Some(write_result), Some(fsync_result)) = (write_result, fsync_result) else {
                 return Err(io::Error::other("io_uring lost a completion"));
             };
+            if is_transient(write_result) && transient_retries < MAX_TRANSIENT_RETRIES {
+                // Nothing was written and the linked fsync was cancelled: submit again.
+                transient_retries += 1;
+                continue;
+            }
             if write_result < 0 {
                 return Err(io::Error::from_raw_os_error(-write_result));
             }
@@ -186,6 +192,10 @@ impl LogIo for UringIo {
             written += write_result as usize;
             // A short write cancels the linked fsync (-ECANCELED); loop to finish and sync.
             if written == buf.len() && fsync_result < 0 {
+                if is_transient(fsync_result) {
+                    // The data is written; only the flush was interrupted. Flush again.
+                    return sync_retrying(file);
+                }
                 return Err(io::Error::from_raw_os_error(-fsync_result));
             }
         }
@@ -197,13 +207,38 @@ impl LogIo for UringIo {
     }
 }
 
+/// How many times one durable write resubmits after an interrupted (EINTR) or would-block
+/// (EAGAIN) completion before it reports the error: a signal storm must not fail the log,
+/// but a device that only ever answers EAGAIN must not spin it forever either.
+const MAX_TRANSIENT_RETRIES: u32 = 64;
+
+fn is_transient(completion: i32) -> bool {
+    completion == -libc::EINTR || completion == -libc::EAGAIN
+}
+
+/// fdatasync, repeated while a signal interrupts it (bounded like the ring's retries).
+fn sync_retrying(file: &File) -> io::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match file.sync_data() {
+            Err(error)
+                if error.kind() == io::ErrorKind::Interrupted
+                    && attempts < MAX_TRANSIENT_RETRIES =>
+            {
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// pwrite + fdatasync: the fallback where io_uring is unavailable.
 pub struct SyncIo;
 
 impl LogIo for SyncIo {
     fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
         file.write_all_at(buf, offset)?;
-        file.sync_data()
+        sync_retrying(file)
     }
 
     fn name(&self) -> &'static str {
