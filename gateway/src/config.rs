@@ -140,6 +140,16 @@ settings! {
     ws_read_buffer_bytes: usize = 1024, shown "1024";
     /// Open connections per shard; more are refused at accept.
     max_connections_per_shard: usize = 100_000, shown "100000";
+    /// How client sockets are served: auto (io_uring where the kernel supports it, else descriptors), io_uring (refuse to start without it), or descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections).
+    socket_engine: String = "auto".to_string(), shown "auto";
+    /// Submission queue entries of each io_uring socket ring (its completion queue is four times larger).
+    socket_ring_entries: u32 = 1024, shown "1024";
+    /// Fixed-file slots (direct descriptors) per io_uring socket ring, at most the process descriptor limit; a shard makes as many rings as its connections need.
+    socket_ring_files: u32 = 20_000, shown "20000";
+    /// Provided receive buffers per io_uring socket ring (a power of two, at most 32768), shared by the ring's connections.
+    socket_recv_buffers: u32 = 512, shown "512";
+    /// Size of each provided receive buffer, in bytes.
+    socket_recv_buffer_bytes: u32 = 2048, shown "2048";
     /// Listen backlog of each shard's socket.
     listen_backlog: i32 = 4096, shown "4096";
     /// Time a closing connection gets to flush its close frame, in milliseconds.
@@ -235,7 +245,13 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 27] = [
+        let positive: [(&'static str, u64); 30] = [
+            ("socket_ring_entries", u64::from(self.socket_ring_entries)),
+            ("socket_ring_files", u64::from(self.socket_ring_files)),
+            (
+                "socket_recv_buffer_bytes",
+                u64::from(self.socket_recv_buffer_bytes),
+            ),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_media_bytes", self.max_media_bytes as u64),
             ("history_page_max", self.history_page_max as u64),
@@ -276,6 +292,21 @@ impl Settings {
                 self.quic_datagram_queue_len as u64,
             ),
         ];
+        if !["auto", "io_uring", "descriptors"].contains(&self.socket_engine.as_str()) {
+            return Err(invalid(
+                "socket_engine",
+                format!(
+                    "{:?} is not one of auto, io_uring, descriptors",
+                    self.socket_engine
+                ),
+            ));
+        }
+        if !self.socket_recv_buffers.is_power_of_two() || self.socket_recv_buffers > 1 << 15 {
+            return Err(invalid(
+                "socket_recv_buffers",
+                "must be a power of two from 1 to 32768",
+            ));
+        }
         for (name, value) in positive {
             if value == 0 {
                 return Err(invalid(name, "must be greater than 0"));

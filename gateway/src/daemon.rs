@@ -24,7 +24,8 @@ use crate::config::{Cli, ConfigError, Settings};
 use crate::metrics::ShardMetrics;
 use crate::quic::QuicKeys;
 use crate::quic_cert::{self, CertError};
-use crate::runtime::{spawn_shard, QuicPlan, ShardControl, ShardEvent, ShardPlan};
+use crate::runtime::{spawn_shard, EnginePlan, QuicPlan, ShardControl, ShardEvent, ShardPlan};
+use crate::uring::RingSizes;
 use crate::ws::WsLimits;
 use parley_wal::WalOptions;
 
@@ -67,6 +68,54 @@ pub enum StartupError {
     },
     #[error("shards did not become ready within {0:?}")]
     NotReady(Duration),
+    #[error("socket_engine is io_uring, but {0}")]
+    NoUring(String),
+}
+
+/// The io_uring socket engine where the kernel has what it needs (and the settings allow
+/// it), else glommio's streams on regular descriptors; logged either way.
+fn choose_socket_engine(settings: &Settings) -> Result<Option<EnginePlan>, StartupError> {
+    if settings.socket_engine == "descriptors" {
+        tracing::info!("socket engine: descriptors (socket_engine = descriptors)");
+        return Ok(None);
+    }
+    if let Err(reason) = crate::uring::probe() {
+        if settings.socket_engine == "io_uring" {
+            return Err(StartupError::NoUring(reason));
+        }
+        tracing::warn!(%reason, "socket engine: descriptors, because io_uring is unusable; connections per process are capped by the descriptor limit");
+        return Ok(None);
+    }
+    // One ring's fixed-file table may not exceed the process descriptor limit.
+    let descriptor_limit = descriptor_limit();
+    let files = settings.socket_ring_files.min(descriptor_limit);
+    let ring = RingSizes {
+        entries: settings.socket_ring_entries,
+        files,
+        recv_buffers: settings.socket_recv_buffers as u16,
+        recv_buffer_bytes: settings.socket_recv_buffer_bytes,
+    };
+    tracing::info!(
+        files_per_ring = files,
+        descriptor_limit,
+        recv_buffers = settings.socket_recv_buffers,
+        recv_buffer_bytes = settings.socket_recv_buffer_bytes,
+        "socket engine: io_uring (direct descriptors, multishot accept and receive, provided buffers)"
+    );
+    Ok(Some(EnginePlan { ring }))
+}
+
+/// The soft RLIMIT_NOFILE.
+fn descriptor_limit() -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    u32::try_from(limit.rlim_cur).unwrap_or(u32::MAX)
 }
 
 /// Run `parleyd`; the exit code is the process's.
@@ -155,6 +204,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
         read_buffer_bytes: settings.ws_read_buffer_bytes,
         close_linger: Duration::from_millis(settings.close_linger_ms),
     };
+    let socket_engine = choose_socket_engine(&settings)?;
     let cpus = core_affinity_cpus();
     let mut metrics = Vec::with_capacity(shard_count);
     let mut controls = Vec::with_capacity(shard_count);
@@ -206,6 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
             chat_limits: chat_limits.clone(),
             mesh,
             snapshot_every_records: settings.snapshot_every_records,
+            socket_engine,
             quic: QuicPlan {
                 socket: quic_socket,
                 local: quic_addr,

@@ -9,4 +9,6 @@ pub mod quic;
 pub mod quic_cert;
 pub mod quic_conn;
 pub mod runtime;
+pub mod uring;
+pub mod wheel;
 pub mod ws;

@@ -17,6 +17,14 @@ pub struct ShardMetrics {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// The io_uring socket engine's resources, for leak checks: rings, fixed-file slots
+    /// holding a socket, provided buffers not yet given back, sends in flight, and the
+    /// connections it holds (lingering ones included).
+    pub socket_rings: AtomicU64,
+    pub socket_slots: AtomicU64,
+    pub recv_buffers_held: AtomicU64,
+    pub send_buffers_in_flight: AtomicU64,
+    pub engine_connections: AtomicU64,
     pub quic_connections_open: AtomicU64,
     pub quic_handshakes: AtomicU64,
     pub quic_retries: AtomicU64,
@@ -65,7 +73,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 21] = [
+const PER_SHARD: [PerShardSeries; 26] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -146,6 +154,36 @@ const PER_SHARD: [PerShardSeries; 21] = [
         "counter",
         "Connections dropped before a WebSocket session started.",
         |m| m.handshake_failures.load(Relaxed),
+    ),
+    (
+        "parley_socket_rings",
+        "gauge",
+        "io_uring socket rings of the shard's socket engine.",
+        |m| m.socket_rings.load(Relaxed),
+    ),
+    (
+        "parley_socket_slots",
+        "gauge",
+        "Fixed-file slots holding a client socket (direct descriptors).",
+        |m| m.socket_slots.load(Relaxed),
+    ),
+    (
+        "parley_recv_buffers_held",
+        "gauge",
+        "Provided receive buffers filled and not yet given back to the kernel.",
+        |m| m.recv_buffers_held.load(Relaxed),
+    ),
+    (
+        "parley_send_buffers_in_flight",
+        "gauge",
+        "Send buffers the kernel has not finished with.",
+        |m| m.send_buffers_in_flight.load(Relaxed),
+    ),
+    (
+        "parley_engine_connections",
+        "gauge",
+        "Connections the socket engine holds, lingering ones included.",
+        |m| m.engine_connections.load(Relaxed),
     ),
     (
         "parley_quic_connections",

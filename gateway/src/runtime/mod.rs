@@ -42,7 +42,9 @@ use parley_wal::{Wal, WalOptions};
 use crate::metrics::{dec, inc, ShardMetrics};
 use crate::ws::{WsConnection, WsLimits};
 
+mod engine;
 mod quic;
+pub use engine::EnginePlan;
 pub use quic::{ForwardedDatagram, QuicPlan};
 
 /// Bytes read from a socket in one go; one buffer per shard, shared by its connections.
@@ -53,6 +55,8 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
+/// How soon the executor must look at the socket engine's wake-up.
+const ENGINE_LATENCY: Duration = Duration::from_millis(1);
 /// Reads discarded per wake while lingering on close.
 const LINGER_READS_PER_WAKE: usize = 16;
 /// Mesh entries the router takes per turn, so one busy peer cannot starve the sockets.
@@ -109,6 +113,9 @@ pub struct ShardPlan {
     /// Records between snapshots of the chat state; 0 never.
     pub snapshot_every_records: u64,
     pub quic: QuicPlan,
+    /// The io_uring socket engine's sizes, or `None` for glommio's readiness-based
+    /// streams on regular descriptors.
+    pub socket_engine: Option<EnginePlan>,
 }
 
 /// What a shard tells the process about its start and end.
@@ -146,14 +153,34 @@ pub fn spawn_shard(plan: ShardPlan) -> io::Result<std::thread::JoinHandle<()>> {
 struct Mailbox {
     documents: RefCell<VecDeque<(Doc, bool)>>,
     waker: RefCell<Option<Waker>>,
-    /// A QUIC session's mailbox: the shard's QUIC task serves every such session, and is
-    /// told which ones have mail.
-    quic: Option<(u64, Rc<quic::MailNotice>)>,
+    /// A mailbox of a session served by a shard-wide task (QUIC, the io_uring socket
+    /// engine): that task is told which of its sessions have mail.
+    notice: Option<(u64, Rc<MailNotice>)>,
+}
+
+/// Which sessions of a shard-wide task have mail from the core, and that task's waker.
+#[derive(Default)]
+pub struct MailNotice {
+    pending: RefCell<Vec<u64>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl MailNotice {
+    pub fn post(&self, id: u64) {
+        self.pending.borrow_mut().push(id);
+        self.wake();
+    }
+
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 impl Mailbox {
     fn wake(&self) {
-        if let Some((id, notice)) = &self.quic {
+        if let Some((id, notice)) = &self.notice {
             notice.post(*id);
             return;
         }
@@ -191,6 +218,8 @@ struct Shard {
     idle_waker: Cell<Option<Waker>>,
     /// The shard's QUIC side, for the drain.
     quic: RefCell<Option<Rc<quic::QuicShard>>>,
+    /// The io_uring socket engine's notice, when the shard runs it (for the drain).
+    engine_notice: RefCell<Option<Rc<MailNotice>>>,
 }
 
 /// Open the shard's log and rebuild its state, reporting progress.
@@ -273,11 +302,6 @@ async fn run_shard(plan: ShardPlan) {
             return;
         }
     };
-    // SAFETY: main created this listening socket for this shard alone and gave up its fd.
-    let listener = unsafe {
-        use std::os::fd::FromRawFd;
-        TcpListener::from_raw_fd(plan.ws_listener.into_raw_fd())
-    };
     let mesh = plan.mesh;
     let shard = Rc::new(Shard {
         index: plan.index,
@@ -296,6 +320,7 @@ async fn run_shard(plan: ShardPlan) {
         draining: Cell::new(false),
         idle_waker: Cell::new(None),
         quic: RefCell::new(None),
+        engine_notice: RefCell::new(None),
     });
     glommio::spawn_local(run_router(
         shard.clone(),
@@ -308,19 +333,70 @@ async fn run_shard(plan: ShardPlan) {
         let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
         return;
     }
+    let listener = match plan.socket_engine {
+        Some(engine_plan) => {
+            match engine::Engine::new(
+                shard.clone(),
+                plan.ws_listener,
+                plan.max_connections,
+                engine_plan,
+            ) {
+                Ok(engine) => {
+                    // Its own task queue, latency-sensitive: the executor then checks for
+                    // the engine's wake-up often even while other tasks are busy.
+                    let queue = glommio::executor().create_task_queue(
+                        glommio::Shares::default(),
+                        glommio::Latency::Matters(ENGINE_LATENCY),
+                        "parley-sockets",
+                    );
+                    match glommio::spawn_local_into(engine.run(), queue) {
+                        Ok(task) => {
+                            task.detach();
+                        }
+                        Err(error) => {
+                            let reason = format!("socket engine: cannot start its task: {error}");
+                            let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
+                            return;
+                        }
+                    }
+                    None
+                }
+                Err(error) => {
+                    let reason = format!("socket engine: io_uring ring setup failed: {error}");
+                    let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
+                    return;
+                }
+            }
+        }
+        // SAFETY: main created this listening socket for this shard alone and gave up
+        // its fd.
+        None => Some(unsafe {
+            use std::os::fd::FromRawFd;
+            TcpListener::from_raw_fd(plan.ws_listener.into_raw_fd())
+        }),
+    };
     // State is recovered: the shard is ready as soon as it accepts.
     plan.metrics.ready.store(true, Ordering::Release);
     let _ = plan.lifecycle.send(ShardEvent::Serving(plan.index));
     tracing::debug!(shard = plan.index, cpu = plan.cpu, "shard serving");
 
-    let accepting = Box::pin(accept_loop(&shard, &listener, plan.max_connections));
     let drain = Box::pin(plan.control.drain_requested());
-    if let Either::Left(((), _)) = select(accepting, drain).await {
-        unreachable!("the accept loop never ends by itself");
+    match &listener {
+        Some(listener) => {
+            let accepting = Box::pin(accept_loop(&shard, listener, plan.max_connections));
+            if let Either::Left(((), _)) = select(accepting, drain).await {
+                unreachable!("the accept loop never ends by itself");
+            }
+        }
+        // The engine's task accepts, and stops when it sees the drain.
+        None => drain.await,
     }
     drop(listener);
     plan.metrics.ready.store(false, Ordering::Release);
     shard.draining.set(true);
+    if let Some(notice) = shard.engine_notice.borrow().as_ref() {
+        notice.wake();
+    }
     for mailbox in shard.connections.borrow().values() {
         mailbox.wake();
     }
@@ -426,18 +502,8 @@ async fn serve_connection(shard: Rc<Shard>, mut stream: TcpStream, id: u64) {
         }
         glommio::yield_if_needed().await;
     }
-    shard.connections.borrow_mut().remove(&id);
-    if task.opened {
-        shard.core.borrow_mut().session_closed(id, Now::system());
-        shard.kick();
-    }
-    // The close frame is flushed: the session is over, so a drain need not wait for the
-    // lingering below (the executor drops lingering tasks when the shard stops).
-    if shard.draining.get() && shard.connections.borrow().is_empty() {
-        if let Some(waker) = shard.idle_waker.take() {
-            waker.wake();
-        }
-    }
+    // The executor drops tasks still lingering when the shard stops.
+    end_session(&shard, id, &mut false, task.opened, Now::system());
     linger_close(&shard, &mut stream).await;
     drop(stream);
     shard.open_sockets.set(shard.open_sockets.get() - 1);
@@ -469,24 +535,42 @@ impl Shard {
 /// A session joins the core (live delivery, presence) with its first `hello` or chat
 /// command, not at authentication: a `hello` with `resume` then starts live delivery
 /// and its replay together, so no live message can overtake the replay.
-fn forward_to_core(shard: &Shard, conn: &mut WsConnection, task: &mut ConnectionTask, now: Now) {
+fn forward_to_core(shard: &Shard, conn: &mut WsConnection, id: u64, opened: &mut bool, now: Now) {
     let requests = conn.take_requests();
-    if !task.opened && requests.is_empty() && !conn.said_hello() {
+    if !*opened && requests.is_empty() && !conn.said_hello() {
         return;
     }
     let Some((user, device)) = conn.identity() else {
         return;
     };
     let mut core = shard.core.borrow_mut();
-    if !task.opened {
-        task.opened = true;
-        core.session_opened(task.id, user, now);
+    if !*opened {
+        *opened = true;
+        core.session_opened(id, user, now);
     }
     for request in requests {
-        core.on_request(task.id, request.re, user, device, request.command, now);
+        core.on_request(id, request.re, user, device, request.command, now);
     }
     drop(core);
     shard.kick();
+}
+
+/// The session is over (its close frame is flushed, or the peer is gone): forget its
+/// mailbox and tell the core, once. A drain need not wait for the socket's lingering.
+fn end_session(shard: &Shard, id: u64, ended: &mut bool, opened: bool, now: Now) {
+    if std::mem::replace(ended, true) {
+        return;
+    }
+    shard.connections.borrow_mut().remove(&id);
+    if opened {
+        shard.core.borrow_mut().session_closed(id, now);
+        shard.kick();
+    }
+    if shard.draining.get() && shard.connections.borrow().is_empty() {
+        if let Some(waker) = shard.idle_waker.take() {
+            waker.wake();
+        }
+    }
 }
 /// Close gracefully: send FIN, then read and discard until the peer's EOF or the linger
 /// deadline. Closing a socket with unread input makes Linux send RST, which can destroy
@@ -564,7 +648,7 @@ fn poll_connection(
             Poll::Ready(Ok(n)) if n > 0 => {
                 conn.on_bytes(now, &scratch[..n]);
                 drop(scratch);
-                forward_to_core(shard, conn, task, now);
+                forward_to_core(shard, conn, task.id, &mut task.opened, now);
                 return Poll::Ready(Step::Progress);
             }
             Poll::Ready(_) => {

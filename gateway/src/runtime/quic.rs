@@ -21,7 +21,7 @@ use glommio::timer::Timer;
 use parley_router::mesh::MeshEnds;
 use parley_router::session::Now;
 
-use super::{Mailbox, Shard};
+use super::{MailNotice, Mailbox, Shard};
 use crate::metrics::inc;
 use crate::quic::{QuicEndpoint, QuicKeys, QuicSettings, Route, SessionUpdate};
 use crate::quic_cert::TlsFiles;
@@ -50,26 +50,6 @@ pub struct QuicPlan {
     /// The socket takes UDP_SEGMENT sends of `settings.max_udp_payload_bytes` segments.
     pub gso: bool,
     pub mesh: MeshEnds<ForwardedDatagram>,
-}
-
-/// Which QUIC sessions have mail from the core, and the task that serves them.
-#[derive(Default)]
-pub struct MailNotice {
-    pending: RefCell<Vec<u64>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl MailNotice {
-    pub fn post(&self, id: u64) {
-        self.pending.borrow_mut().push(id);
-        self.wake();
-    }
-
-    pub fn wake(&self) {
-        if let Some(waker) = self.waker.borrow().as_ref() {
-            waker.wake_by_ref();
-        }
-    }
 }
 
 pub(super) struct QuicShard {
@@ -295,7 +275,7 @@ fn finish_turn(shard: &Shard, quic: &QuicShard, now: Now) {
                 let mut core = shard.core.borrow_mut();
                 if first {
                     let mailbox = Mailbox {
-                        quic: Some((id, quic.notice.clone())),
+                        notice: Some((id, quic.notice.clone())),
                         ..Mailbox::default()
                     };
                     shard.connections.borrow_mut().insert(id, Rc::new(mailbox));

@@ -319,8 +319,11 @@ impl Client {
         frame.extend_from_slice(ping);
         let burst = frame.repeat(1000);
         let stream = self.ws.get_mut();
+        // A server that stopped reading blocks this for good; one still reading may
+        // pause for a TCP zero-window probe (200 ms and more on loopback) when a flood
+        // outruns the io_uring engine's provided receive buffers.
         stream
-            .set_write_timeout(Some(Duration::from_millis(200)))
+            .set_write_timeout(Some(Duration::from_millis(1000)))
             .unwrap();
         let sent = (0..thousands)
             .take_while(|_| stream.write_all(&burst).is_ok())

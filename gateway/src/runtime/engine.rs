@@ -1,0 +1,829 @@
+//! The io_uring socket engine of one shard: every WebSocket connection of the shard, on
+//! as many [`SocketRing`]s as the fixed-file cap requires, driven by one task.
+//!
+//! - Accept is multishot, straight into a ring's fixed-file table (direct descriptors).
+//!   When a ring's table nears full, accepting moves to another ring, made on demand.
+//! - Receive is multishot from the ring's provided buffers; the bytes are handed to the
+//!   connection's [`WsConnection`] and the buffer goes straight back to the kernel.
+//! - Sends copy a connection's pending output into a buffer from the shard's pool, which
+//!   stays untouched until its completion. Everything queued in a turn is submitted
+//!   with one system call per ring.
+//! - Deadlines live in one [`TimerWheel`]: a tick costs nothing per idle connection.
+//!
+//! A connection costs its `Conn` (the session state) and nothing else while idle.
+//! Closing is: session over, `shutdown(SHUT_WR)`, read and discard until the peer's EOF
+//! or the linger deadline, cancel the receive, then close the slot; the `Conn` is freed
+//! only once no operation can still complete for it.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures::Future;
+use glommio::io::BufferedFile;
+use glommio::timer::Timer;
+use io_uring::{opcode, squeue, types};
+use parley_router::session::Now;
+
+use super::{end_session, forward_to_core, MailNotice, Mailbox, Shard};
+use crate::metrics::{dec, inc};
+use crate::uring::{Completion, RingSizes, SocketRing, BUFFER_GROUP};
+use crate::wheel::TimerWheel;
+use crate::ws::WsConnection;
+
+/// Completions taken from one ring per turn, so one busy ring cannot starve the others.
+const REAP_PER_TURN: usize = 4096;
+/// Slots kept free on the accepting ring for accepts already in flight when it moves on.
+const ACCEPT_HEADROOM: u32 = 64;
+/// Received bytes are copied out of the provided buffers at once (so the buffers go back
+/// to the kernel at once and one flooding connection cannot starve the ring), then
+/// handed to the session at most this many per connection and turn: the per-read costs
+/// of a session are paid per batch, and a flood is parsed in slices between other work.
+const INPUT_BATCH_BYTES: usize = 64 * 1024;
+/// Received bytes a connection may have waiting for its session; beyond, its receive is
+/// cancelled until they are parsed (and while the rings to other shards are full), so
+/// TCP flow control pushes back on the peer.
+const INPUT_PENDING_BYTES: usize = 4 * INPUT_BATCH_BYTES;
+/// Send buffers kept for reuse, and the largest one worth keeping.
+const SEND_POOL_BUFFERS: usize = 256;
+const SEND_POOL_KEEP_BYTES: usize = 64 * 1024;
+/// Resolution of connection deadlines, and the span of one wheel rotation.
+const WHEEL_TICK: Duration = Duration::from_millis(10);
+const WHEEL_SLOTS: usize = 4096;
+
+/// What an operation was, in the top byte of its user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Close = 4,
+    /// The close of a socket refused at accept (no `Conn`).
+    CloseRefused = 5,
+    /// Completions nobody waits for: shutdowns and cancels.
+    Ignored = 6,
+}
+
+impl Op {
+    fn user_data(self, token: u64) -> u64 {
+        (self as u64) << 56 | (token & ((1 << 56) - 1))
+    }
+
+    fn of(user_data: u64) -> (Option<Op>, u64) {
+        let op = match user_data >> 56 {
+            1 => Some(Op::Accept),
+            2 => Some(Op::Recv),
+            3 => Some(Op::Send),
+            4 => Some(Op::Close),
+            5 => Some(Op::CloseRefused),
+            6 => Some(Op::Ignored),
+            _ => None,
+        };
+        (op, user_data & ((1 << 56) - 1))
+    }
+}
+
+/// A connection's token: its slab index and that entry's generation, so completions
+/// for a freed connection never reach its successor.
+fn token(index: u32, generation: u32) -> u64 {
+    u64::from(generation & 0xff_ffff) << 32 | u64::from(index)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recv {
+    Armed,
+    /// Armed, and a cancel is on its way (pause or close): wait for the final completion.
+    Cancelling,
+    /// Ended (buffers ran out, or paused by backpressure): arm again when allowed.
+    Rearm,
+    /// Ended for good: EOF, an error, or the connection is closing.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// FIN sent: discarding input until EOF or the deadline.
+    Lingering {
+        until: Instant,
+    },
+    /// Receive and send being cancelled; then the slot is closed.
+    Closing {
+        close_submitted: bool,
+    },
+}
+
+/// One connection. Idle, it holds no buffer of the engine's.
+struct Conn {
+    token: u64,
+    /// The session's key in the shard's core and connection map.
+    id: u64,
+    ring: u16,
+    slot: u32,
+    ws: WsConnection,
+    mailbox: Rc<Mailbox>,
+    /// The send in flight: its buffer and how much of it the kernel already took.
+    sending: Option<(Vec<u8>, usize)>,
+    recv: Recv,
+    /// The peer's EOF or a socket error was seen.
+    eof: bool,
+    /// The send in flight is being cancelled (the connection closes).
+    send_cancelled: bool,
+    /// Received and not yet handed to the session (allocated only then).
+    input: Vec<u8>,
+    /// Listed in the engine's `inputs`.
+    queued: bool,
+    phase: Phase,
+    /// The wheel holds an entry for this instant.
+    timer_at: Option<Instant>,
+    /// The core knows this session.
+    opened: bool,
+    drained: bool,
+    /// The session's end was reported to the core and the connection map.
+    ended: bool,
+}
+
+/// The sizes the engine runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct EnginePlan {
+    pub ring: RingSizes,
+}
+
+pub(super) struct Engine {
+    shard: Rc<Shard>,
+    listener: Option<OwnedFd>,
+    max_connections: usize,
+    sizes: RingSizes,
+    max_rings: usize,
+    rings: Vec<SocketRing>,
+    /// The ring whose multishot accept is armed.
+    accept_ring: Option<usize>,
+    eventfd: OwnedFd,
+    conns: Vec<Option<Box<Conn>>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
+    wheel: TimerWheel,
+    notice: Rc<MailNotice>,
+    /// Connections to look at before the turn ends.
+    dirty: Vec<u64>,
+    /// Connections with input for their session, or waiting to receive again, once
+    /// backpressure allows.
+    inputs: Vec<u64>,
+    send_pool: Vec<Vec<u8>>,
+    sends_in_flight: u64,
+    drain_seen: bool,
+    last_accept_error_log: Option<Instant>,
+}
+
+impl Engine {
+    /// Make the first ring now, so a kernel that refuses it is found before serving.
+    pub(super) fn new(
+        shard: Rc<Shard>,
+        listener: OwnedFd,
+        max_connections: usize,
+        plan: EnginePlan,
+    ) -> io::Result<Self> {
+        // SAFETY: plain eventfd creation; the result is checked. Blocking (no
+        // EFD_NONBLOCK), so io_uring waits for it rather than failing with EAGAIN.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let sizes = plan.ring;
+        let usable = sizes.files.saturating_sub(ACCEPT_HEADROOM).max(1) as usize;
+        let first = SocketRing::new(sizes, eventfd.as_raw_fd())?;
+        set_nodelay(&listener);
+        let notice = Rc::new(MailNotice::default());
+        *shard.engine_notice.borrow_mut() = Some(notice.clone());
+        Ok(Self {
+            shard,
+            listener: Some(listener),
+            max_connections,
+            sizes,
+            max_rings: max_connections.div_ceil(usable) + 1,
+            rings: vec![first],
+            accept_ring: None,
+            eventfd,
+            conns: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            wheel: TimerWheel::new(Instant::now(), WHEEL_TICK, WHEEL_SLOTS),
+            notice,
+            dirty: Vec::new(),
+            inputs: Vec::new(),
+            send_pool: Vec::new(),
+            sends_in_flight: 0,
+            drain_seen: false,
+            last_accept_error_log: None,
+        })
+    }
+
+    /// Serve until the shard stops (the executor drops this task).
+    pub(super) async fn run(mut self) {
+        let eventfd = match self.eventfd.try_clone() {
+            // SAFETY: a descriptor of our own, handed to glommio to wait on.
+            Ok(fd) => Rc::new(unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) }),
+            Err(error) => {
+                tracing::error!(shard = self.shard.index, %error, "socket engine cannot wait");
+                return;
+            }
+        };
+        type Wakeup = Pin<Box<dyn Future<Output = ()>>>;
+        let mut completions_ready: Option<Wakeup> = None;
+        let mut timer: Option<(Instant, Timer)> = None;
+        let mut parked_in: Option<u64> = None;
+        loop {
+            if self.turn(Now::system()) {
+                glommio::yield_if_needed().await;
+                continue;
+            }
+            futures::future::poll_fn(|cx| {
+                *self.notice.waker.borrow_mut() = Some(cx.waker().clone());
+                if !self.notice.pending.borrow().is_empty()
+                    || (self.shard.draining.get() && !self.drain_seen)
+                {
+                    return Poll::Ready(());
+                }
+                let ready = completions_ready.get_or_insert_with(|| {
+                    let eventfd = eventfd.clone();
+                    Box::pin(async move {
+                        // Any completion posted since the last read makes this ready.
+                        let _counted = eventfd.read_at(0, 8).await;
+                    })
+                });
+                if ready.as_mut().poll(cx).is_ready() {
+                    completions_ready = None;
+                    return Poll::Ready(());
+                }
+                if let Some(at) = self.wheel.next_expiry() {
+                    if timer.as_ref().is_none_or(|(armed, _)| *armed > at) {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        timer = Some((at, Timer::new(wait)));
+                    }
+                    if let Some((_, armed)) = &mut timer {
+                        if Pin::new(armed).poll(cx).is_ready() {
+                            timer = None;
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+                if !self.inputs.is_empty() {
+                    if !self.shard.backpressure.get() {
+                        return Poll::Ready(());
+                    }
+                    let epoch = self.shard.blocked_epoch.get();
+                    if parked_in != Some(epoch) {
+                        parked_in = Some(epoch);
+                        self.shard.blocked.borrow_mut().push(cx.waker().clone());
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+        }
+    }
+
+    /// One round: completions, mail, timers, then every touched connection; submit.
+    /// True if anything happened (the caller goes round again without sleeping).
+    fn turn(&mut self, now: Now) -> bool {
+        let mut progress = false;
+        let mut completions = Vec::new();
+        for ring in 0..self.rings.len() {
+            if self.rings[ring].reap(REAP_PER_TURN, &mut completions) > 0 {
+                progress = true;
+            }
+            for completion in completions.drain(..) {
+                self.on_completion(ring, completion);
+            }
+        }
+        let posted = std::mem::take(&mut *self.notice.pending.borrow_mut());
+        progress |= !posted.is_empty();
+        self.dirty.extend(posted);
+
+        let mut fired = Vec::new();
+        self.wheel.expire(now.instant, &mut fired);
+        for token in fired {
+            if let Some(conn) = self.conn_mut(token) {
+                conn.timer_at = None;
+                self.dirty.push(token);
+                progress = true;
+            }
+        }
+        if self.shard.draining.get() && !self.drain_seen {
+            self.drain_seen = true;
+            self.stop_accepting();
+            self.dirty
+                .extend(self.conns.iter().flatten().map(|c| c.token));
+            progress = true;
+        }
+        if !self.inputs.is_empty() && !self.shard.backpressure.get() {
+            for token in std::mem::take(&mut self.inputs) {
+                self.feed(token);
+            }
+            // Connections with more than one batch waiting stay listed.
+            progress = true;
+        }
+        for token in std::mem::take(&mut self.dirty) {
+            self.service(token, now);
+        }
+        if !self.drain_seen {
+            self.keep_accepting();
+        }
+        for ring in &mut self.rings {
+            if let Err(error) = ring.submit() {
+                tracing::error!(shard = self.shard.index, %error, "io_uring submit failed");
+            }
+        }
+        self.publish_metrics();
+        progress
+    }
+
+    fn conn_mut(&mut self, token: u64) -> Option<&mut Conn> {
+        find(&mut self.conns, token)
+    }
+
+    fn push(&mut self, ring: usize, entry: squeue::Entry) {
+        if let Err(error) = self.rings[ring].push(entry) {
+            // Only a failing submit gets here; the connection's timers still end it.
+            tracing::error!(shard = self.shard.index, %error, "io_uring push failed");
+        }
+    }
+
+    fn on_completion(&mut self, ring: usize, completion: Completion) {
+        let (op, token) = Op::of(completion.user_data);
+        match op {
+            Some(Op::Accept) => self.on_accept(ring, completion),
+            Some(Op::Recv) => self.on_recv(ring, token, completion),
+            Some(Op::Send) => self.on_send(token, completion),
+            Some(Op::Close) => self.on_closed(token),
+            Some(Op::CloseRefused) => {
+                self.rings[ring].slots_in_use -= 1;
+            }
+            Some(Op::Ignored) | None => {}
+        }
+    }
+
+    fn on_accept(&mut self, ring: usize, completion: Completion) {
+        if !completion.more() && self.accept_ring == Some(ring) {
+            self.accept_ring = None;
+        }
+        if completion.result < 0 {
+            let error = io::Error::from_raw_os_error(-completion.result);
+            if completion.result != -libc::ECANCELED
+                && self
+                    .last_accept_error_log
+                    .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
+            {
+                self.last_accept_error_log = Some(Instant::now());
+                tracing::warn!(shard = self.shard.index, ring, %error, "accept failed");
+            }
+            return;
+        }
+        let slot = completion.result as u32;
+        self.rings[ring].slots_in_use += 1;
+        let shard = self.shard.clone();
+        if shard.open_sockets.get() >= self.max_connections || self.drain_seen {
+            inc(&shard.metrics.connections_refused);
+            let close = opcode::Close::new(types::Fixed(slot))
+                .build()
+                .user_data(Op::CloseRefused.user_data(0));
+            self.push(ring, close);
+            return;
+        }
+        inc(&shard.metrics.connections_accepted);
+        inc(&shard.metrics.connections_open);
+        shard.open_sockets.set(shard.open_sockets.get() + 1);
+        let id = shard.next_connection.get();
+        shard.next_connection.set(id + 1);
+
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.generations.push(0);
+            (self.conns.len() - 1) as u32
+        });
+        let generation = &mut self.generations[index as usize];
+        *generation = generation.wrapping_add(1);
+        let token = token(index, *generation);
+        let mailbox = Rc::new(Mailbox {
+            notice: Some((token, self.notice.clone())),
+            ..Mailbox::default()
+        });
+        shard.connections.borrow_mut().insert(id, mailbox.clone());
+        let ws = WsConnection::new(
+            shard.ws_limits.clone(),
+            shard.session_config.clone(),
+            shard.metrics.clone(),
+            format!("{}.{id}", shard.index),
+            Now::system(),
+        );
+        self.conns[index as usize] = Some(Box::new(Conn {
+            token,
+            id,
+            ring: ring as u16,
+            slot,
+            ws,
+            mailbox,
+            sending: None,
+            recv: Recv::Rearm,
+            eof: false,
+            send_cancelled: false,
+            input: Vec::new(),
+            queued: false,
+            phase: Phase::Open,
+            timer_at: None,
+            opened: false,
+            drained: false,
+            ended: false,
+        }));
+        self.live += 1;
+        self.dirty.push(token);
+    }
+
+    fn on_recv(&mut self, ring: usize, token: u64, completion: Completion) {
+        let shard = self.shard.clone();
+        let rings = &mut self.rings;
+        let conn = find(&mut self.conns, token);
+        let buffer = completion.buffer();
+        let mut consumed = false;
+        if let Some(conn) = conn {
+            if completion.result > 0 {
+                consumed = true;
+                let bytes =
+                    rings[ring].received(buffer.unwrap_or(u16::MAX), completion.result as usize);
+                // Lingering or closing: input is discarded.
+                if conn.phase == Phase::Open {
+                    if !conn.queued {
+                        conn.queued = true;
+                        self.inputs.push(token);
+                    }
+                    conn.input.extend_from_slice(bytes);
+                    if conn.input.len() > INPUT_PENDING_BYTES && conn.recv == Recv::Armed {
+                        // Stop the kernel handing us more until the session catches up.
+                        conn.recv = Recv::Cancelling;
+                        if let Err(error) = rings[ring].push(cancel(Op::Recv.user_data(token))) {
+                            tracing::error!(shard = shard.index, %error, "io_uring push failed");
+                        }
+                    }
+                }
+            } else if completion.result == 0
+                || completion.result != -libc::ENOBUFS && completion.result != -libc::ECANCELED
+            {
+                // EOF, or the socket failed (reset, timed out): what came before it is
+                // the session's last input.
+                conn.eof = true;
+                if conn.phase == Phase::Open {
+                    feed_session(&shard, conn, usize::MAX);
+                    conn.ws.on_peer_gone();
+                }
+            }
+            if !completion.more() {
+                // A lingering connection keeps reading (and discarding) until EOF: a
+                // close with unread input would reset the connection.
+                conn.recv = if conn.eof { Recv::Off } else { Recv::Rearm };
+            }
+            self.dirty.push(token);
+        }
+        if let Some(id) = buffer {
+            if !consumed {
+                // A completion for a connection already gone still filled a buffer.
+                self.rings[ring].received(id, 0);
+            }
+            self.rings[ring].recycle(id);
+        }
+    }
+
+    fn on_send(&mut self, token: u64, completion: Completion) {
+        self.sends_in_flight -= 1;
+        let Some(conn) = self.conn_mut(token) else {
+            return;
+        };
+        let Some((buffer, mut sent)) = conn.sending.take() else {
+            return;
+        };
+        if completion.result <= 0 {
+            conn.eof = true;
+            if conn.phase == Phase::Open {
+                conn.ws.on_peer_gone();
+            }
+        } else {
+            sent += completion.result as usize;
+        }
+        let rest = completion.result > 0 && sent < buffer.len();
+        let ring = usize::from(conn.ring);
+        if rest {
+            let entry = send_entry(conn, buffer, sent);
+            self.sends_in_flight += 1;
+            self.push(ring, entry);
+        } else {
+            self.recycle_send_buffer(buffer);
+        }
+        self.dirty.push(token);
+    }
+
+    fn on_closed(&mut self, token: u64) {
+        let index = (token & 0xffff_ffff) as usize;
+        let Some(conn) = self
+            .conns
+            .get_mut(index)
+            .and_then(|c| c.take_if(|c| c.token == token))
+        else {
+            return;
+        };
+        let mut ended = conn.ended;
+        end_session(&self.shard, conn.id, &mut ended, conn.opened, Now::system());
+        self.rings[usize::from(conn.ring)].slots_in_use -= 1;
+        self.free.push(index as u32);
+        self.live -= 1;
+        let shard = &self.shard;
+        shard.open_sockets.set(shard.open_sockets.get() - 1);
+        dec(&shard.metrics.connections_open);
+    }
+
+    /// Bring a connection up to date: drain, mail, output, close, receive, timer.
+    fn service(&mut self, token: u64, now: Now) {
+        let shard = self.shard.clone();
+        let draining = self.drain_seen;
+        let backpressure = shard.backpressure.get();
+        let Some(conn) = find(&mut self.conns, token) else {
+            return;
+        };
+        let ring = usize::from(conn.ring);
+        // At most three operations per connection and turn: send, shutdown, receive
+        // (or two cancels, or the close).
+        let mut entries: [Option<squeue::Entry>; 3] = [None, None, None];
+        if conn.phase == Phase::Open {
+            if draining && !conn.drained {
+                conn.drained = true;
+                conn.ws.drain(now);
+            }
+            if !conn.mailbox.documents.borrow().is_empty() {
+                let documents = std::mem::take(&mut *conn.mailbox.documents.borrow_mut());
+                conn.ws.push_documents(now, documents.into_iter());
+            }
+            if conn.sending.is_none() && !conn.ws.output().is_empty() {
+                let mut buffer = self.send_pool.pop().unwrap_or_default();
+                buffer.extend_from_slice(conn.ws.output());
+                conn.ws.consume_output(buffer.len(), now);
+                entries[0] = Some(send_entry(conn, buffer, 0));
+                self.sends_in_flight += 1;
+            }
+            if conn.ws.is_finished() && conn.ws.output().is_empty() && conn.sending.is_none() {
+                end_session(&shard, conn.id, &mut conn.ended, conn.opened, now);
+                if conn.eof {
+                    conn.phase = Phase::Closing {
+                        close_submitted: false,
+                    };
+                } else {
+                    // FIN, then read until the peer's EOF: closing with unread input
+                    // sends RST, which can destroy the close frame not yet read.
+                    conn.phase = Phase::Lingering {
+                        until: now.instant + shard.ws_limits.close_linger,
+                    };
+                    entries[1] = Some(
+                        opcode::Shutdown::new(types::Fixed(conn.slot), libc::SHUT_WR)
+                            .build()
+                            .user_data(Op::Ignored.user_data(0)),
+                    );
+                }
+            }
+        }
+        if let Phase::Lingering { until } = conn.phase {
+            if conn.eof || conn.recv == Recv::Off || now.instant >= until {
+                conn.phase = Phase::Closing {
+                    close_submitted: false,
+                };
+            }
+        }
+        match conn.phase {
+            Phase::Open | Phase::Lingering { .. } => {
+                let held_back = conn.phase == Phase::Open
+                    && (backpressure || conn.input.len() > INPUT_BATCH_BYTES);
+                if conn.recv == Recv::Rearm && held_back && !conn.queued {
+                    conn.queued = true;
+                    self.inputs.push(token);
+                }
+                if conn.recv == Recv::Rearm && !held_back {
+                    conn.recv = Recv::Armed;
+                    entries[2] = Some(
+                        opcode::RecvMulti::new(types::Fixed(conn.slot), BUFFER_GROUP)
+                            .build()
+                            .user_data(Op::Recv.user_data(token)),
+                    );
+                }
+                let deadline = match conn.phase {
+                    Phase::Lingering { until } => Some(until),
+                    _ => conn.ws.next_deadline(),
+                };
+                if let Some(deadline) = deadline {
+                    if deadline <= now.instant {
+                        if conn.phase == Phase::Open {
+                            conn.ws.on_tick(now);
+                        }
+                        self.dirty.push(token);
+                    } else if conn.timer_at.is_none_or(|at| at > deadline) {
+                        conn.timer_at = Some(deadline);
+                        self.wheel.insert(deadline, token);
+                    }
+                }
+            }
+            Phase::Closing {
+                close_submitted: true,
+            } => {}
+            Phase::Closing {
+                close_submitted: false,
+            } => {
+                // Nothing may complete for this connection after its slot is closed:
+                // cancel what is in flight; its final completion brings us back here.
+                if conn.recv == Recv::Armed {
+                    conn.recv = Recv::Cancelling;
+                    entries[0] = Some(cancel(Op::Recv.user_data(token)));
+                }
+                if conn.sending.is_some() && !conn.send_cancelled {
+                    conn.send_cancelled = true;
+                    entries[1] = Some(cancel(Op::Send.user_data(token)));
+                }
+                let in_flight = conn.recv == Recv::Cancelling || conn.sending.is_some();
+                if !in_flight {
+                    conn.phase = Phase::Closing {
+                        close_submitted: true,
+                    };
+                    entries[2] = Some(
+                        opcode::Close::new(types::Fixed(conn.slot))
+                            .build()
+                            .user_data(Op::Close.user_data(token)),
+                    );
+                }
+            }
+        }
+        for entry in entries.into_iter().flatten() {
+            self.push(ring, entry);
+        }
+    }
+
+    /// Hand a batch of a connection's received input to its session, and look at it
+    /// again.
+    fn feed(&mut self, token: u64) {
+        let shard = self.shard.clone();
+        let Some(conn) = find(&mut self.conns, token) else {
+            return;
+        };
+        feed_session(&shard, conn, INPUT_BATCH_BYTES);
+        if conn.input.is_empty() {
+            conn.queued = false;
+        } else {
+            self.inputs.push(token);
+        }
+        self.dirty.push(token);
+    }
+
+    fn recycle_send_buffer(&mut self, mut buffer: Vec<u8>) {
+        if self.send_pool.len() < SEND_POOL_BUFFERS && buffer.capacity() <= SEND_POOL_KEEP_BYTES {
+            buffer.clear();
+            self.send_pool.push(buffer);
+        }
+    }
+
+    /// Keep one multishot accept armed, on a ring with free slots (made if needed).
+    fn keep_accepting(&mut self) {
+        let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
+            return;
+        };
+        let room = |ring: &SocketRing| ring.slots_in_use + ACCEPT_HEADROOM < ring.files();
+        if let Some(current) = self.accept_ring {
+            if room(&self.rings[current]) {
+                return;
+            }
+            // Nearly full: accepts already in flight still find a slot; move on.
+            self.push(current, cancel(Op::Accept.user_data(current as u64)));
+            self.accept_ring = None;
+        }
+        let target = match self.rings.iter().position(room) {
+            Some(ring) => ring,
+            None if self.rings.len() < self.max_rings => {
+                match SocketRing::new(self.sizes, self.eventfd.as_raw_fd()) {
+                    Ok(ring) => {
+                        self.rings.push(ring);
+                        tracing::info!(
+                            shard = self.shard.index,
+                            rings = self.rings.len(),
+                            "socket engine: another ring for more connections"
+                        );
+                        self.rings.len() - 1
+                    }
+                    Err(error) => {
+                        if self
+                            .last_accept_error_log
+                            .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
+                        {
+                            self.last_accept_error_log = Some(Instant::now());
+                            tracing::warn!(shard = self.shard.index, %error, "cannot make another socket ring");
+                        }
+                        return;
+                    }
+                }
+            }
+            None => return,
+        };
+        let accept = opcode::AcceptMulti::new(types::Fd(listener))
+            .allocate_file_index(true)
+            .build()
+            .user_data(Op::Accept.user_data(target as u64));
+        self.accept_ring = Some(target);
+        self.push(target, accept);
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(ring) = self.accept_ring.take() {
+            self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
+        }
+        // The kernel keeps the socket while the cancel is in flight; then it closes.
+        self.listener = None;
+    }
+
+    fn publish_metrics(&self) {
+        let metrics = &self.shard.metrics;
+        let store = |gauge: &std::sync::atomic::AtomicU64, value: u64| {
+            gauge.store(value, Ordering::Relaxed)
+        };
+        store(&metrics.socket_rings, self.rings.len() as u64);
+        store(
+            &metrics.socket_slots,
+            self.rings.iter().map(|r| u64::from(r.slots_in_use)).sum(),
+        );
+        store(
+            &metrics.recv_buffers_held,
+            self.rings.iter().map(|r| u64::from(r.buffers_held())).sum(),
+        );
+        store(&metrics.send_buffers_in_flight, self.sends_in_flight);
+        store(&metrics.engine_connections, self.live as u64);
+    }
+}
+
+/// Up to `budget` bytes of input go to the session (and its commands to the core), with a
+/// fresh clock: the session's rate limit refills by the time between reads.
+fn feed_session(shard: &Shard, conn: &mut Conn, budget: usize) {
+    let rest = match conn.input.len() > budget {
+        true => conn.input.split_off(budget),
+        false => Vec::new(),
+    };
+    let input = std::mem::replace(&mut conn.input, rest);
+    if conn.phase == Phase::Open && !input.is_empty() {
+        let now = Now::system();
+        conn.ws.on_bytes(now, &input);
+        forward_to_core(shard, &mut conn.ws, conn.id, &mut conn.opened, now);
+    }
+}
+
+/// A cancel of the operation with `user_data`; its own completion is of no interest.
+fn cancel(user_data: u64) -> squeue::Entry {
+    opcode::AsyncCancel::new(user_data)
+        .build()
+        .user_data(Op::Ignored.user_data(0))
+}
+
+/// The live connection a token names (a stale token names none).
+fn find(conns: &mut [Option<Box<Conn>>], token: u64) -> Option<&mut Conn> {
+    let conn = conns
+        .get_mut((token & 0xffff_ffff) as usize)?
+        .as_deref_mut()?;
+    (conn.token == token).then_some(conn)
+}
+
+/// A send of `buffer[sent..]`; the buffer moves into the connection until completion.
+fn send_entry(conn: &mut Conn, buffer: Vec<u8>, sent: usize) -> squeue::Entry {
+    let rest = &buffer[sent..];
+    let entry = opcode::Send::new(
+        types::Fixed(conn.slot),
+        rest.as_ptr(),
+        rest.len().min(u32::MAX as usize) as u32,
+    )
+    .build()
+    .user_data(Op::Send.user_data(conn.token));
+    // The Vec's heap memory does not move when the Vec itself moves.
+    conn.sending = Some((buffer, sent));
+    entry
+}
+
+/// Accepted sockets inherit TCP_NODELAY from the listener, so direct descriptors need
+/// no per-socket setsockopt.
+fn set_nodelay(listener: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the right size.
+    let _an_optimisation = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
