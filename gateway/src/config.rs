@@ -140,8 +140,8 @@ settings! {
     ws_read_buffer_bytes: usize = 1024, shown "1024";
     /// Open connections per shard; more are refused at accept.
     max_connections_per_shard: usize = 100_000, shown "100000";
-    /// How client sockets are served: descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections), io_uring (refuse to start without it; not yet the default, see docs/configuration.md), or auto (io_uring where the kernel supports it, else descriptors).
-    socket_engine: String = "descriptors".to_string(), shown "descriptors";
+    /// How client sockets are served: auto (io_uring where the kernel supports it, else descriptors), io_uring (refuse to start without it), or descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections).
+    socket_engine: String = "auto".to_string(), shown "auto";
     /// Submission queue entries of each io_uring socket ring (its completion queue is four times larger).
     socket_ring_entries: u32 = 1024, shown "1024";
     /// Fixed-file slots (direct descriptors) per io_uring socket ring, at most the process descriptor limit; a shard makes as many rings as its connections need.

@@ -64,8 +64,12 @@ enum Op {
     Close = 4,
     /// The close of a socket refused at accept (no `Conn`).
     CloseRefused = 5,
-    /// Completions nobody waits for: shutdowns and cancels.
+    /// Completions nobody waits for: cancels.
     Ignored = 6,
+    /// `shutdown(SHUT_WR)`. The kernel always runs it from a worker thread and looks up
+    /// the fixed slot only then, so the slot must not be closed (and reused by a new
+    /// connection) before it completes.
+    Shutdown = 7,
 }
 
 impl Op {
@@ -81,6 +85,7 @@ impl Op {
             4 => Some(Op::Close),
             5 => Some(Op::CloseRefused),
             6 => Some(Op::Ignored),
+            7 => Some(Op::Shutdown),
             _ => None,
         };
         (op, user_data & ((1 << 56) - 1))
@@ -133,6 +138,8 @@ struct Conn {
     eof: bool,
     /// The send in flight is being cancelled (the connection closes).
     send_cancelled: bool,
+    /// A `shutdown` is in flight.
+    shutting_down: bool,
     /// Received and not yet handed to the session (allocated only then).
     input: Vec<u8>,
     /// Listed in the engine's `inputs`.
@@ -367,6 +374,12 @@ impl Engine {
             Some(Op::CloseRefused) => {
                 self.rings[ring].slots_in_use -= 1;
             }
+            Some(Op::Shutdown) => {
+                if let Some(conn) = self.conn_mut(token) {
+                    conn.shutting_down = false;
+                    self.dirty.push(token);
+                }
+            }
             Some(Op::Ignored) | None => {}
         }
     }
@@ -435,6 +448,7 @@ impl Engine {
             recv: Recv::Rearm,
             eof: false,
             send_cancelled: false,
+            shutting_down: false,
             input: Vec::new(),
             queued: false,
             phase: Phase::Open,
@@ -587,10 +601,11 @@ impl Engine {
                     conn.phase = Phase::Lingering {
                         until: now.instant + shard.ws_limits.close_linger,
                     };
+                    conn.shutting_down = true;
                     entries[1] = Some(
                         opcode::Shutdown::new(types::Fixed(conn.slot), libc::SHUT_WR)
                             .build()
-                            .user_data(Op::Ignored.user_data(0)),
+                            .user_data(Op::Shutdown.user_data(token)),
                     );
                 }
             }
@@ -650,7 +665,8 @@ impl Engine {
                     conn.send_cancelled = true;
                     entries[1] = Some(cancel(Op::Send.user_data(token)));
                 }
-                let in_flight = conn.recv == Recv::Cancelling || conn.sending.is_some();
+                let in_flight =
+                    conn.recv == Recv::Cancelling || conn.sending.is_some() || conn.shutting_down;
                 if !in_flight {
                     conn.phase = Phase::Closing {
                         close_submitted: true,
