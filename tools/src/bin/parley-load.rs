@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use parley_tools::load::report::Report;
 use parley_tools::load::run::{self, Options};
-use parley_tools::load::scenario::{Kind, Mix, Plan, Protocol, Storm};
+use parley_tools::load::scenario::{EngineChoice, Kind, Mix, Plan, Protocol, Storm};
 use parley_tools::{load_secret, parse_duration};
 
 #[global_allocator]
@@ -113,6 +113,11 @@ struct Common {
     /// address's ephemeral ports.
     #[arg(long, default_value_t = 4)]
     sources: u8,
+    /// Client socket engine: `uring` (io_uring with direct descriptors: no file descriptor
+    /// per session, so past `ulimit -n`; the idle scenario over Parley WebSocket only),
+    /// `epoll` (every scenario), or `auto` (uring where it serves and the kernel has it).
+    #[arg(long, default_value = "auto", value_parser = parse_engine)]
+    engine: EngineChoice,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -172,6 +177,15 @@ fn parse_protocol(text: &str) -> Result<Protocol, String> {
         "nats" => Ok(Protocol::Nats),
         "quic" => Ok(Protocol::Quic),
         _ => Err(format!("{text:?}: use parley, quic or nats")),
+    }
+}
+
+fn parse_engine(text: &str) -> Result<EngineChoice, String> {
+    match text {
+        "auto" => Ok(EngineChoice::Auto),
+        "uring" => Ok(EngineChoice::Uring),
+        "epoll" => Ok(EngineChoice::Epoll),
+        _ => Err(format!("{text:?}: use auto, uring or epoll")),
     }
 }
 
@@ -369,6 +383,7 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
         pid: common.pid,
         params,
         progress: !common.quiet,
+        engine: common.engine,
     })?;
     if common.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

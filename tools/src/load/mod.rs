@@ -1,7 +1,8 @@
 //! `parley-load`'s engine: clients, workers, scenarios, statistics and reports.
 //!
 //! A run is planned up front (`scenario`), executed by pinned worker threads each
-//! running an epoll loop over its share of the clients (`worker`, `client`), paced and
+//! running an epoll loop over its share of the clients (`worker`, `client`) or, for the
+//! idle scenario, io_uring over direct descriptors (`uring`), paced and
 //! watched by the main thread (`run`), and summarised as a `report::Report` that the
 //! binary prints as a table, JSON or an HTML page (`html`).
 
@@ -12,5 +13,6 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod stats;
+pub mod uring;
 pub mod wire;
 pub mod worker;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct Report {
     /// `idle`, `chat-1to1`, `group`, `reconnect-storm` or `mixed`.
     pub scenario: String,
-    /// The options the run was given, as `--name value` text (the command line, parsed).
+    /// The options the run was given, as `--name value` text (the command line, parsed),
+    /// and `engine`: the client socket engine the run used (`epoll` or `uring`).
     pub params: BTreeMap<String, String>,
     /// When the run started, Unix seconds.
     pub started_unix_s: u64,
@@ -175,6 +176,9 @@ impl Report {
         let mut out = String::new();
         let c = &self.connections;
         let _ = writeln!(out, "scenario      {}", self.scenario);
+        if let Some(engine) = self.params.get("engine") {
+            let _ = writeln!(out, "engine        {engine}");
+        }
         let _ = writeln!(
             out,
             "sessions      {} of {} set up in {:.2} s ({} failed attempts, {} source addresses)",

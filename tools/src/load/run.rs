@@ -12,8 +12,9 @@ use super::report::{
     Connections, GeneratorUsage, LatencySummary, Report, Second, ServerUsage, Throughput,
     Verification,
 };
-use super::scenario::{Kind, Plan, Role};
+use super::scenario::{Engine, EngineChoice, Kind, Plan, Role};
 use super::stats::{sum, Live, Stats};
+use super::uring;
 use super::worker::{self, Shared, PHASE_STOP};
 
 /// How a run is paced.
@@ -32,15 +33,43 @@ pub struct Options {
     pub pid: Option<u32>,
     /// The command line, for the report.
     pub params: BTreeMap<String, String>,
-    /// Print the progress line to stderr.
+    /// Print the progress line (and the engine chosen) to stderr.
     pub progress: bool,
+    /// `--engine`: the client socket engine.
+    pub engine: EngineChoice,
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(50);
 
-pub fn run(options: Options) -> Result<Report, String> {
+/// The engine the run uses, and why (for the line on stderr).
+pub fn choose_engine(plan: &Plan, choice: EngineChoice) -> Result<(Engine, String), String> {
+    const URING: &str = "io_uring, direct descriptors";
+    match choice {
+        EngineChoice::Epoll => Ok((Engine::Epoll, "--engine epoll".into())),
+        EngineChoice::Uring => {
+            uring::serves(plan).map_err(|why| format!("--engine uring: {why}"))?;
+            uring::probe()
+                .map_err(|why| format!("--engine uring: io_uring is not usable here: {why}"))?;
+            Ok((Engine::Uring, URING.into()))
+        }
+        EngineChoice::Auto => match uring::serves(plan).and_then(|()| uring::probe()) {
+            Ok(()) => Ok((Engine::Uring, URING.into())),
+            Err(why) => Ok((Engine::Epoll, why)),
+        },
+    }
+}
+
+pub fn run(mut options: Options) -> Result<Report, String> {
     options.plan.validate()?;
+    let (engine, why) = choose_engine(&options.plan, options.engine)?;
+    if options.progress {
+        eprintln!("parley-load: engine {} ({why})", engine.name());
+    }
+    options
+        .params
+        .insert("engine".into(), engine.name().to_string());
+    let own_rss_start = memory_kib(std::process::id()).unwrap_or(0);
     let started_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -49,6 +78,7 @@ pub fn run(options: Options) -> Result<Report, String> {
     let shared = Arc::new(Shared {
         plan: options.plan.clone(),
         workers,
+        engine,
         epoch: Instant::now(),
         lives: (0..workers).map(|_| Live::default()).collect(),
         phase: AtomicU8::new(worker::PHASE_RUN),
@@ -133,16 +163,32 @@ pub fn run(options: Options) -> Result<Report, String> {
         extra.insert("drained".into(), if drained { 1.0 } else { 0.0 });
     }
     let rss_after = options.pid.map(memory_kib).transpose()?;
+    // The generator's own memory while it still holds every session.
+    let own_rss_held = memory_kib(std::process::id()).unwrap_or(0);
 
     shared.phase.store(PHASE_STOP, Ordering::Relaxed);
     let mut stats = Stats::new();
     let mut outcomes = Vec::with_capacity(plan.clients as usize);
+    let mut figures: BTreeMap<&'static str, f64> = BTreeMap::new();
     for handle in handles {
         let result = handle
             .join()
             .map_err(|_| "a worker thread panicked".to_string())??;
         stats.merge(result.stats);
         outcomes.extend(result.outcomes);
+        for (name, value) in result.figures {
+            *figures.entry(name).or_default() += value;
+        }
+    }
+    for (name, value) in figures {
+        extra.insert(name.into(), value);
+    }
+    extra.insert("generator_rss_kib_held".into(), own_rss_held as f64);
+    if established > 0 {
+        extra.insert(
+            "generator_rss_bytes_per_session".into(),
+            own_rss_held.saturating_sub(own_rss_start) as f64 * 1024.0 / established as f64,
+        );
     }
     progress.finish();
 

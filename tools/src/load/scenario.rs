@@ -41,6 +41,34 @@ pub enum Protocol {
     Quic,
 }
 
+/// The client socket engine a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Readiness (mio) over one regular descriptor per session: every scenario and
+    /// protocol, at most `ulimit -n` sessions per process.
+    Epoll,
+    /// io_uring with direct descriptors (`load::uring`): the idle scenario over Parley
+    /// WebSocket, past the descriptor limit.
+    Uring,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Epoll => "epoll",
+            Engine::Uring => "uring",
+        }
+    }
+}
+
+/// `--engine`: `auto` takes io_uring where it serves the run and the kernel has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    Auto,
+    Uring,
+    Epoll,
+}
+
 /// Relative weights of the mixed scenario's operations.
 #[derive(Clone, Copy, Debug)]
 pub struct Mix {

@@ -3,6 +3,7 @@
 //! due in 300 µs fires then and not at the next whole millisecond.
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -13,7 +14,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::client::{Client, Ctx, Outcome, Timer, Timers, Window};
-use super::scenario::{Plan, Protocol};
+use super::scenario::{Engine, Plan, Protocol};
 use super::stats::{Live, Stats};
 
 /// Phases the main thread moves the workers through.
@@ -24,6 +25,8 @@ pub const PHASE_STOP: u8 = 1;
 pub struct Shared {
     pub plan: Plan,
     pub workers: usize,
+    /// The socket engine every worker runs.
+    pub engine: Engine,
     /// Time zero of the run: every timestamp is nanoseconds since it.
     pub epoch: Instant,
     pub lives: Vec<Live>,
@@ -44,6 +47,8 @@ impl Shared {
 pub struct WorkerResult {
     pub stats: Stats,
     pub outcomes: Vec<Outcome>,
+    /// Engine figures for the report's `extra`, summed over workers.
+    pub figures: BTreeMap<&'static str, f64>,
 }
 
 /// Longest sleep in one poll, so phase changes are seen promptly.
@@ -51,11 +56,14 @@ const POLL_MAX: Duration = Duration::from_millis(20);
 /// Connections start this long after the run's epoch.
 pub const SETUP_START_NS: u64 = 10_000_000;
 /// The idle scenario spreads its ping round over this long.
-const PING_ROUND_NS: u64 = 1_000_000_000;
+pub(crate) const PING_ROUND_NS: u64 = 1_000_000_000;
 const TIMER_TOKEN: Token = Token(usize::MAX);
 
 /// Run worker `worker` until the main thread says stop.
 pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<WorkerResult, String> {
+    if shared.engine == Engine::Uring {
+        return super::uring::run(shared, worker, cpu);
+    }
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu).map_err(|error| format!("pin worker {worker} to cpu {cpu}: {error}"))?;
     }
@@ -193,6 +201,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
     Ok(WorkerResult {
         stats: state.stats,
         outcomes: clients.iter().map(Client::outcome).collect(),
+        figures: BTreeMap::new(),
     })
 }
 
@@ -260,7 +269,7 @@ fn schedule_sends(plan: &Plan, mine: &[u32], window: Window, interval: u64, time
     }
 }
 
-fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity(0, ..)
     // applies to the calling thread only.
     unsafe {
@@ -274,12 +283,12 @@ fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 }
 
 /// A monotonic one-shot timer with nanosecond resolution that epoll can wait on.
-struct TimerFd {
-    fd: OwnedFd,
+pub(crate) struct TimerFd {
+    pub(crate) fd: OwnedFd,
 }
 
 impl TimerFd {
-    fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: plain syscall; the returned descriptor is owned from here on.
         let fd = unsafe {
             libc::timerfd_create(
@@ -297,7 +306,7 @@ impl TimerFd {
     }
 
     /// Fire once, `nanos` from now.
-    fn arm(&self, nanos: u64) -> io::Result<()> {
+    pub(crate) fn arm(&self, nanos: u64) -> io::Result<()> {
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
                 tv_sec: 0,
@@ -318,7 +327,7 @@ impl TimerFd {
     }
 
     /// Consume the expiration so the next one wakes epoll again.
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut expirations = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a local buffer; EAGAIN is fine.
         unsafe {
