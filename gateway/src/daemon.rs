@@ -102,7 +102,10 @@ fn choose_socket_engine(settings: &Settings) -> Result<Option<EnginePlan>, Start
         recv_buffer_bytes = settings.socket_recv_buffer_bytes,
         "socket engine: io_uring (direct descriptors, multishot accept and receive, provided buffers)"
     );
-    Ok(Some(EnginePlan { ring }))
+    Ok(Some(EnginePlan {
+        ring,
+        listen_backlog: u32::try_from(settings.listen_backlog).unwrap_or(0),
+    }))
 }
 
 /// The soft RLIMIT_NOFILE.

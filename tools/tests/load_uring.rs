@@ -69,8 +69,34 @@ impl Parleyd {
 
     /// As `start`, with more daemon flags.
     fn start_with(flags: &[&str]) -> Parleyd {
+        Parleyd::launch(flags, None)
+    }
+
+    /// As `start_with`, in a process allowed only `descriptors` open files.
+    fn start_limited(flags: &[&str], descriptors: u64) -> Parleyd {
+        Parleyd::launch(flags, Some(descriptors))
+    }
+
+    fn launch(flags: &[&str], descriptor_limit: Option<u64>) -> Parleyd {
         let data_dir = tempfile::tempdir().expect("tempdir");
-        let mut child = scrubbed(parleyd_path())
+        let mut command = scrubbed(parleyd_path());
+        if let Some(limit) = descriptor_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir.path())
             .args([
@@ -366,6 +392,53 @@ fn idle_on_io_uring_sets_up_and_pings_every_session() {
             .is_some_and(|s| s.pid == daemon.pid()),
         "server: {:?}",
         report.server
+    );
+}
+
+/// Sessions one parleyd holds in the capacity test, and the descriptors it may open.
+const CAPACITY_SESSIONS: u64 = 30_000;
+const CAPACITY_DESCRIPTOR_LIMIT: u64 = 4_096;
+
+/// One parleyd holds 30,000 authenticated sessions at once (the idle scenario pings
+/// every one while all are held), with a descriptor limit of 4,096: its sockets are
+/// direct descriptors, spread over several rings per shard because one ring's table
+/// may not exceed that limit.
+#[test]
+fn one_parleyd_holds_30000_sessions_past_its_descriptor_limit() {
+    // A small backlog: a multishot accept takes the whole backlog at once, and the
+    // engine keeps that many slots free on the accepting ring (at most half of a
+    // 4,096-slot table).
+    let daemon = Parleyd::start_limited(&["--listen-backlog", "512"], CAPACITY_DESCRIPTOR_LIMIT);
+    let pid = daemon.pid().to_string();
+    let sessions = CAPACITY_SESSIONS.to_string();
+    let run = daemon.load(
+        "idle",
+        &[
+            "--engine",
+            "uring",
+            "--connections",
+            &sessions,
+            "--connect-rate",
+            "10000",
+            "--sources",
+            "8",
+            "--pid",
+            &pid,
+        ],
+    );
+    let report = run.report();
+    assert_idle_clean(&run, &report, CAPACITY_SESSIONS);
+    let log = daemon.log_text();
+    ensure!(
+        run,
+        log.contains("socket engine: io_uring") && log.contains("descriptor_limit=4096"),
+        "parleyd log:\n{log}"
+    );
+    let extra_rings = log.matches("another ring for more connections").count();
+    ensure!(
+        run,
+        extra_rings >= 6,
+        "30,000 sessions over 4,096-slot tables need at least 8 rings; made {extra_rings} more:\n{log}"
     );
 }
 

@@ -37,8 +37,12 @@ use crate::ws::WsConnection;
 
 /// Completions taken from one ring per turn, so one busy ring cannot starve the others.
 const REAP_PER_TURN: usize = 4096;
-/// Slots kept free on the accepting ring for accepts already in flight when it moves on.
-const ACCEPT_HEADROOM: u32 = 64;
+/// Slots kept free on the accepting ring for the accepts the kernel completes before it
+/// sees the cancel that moves accepting to another ring; a connection accepted into a
+/// full table is closed by the kernel. A multishot accept empties the whole listen
+/// backlog at once, so the headroom covers the backlog, plus this margin, up to half
+/// the table.
+const ACCEPT_MARGIN: u32 = 64;
 /// Received bytes are copied out of the provided buffers at once (so the buffers go back
 /// to the kernel at once and one flooding connection cannot starve the ring), then
 /// handed to the session at most this many per connection and turn: the per-read costs
@@ -158,6 +162,8 @@ struct Conn {
 #[derive(Debug, Clone, Copy)]
 pub struct EnginePlan {
     pub ring: RingSizes,
+    /// The listen backlog of the shard's socket: connections one accept may take at once.
+    pub listen_backlog: u32,
 }
 
 pub(super) struct Engine {
@@ -166,6 +172,8 @@ pub(super) struct Engine {
     max_connections: usize,
     sizes: RingSizes,
     max_rings: usize,
+    /// Free slots an accepting ring keeps (see ACCEPT_MARGIN).
+    accept_headroom: u32,
     rings: Vec<SocketRing>,
     /// The ring whose multishot accept is armed.
     accept_ring: Option<usize>,
@@ -204,7 +212,8 @@ impl Engine {
         // SAFETY: just created, owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         let sizes = plan.ring;
-        let usable = sizes.files.saturating_sub(ACCEPT_HEADROOM).max(1) as usize;
+        let headroom = (plan.listen_backlog + ACCEPT_MARGIN).min(sizes.files / 2);
+        let usable = sizes.files.saturating_sub(headroom).max(1) as usize;
         let first = SocketRing::new(sizes, eventfd.as_raw_fd())?;
         set_nodelay(&listener);
         let notice = Rc::new(MailNotice::default());
@@ -215,6 +224,7 @@ impl Engine {
             max_connections,
             sizes,
             max_rings: max_connections.div_ceil(usable) + 1,
+            accept_headroom: headroom,
             rings: vec![first],
             accept_ring: None,
             eventfd,
@@ -402,6 +412,9 @@ impl Engine {
         }
         let slot = completion.result as u32;
         self.rings[ring].slots_in_use += 1;
+        if self.accept_ring == Some(ring) && !self.has_room(ring) {
+            self.move_accepting_off(ring);
+        }
         let shard = self.shard.clone();
         if shard.open_sockets.get() >= self.max_connections || self.drain_seen {
             inc(&shard.metrics.connections_refused);
@@ -712,16 +725,13 @@ impl Engine {
         let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
             return;
         };
-        let room = |ring: &SocketRing| ring.slots_in_use + ACCEPT_HEADROOM < ring.files();
         if let Some(current) = self.accept_ring {
-            if room(&self.rings[current]) {
+            if self.has_room(current) {
                 return;
             }
-            // Nearly full: accepts already in flight still find a slot; move on.
-            self.push(current, cancel(Op::Accept.user_data(current as u64)));
-            self.accept_ring = None;
+            self.move_accepting_off(current);
         }
-        let target = match self.rings.iter().position(room) {
+        let target = match (0..self.rings.len()).find(|&ring| self.has_room(ring)) {
             Some(ring) => ring,
             None if self.rings.len() < self.max_rings => {
                 match SocketRing::new(self.sizes, self.eventfd.as_raw_fd()) {
@@ -754,6 +764,22 @@ impl Engine {
             .user_data(Op::Accept.user_data(target as u64));
         self.accept_ring = Some(target);
         self.push(target, accept);
+    }
+
+    /// The ring may take more accepted sockets.
+    fn has_room(&self, ring: usize) -> bool {
+        let ring = &self.rings[ring];
+        ring.slots_in_use + self.accept_headroom < ring.files()
+    }
+
+    /// The ring is nearly full: stop its accept now (submitted at once, not at the turn's
+    /// end, so fewer connections arrive meanwhile); another ring takes over.
+    fn move_accepting_off(&mut self, ring: usize) {
+        self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
+        if let Err(error) = self.rings[ring].submit() {
+            tracing::error!(shard = self.shard.index, %error, "io_uring submit failed");
+        }
+        self.accept_ring = None;
     }
 
     fn stop_accepting(&mut self) {
