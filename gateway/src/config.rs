@@ -137,7 +137,7 @@ settings! {
     /// Bytes handed to the socket per write batch; more waits in the outbound queue.
     write_batch_bytes: usize = 64 * 1024, shown "65536";
     /// Initial WebSocket read buffer per connection (tungstenite's default is 128 KiB).
-    ws_read_buffer_bytes: usize = 1024, shown "1024";
+    ws_read_buffer_bytes: usize = 128, shown "128";
     /// Open connections per shard; more are refused at accept.
     max_connections_per_shard: usize = 100_000, shown "100000";
     /// How client sockets are served: auto (io_uring where the kernel supports it, else descriptors), io_uring (refuse to start without it), or descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections).
