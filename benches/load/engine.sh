@@ -7,7 +7,7 @@
 #
 #   benches/load/engine.sh [OUT_DIR]            # default /tmp/parley-engine
 #   STAGES="mem100k peer" benches/load/engine.sh  # only some stages
-#   MAX_SESSIONS=600000 STAGES=max benches/load/engine.sh
+#   MAX_SESSIONS=1000000 STAGES=max benches/load/engine.sh
 #
 # Every run's report is OUT_DIR/<name>.json; summary.txt has one line per run.
 set -euo pipefail
@@ -110,14 +110,16 @@ if [[ $STAGES == *max* ]]; then
     # figure is a probe's: 1,000 more sessions pinging once while the others are held.
     idle "max-$MAX_SESSIONS" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
         --connections "$MAX_SESSIONS" --connect-rate 10000 --sources "$sources" \
-        --setup-timeout 5m --drain-timeout 2m --hold 60s &
+        --setup-timeout 5m --drain-timeout 2m --hold $((60 + MAX_SESSIONS / 10000))s &
     HOLDER=$!
     for _ in $(seq 600); do
         held=$(curl -s 127.0.0.1:$((PORT + 2))/metrics | awk '/^parley_sessions\{/ {s += $2} END {print s + 0}')
         [ "$held" -ge "$MAX_SESSIONS" ] && break
         sleep 1
     done
-    sleep 15 # past the holder's own ping round
+    # Past the holder's own ping round, which takes the pair about a second per 20,000
+    # sessions to work off, and well before its hold ends.
+    sleep $((15 + MAX_SESSIONS / 20000))
     idle "max-$MAX_SESSIONS-probe" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
         --connections 1000 --connect-rate 1000 --sources 2 --hold 1s --engine uring
     wait "$HOLDER"
