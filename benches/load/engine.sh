@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/parley-engine}
 STAGES=${STAGES:-"mem100k accept max peer"}
-MAX_SESSIONS=${MAX_SESSIONS:-600000}
+MAX_SESSIONS=${MAX_SESSIONS:-1000000}
 mkdir -p "$OUT"
 cargo build -q --release -p parley-gateway -p parley-tools
 LOAD=target/release/parley-load
