@@ -100,9 +100,12 @@ fn choose_socket_engine(settings: &Settings) -> Result<Option<EnginePlan>, Start
         descriptor_limit,
         recv_buffers = settings.socket_recv_buffers,
         recv_buffer_bytes = settings.socket_recv_buffer_bytes,
-        "socket engine: io_uring (accept into direct descriptors, multishot receive, provided buffers)"
+        "socket engine: io_uring (direct descriptors, multishot accept and receive, provided buffers)"
     );
-    Ok(Some(EnginePlan { ring }))
+    Ok(Some(EnginePlan {
+        ring,
+        listen_backlog: u32::try_from(settings.listen_backlog).unwrap_or(0),
+    }))
 }
 
 /// The soft RLIMIT_NOFILE.

@@ -1,9 +1,8 @@
 //! The io_uring socket engine of one shard: every WebSocket connection of the shard, on
 //! as many [`SocketRing`]s as the fixed-file cap requires, driven by one task.
 //!
-//! - Accept goes straight into a ring's fixed-file table (direct descriptors). A fixed
-//!   number of accepts is in flight, each on a ring with a free slot for it, so no
-//!   accepted connection finds a table full; rings are made on demand.
+//! - Accept is multishot, straight into a ring's fixed-file table (direct descriptors).
+//!   When a ring's table nears full, accepting moves to another ring, made on demand.
 //! - Receive is multishot from the ring's provided buffers; the bytes are handed to the
 //!   connection's [`WsConnection`] and the buffer goes straight back to the kernel.
 //! - Sends copy a connection's pending output into a buffer from the shard's pool, which
@@ -19,7 +18,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
-use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -39,17 +37,12 @@ use crate::ws::WsConnection;
 
 /// Completions taken from one ring per turn, so one busy ring cannot starve the others.
 const REAP_PER_TURN: usize = 4096;
-/// Accepts in flight per shard. Each takes a free fixed-file slot of its ring when it
-/// completes, so a ring is never given more accepts than it has free slots: a
-/// connection the kernel accepts into a full table is closed (ENFILE), and a multishot
-/// accept cannot be bounded that way. It took the whole backlog at once and lost
-/// connections at ring switches whenever the engine lagged (measured: a few of 30,000).
-/// Completed accepts are re-armed in the turn's one submission.
-const ACCEPTS_IN_FLIGHT: u32 = 64;
-/// Pause before accepting again after an accept error other than a vanished peer.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
-/// The wheel token that ends an accept backoff (no connection has it).
-const ACCEPT_BACKOFF_TOKEN: u64 = u64::MAX;
+/// Slots kept free on the accepting ring for the accepts the kernel completes before it
+/// sees the cancel that moves accepting to another ring; a connection accepted into a
+/// full table is closed by the kernel. A multishot accept empties the whole listen
+/// backlog at once, so the headroom covers the backlog, plus this margin, up to half
+/// the table.
+const ACCEPT_MARGIN: u32 = 64;
 /// Received bytes are copied out of the provided buffers at once (so the buffers go back
 /// to the kernel at once and one flooding connection cannot starve the ring), then
 /// handed to the session at most this many per connection and turn: the per-read costs
@@ -169,6 +162,8 @@ struct Conn {
 #[derive(Debug, Clone, Copy)]
 pub struct EnginePlan {
     pub ring: RingSizes,
+    /// The listen backlog of the shard's socket: connections one accept may take at once.
+    pub listen_backlog: u32,
 }
 
 pub(super) struct Engine {
@@ -177,11 +172,11 @@ pub(super) struct Engine {
     max_connections: usize,
     sizes: RingSizes,
     max_rings: usize,
+    /// Free slots an accepting ring keeps (see ACCEPT_MARGIN).
+    accept_headroom: u32,
     rings: Vec<SocketRing>,
-    /// Accepts in flight on each ring.
-    accepting: Vec<u32>,
-    /// No accept is armed before this instant (after an accept error).
-    accept_backoff_until: Option<Instant>,
+    /// The ring whose multishot accept is armed.
+    accept_ring: Option<usize>,
     eventfd: OwnedFd,
     conns: Vec<Option<Box<Conn>>>,
     generations: Vec<u32>,
@@ -217,6 +212,8 @@ impl Engine {
         // SAFETY: just created, owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         let sizes = plan.ring;
+        let headroom = (plan.listen_backlog + ACCEPT_MARGIN).min(sizes.files / 2);
+        let usable = sizes.files.saturating_sub(headroom).max(1) as usize;
         let first = SocketRing::new(sizes, eventfd.as_raw_fd())?;
         set_nodelay(&listener);
         let notice = Rc::new(MailNotice::default());
@@ -226,10 +223,10 @@ impl Engine {
             listener: Some(listener),
             max_connections,
             sizes,
-            max_rings: max_connections.div_ceil(sizes.files.max(1) as usize) + 1,
+            max_rings: max_connections.div_ceil(usable) + 1,
+            accept_headroom: headroom,
             rings: vec![first],
-            accepting: vec![0],
-            accept_backoff_until: None,
+            accept_ring: None,
             eventfd,
             conns: Vec::new(),
             generations: Vec::new(),
@@ -355,7 +352,7 @@ impl Engine {
             self.service(token, now);
         }
         if !self.drain_seen {
-            self.keep_accepting(now.instant);
+            self.keep_accepting();
         }
         for ring in &mut self.rings {
             if let Err(error) = ring.submit() {
@@ -398,28 +395,26 @@ impl Engine {
     }
 
     fn on_accept(&mut self, ring: usize, completion: Completion) {
-        self.accepting[ring] -= 1;
+        if !completion.more() && self.accept_ring == Some(ring) {
+            self.accept_ring = None;
+        }
         if completion.result < 0 {
-            let code = -completion.result;
-            // A peer that reset before its accept costs nothing; anything else (the
-            // listener failing, memory) pauses accepting briefly instead of spinning.
-            if code != libc::ECANCELED && code != libc::ECONNABORTED {
-                let until = Instant::now() + ACCEPT_ERROR_BACKOFF;
-                self.accept_backoff_until = Some(until);
-                self.wheel.insert(until, ACCEPT_BACKOFF_TOKEN);
-                if self
+            let error = io::Error::from_raw_os_error(-completion.result);
+            if completion.result != -libc::ECANCELED
+                && self
                     .last_accept_error_log
                     .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
-                {
-                    self.last_accept_error_log = Some(Instant::now());
-                    let error = io::Error::from_raw_os_error(code);
-                    tracing::warn!(shard = self.shard.index, ring, %error, "accept failed; backing off");
-                }
+            {
+                self.last_accept_error_log = Some(Instant::now());
+                tracing::warn!(shard = self.shard.index, ring, %error, "accept failed");
             }
             return;
         }
         let slot = completion.result as u32;
         self.rings[ring].slots_in_use += 1;
+        if self.accept_ring == Some(ring) && !self.has_room(ring) {
+            self.move_accepting_off(ring);
+        }
         let shard = self.shard.clone();
         if shard.open_sockets.get() >= self.max_connections || self.drain_seen {
             inc(&shard.metrics.connections_refused);
@@ -725,72 +720,71 @@ impl Engine {
         }
     }
 
-    /// Keep ACCEPTS_IN_FLIGHT accepts armed, each on a ring with a free slot for it
-    /// (rings are made as needed, up to what max_connections_per_shard needs).
-    fn keep_accepting(&mut self, now: Instant) {
+    /// Keep one multishot accept armed, on a ring with free slots (made if needed).
+    fn keep_accepting(&mut self) {
         let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
             return;
         };
-        if self.accept_backoff_until.is_some_and(|until| now < until) {
-            return;
-        }
-        self.accept_backoff_until = None;
-        let mut in_flight: u32 = self.accepting.iter().sum();
-        let mut ring = 0;
-        while in_flight < ACCEPTS_IN_FLIGHT {
-            while ring < self.rings.len()
-                && self.rings[ring].slots_in_use + self.accepting[ring] >= self.rings[ring].files()
-            {
-                ring += 1;
-            }
-            if ring == self.rings.len() && !self.add_ring() {
+        if let Some(current) = self.accept_ring {
+            if self.has_room(current) {
                 return;
             }
-            let accept = opcode::Accept::new(types::Fd(listener), ptr::null_mut(), ptr::null_mut())
-                .file_index(Some(types::DestinationSlot::auto_target()))
-                .build()
-                .user_data(Op::Accept.user_data(ring as u64));
-            self.push(ring, accept);
-            self.accepting[ring] += 1;
-            in_flight += 1;
+            self.move_accepting_off(current);
         }
+        let target = match (0..self.rings.len()).find(|&ring| self.has_room(ring)) {
+            Some(ring) => ring,
+            None if self.rings.len() < self.max_rings => {
+                match SocketRing::new(self.sizes, self.eventfd.as_raw_fd()) {
+                    Ok(ring) => {
+                        self.rings.push(ring);
+                        tracing::info!(
+                            shard = self.shard.index,
+                            rings = self.rings.len(),
+                            "socket engine: another ring for more connections"
+                        );
+                        self.rings.len() - 1
+                    }
+                    Err(error) => {
+                        if self
+                            .last_accept_error_log
+                            .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
+                        {
+                            self.last_accept_error_log = Some(Instant::now());
+                            tracing::warn!(shard = self.shard.index, %error, "cannot make another socket ring");
+                        }
+                        return;
+                    }
+                }
+            }
+            None => return,
+        };
+        let accept = opcode::AcceptMulti::new(types::Fd(listener))
+            .allocate_file_index(true)
+            .build()
+            .user_data(Op::Accept.user_data(target as u64));
+        self.accept_ring = Some(target);
+        self.push(target, accept);
     }
 
-    /// Another ring for more connections; false if none may or can be made.
-    fn add_ring(&mut self) -> bool {
-        if self.rings.len() >= self.max_rings {
-            return false;
+    /// The ring may take more accepted sockets.
+    fn has_room(&self, ring: usize) -> bool {
+        let ring = &self.rings[ring];
+        ring.slots_in_use + self.accept_headroom < ring.files()
+    }
+
+    /// The ring is nearly full: stop its accept now (submitted at once, not at the turn's
+    /// end, so fewer connections arrive meanwhile); another ring takes over.
+    fn move_accepting_off(&mut self, ring: usize) {
+        self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
+        if let Err(error) = self.rings[ring].submit() {
+            tracing::error!(shard = self.shard.index, %error, "io_uring submit failed");
         }
-        match SocketRing::new(self.sizes, self.eventfd.as_raw_fd()) {
-            Ok(ring) => {
-                self.rings.push(ring);
-                self.accepting.push(0);
-                tracing::info!(
-                    shard = self.shard.index,
-                    rings = self.rings.len(),
-                    "socket engine: another ring for more connections"
-                );
-                true
-            }
-            Err(error) => {
-                if self
-                    .last_accept_error_log
-                    .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
-                {
-                    self.last_accept_error_log = Some(Instant::now());
-                    tracing::warn!(shard = self.shard.index, %error, "cannot make another socket ring");
-                }
-                false
-            }
-        }
+        self.accept_ring = None;
     }
 
     fn stop_accepting(&mut self) {
-        // One cancel per accept in flight: each cancels the first it matches.
-        for ring in 0..self.rings.len() {
-            for _ in 0..self.accepting[ring] {
-                self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
-            }
+        if let Some(ring) = self.accept_ring.take() {
+            self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
         }
         // The kernel keeps the socket while the cancel is in flight; then it closes.
         self.listener = None;
