@@ -20,41 +20,14 @@ cargo build -q --release -p parley-gateway -p parley-tools
 LOAD=target/release/parley-load
 PORT=18270
 
-PARLEYD_PID=
-start_parleyd() {
+source benches/load/daemons.sh
+# A fresh port per daemon: the previous run's TIME_WAIT connections share no 4-tuple
+# with this one's, so they cannot slow its connects.
+start_fresh_parleyd() {
     stop_parleyd
-    # A fresh port per daemon: the previous run's TIME_WAIT connections share no
-    # 4-tuple with this one's, so they cannot slow its connects.
     PORT=$((PORT + 20))
-    rm -rf "$OUT/data"
-    target/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
-        --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) \
-        "$@" >"$OUT/parleyd.log" 2>&1 &
-    PARLEYD_PID=$!
-    for _ in $(seq 100); do
-        grep -q listening "$OUT/parleyd.log" && return 0
-        sleep 0.1
-    done
-    echo "parleyd did not start" >&2
-    cat "$OUT/parleyd.log" >&2
-    exit 1
+    start_parleyd "$@"
 }
-stop_parleyd() {
-    if [ -n "$PARLEYD_PID" ]; then
-        kill "$PARLEYD_PID" 2>/dev/null || true
-        wait "$PARLEYD_PID" 2>/dev/null || true
-        PARLEYD_PID=
-    fi
-}
-NATS_PID=
-stop_nats() {
-    if [ -n "$NATS_PID" ]; then
-        kill "$NATS_PID" 2>/dev/null || true
-        wait "$NATS_PID" 2>/dev/null || true
-        NATS_PID=
-    fi
-}
-trap 'stop_parleyd; stop_nats' EXIT
 
 # idle NAME PID TARGET ARGS...: one idle run, its one-line summary appended.
 idle() {
@@ -80,7 +53,7 @@ PY
 
 if [[ $STAGES == *mem100k* ]]; then
     for round in 1 2 3; do
-        start_parleyd
+        start_fresh_parleyd
         idle "mem100k-$round" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
             --connections 100000 --connect-rate 20000 --sources 8 --hold 2s
     done
@@ -89,7 +62,7 @@ fi
 
 if [[ $STAGES == *accept* ]]; then
     # Offered far above what the pair can do, so the setup rate is the ceiling.
-    start_parleyd
+    start_fresh_parleyd
     idle "accept-100k" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
         --connections 100000 --connect-rate 100000 --sources 8 --hold 1s
     stop_parleyd
@@ -103,7 +76,7 @@ if [[ $STAGES == *max* ]]; then
     # plenty of addresses, so the kernel finds a free port quickly.
     sources=$(( MAX_SESSIONS / 10000 + 1 ))
     per_shard=$(( MAX_SESSIONS / 2 + 10000 ))
-    start_parleyd --max-connections-per-shard "$per_shard" \
+    start_fresh_parleyd --max-connections-per-shard "$per_shard" \
         --heartbeat-interval-ms 300000 --idle-timeout-ms 600000
     # Its own ping round offers every session's ping within one second (600,000/s at
     # 600,000 sessions), which measures the overload, so it is reported but the ping
@@ -130,25 +103,11 @@ if [[ $STAGES == *peer* ]]; then
     # Below the 20,000-descriptor limit, which nats-server (one descriptor per
     # connection) and parley-load's epoll engine both live under.
     PEER_SESSIONS=${PEER_SESSIONS:-18000}
-    start_parleyd
+    start_fresh_parleyd
     idle "peer-parleyd" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
         --connections "$PEER_SESSIONS" --connect-rate 10000 --sources 4 --hold 2s --engine epoll
     stop_parleyd
-    cat >"$OUT/nats.conf" <<CONF
-listen: 127.0.0.1:$((PORT + 10))
-max_connections: 100000
-websocket {
-  listen: "127.0.0.1:$((PORT + 11))"
-  no_tls: true
-  compression: false
-}
-CONF
-    nats-server -c "$OUT/nats.conf" >"$OUT/nats.log" 2>&1 &
-    NATS_PID=$!
-    for _ in $(seq 100); do
-        grep -q "Server is ready" "$OUT/nats.log" && break
-        sleep 0.1
-    done
+    start_nats
     idle "peer-nats" "$NATS_PID" 127.0.0.1:$((PORT + 11)) --protocol nats \
         --connections "$PEER_SESSIONS" --connect-rate 10000 --sources 4 --hold 2s --engine epoll
     stop_nats

@@ -21,37 +21,7 @@ PORT=18170
 # limit: a load run's sessions send faster than the default 100/s, so raise it.
 export PARLEY_RATE_LIMIT_PER_SEC=1000000
 
-PARLEYD_PID=
-start_parleyd() {
-    stop_parleyd
-    rm -rf "$OUT/data"
-    target/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
-        --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) >"$OUT/parleyd.log" 2>&1 &
-    PARLEYD_PID=$!
-    for _ in $(seq 100); do
-        grep -q listening "$OUT/parleyd.log" && return 0
-        sleep 0.1
-    done
-    echo "parleyd did not start" >&2
-    cat "$OUT/parleyd.log" >&2
-    exit 1
-}
-stop_parleyd() {
-    if [ -n "$PARLEYD_PID" ]; then
-        kill "$PARLEYD_PID" 2>/dev/null || true
-        wait "$PARLEYD_PID" 2>/dev/null || true
-        PARLEYD_PID=
-    fi
-}
-NATS_PID=
-stop_nats() {
-    if [ -n "$NATS_PID" ]; then
-        kill "$NATS_PID" 2>/dev/null || true
-        wait "$NATS_PID" 2>/dev/null || true
-        NATS_PID=
-    fi
-}
-trap 'stop_parleyd; stop_nats' EXIT
+source benches/load/daemons.sh
 
 # run NAME SCENARIO ARGS...: one parley-load run against parleyd; exit status 2
 # (verification failed) is recorded, not fatal.
@@ -127,21 +97,7 @@ fi
 
 if [[ $STAGES == *nats* ]]; then
     stop_parleyd
-    cat >"$OUT/nats.conf" <<CONF
-listen: 127.0.0.1:$((PORT + 10))
-max_connections: 100000
-websocket {
-  listen: "127.0.0.1:$((PORT + 11))"
-  no_tls: true
-  compression: false
-}
-CONF
-    nats-server -c "$OUT/nats.conf" >"$OUT/nats.log" 2>&1 &
-    NATS_PID=$!
-    for _ in $(seq 100); do
-        grep -q "Server is ready" "$OUT/nats.log" && break
-        sleep 0.1
-    done
+    start_nats
     for rate in 10000 20000 40000 80000; do
         name="nats-1to1-c1000-r$rate"
         echo "== $name: parley-load chat-1to1 --protocol nats --connections 1000 --rate $rate $COMMON" | tee -a "$OUT/commands.txt"
