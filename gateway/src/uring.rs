@@ -164,10 +164,6 @@ impl SocketRing {
     pub fn buffers_held(&self) -> u32 {
         self.buffers.held
     }
-
-    pub fn buffer_count(&self) -> u16 {
-        self.buffers.count
-    }
 }
 
 /// A ring of provided buffers (IORING_REGISTER_PBUF_RING), in memory of our own.
