@@ -22,7 +22,7 @@ libclang_present() {
     fi
     command -v dpkg-query >/dev/null 2>&1 || return 1
     dpkg-query -W -f='${Package} ${db:Status-Status}\n' 'libclang*-dev' 2>/dev/null |
-        grep -Eq '^libclang(-[0-9]+)?-dev installed$'
+        grep -E '^libclang(-[0-9]+)?-dev installed$' >/dev/null
 }
 
 missing_build_packages() {

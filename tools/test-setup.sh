@@ -18,6 +18,7 @@
 #
 # Environment: SETUP_BUILD_TIMEOUT_S (default 2700) bounds the run command's wait for /readyz.
 set -euo pipefail
+trap 'echo "setup: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
 remove_packages=0
@@ -54,7 +55,8 @@ fail() {
 # The build packages this machine has, by the same probe the commands use.
 installed_build_packages() {
     command -v dpkg-query >/dev/null 2>&1 || return 0
-    dpkg-query -W -f='${Package} ${db:Status-Status}\n' 'cmake' 'cmake-data' 'libclang*' 2>/dev/null |
+    # dpkg-query exits 1 when a pattern matches no package, which here is the good case.
+    { dpkg-query -W -f='${Package} ${db:Status-Status}\n' 'cmake' 'cmake-data' 'libclang*' 2>/dev/null || true; } |
         awk '$2 == "installed" && $1 !~ /^libclang-cpp/ { print $1 }'
 }
 
