@@ -22,7 +22,7 @@ use tungstenite::{Message, WebSocket};
 
 use super::nats::{self, ServerOp};
 use super::scenario::{Kind, MixedOp, Plan, Protocol, Role};
-use super::stats::{Live, Stats};
+use super::stats::{Live, Stats, PING_SKIPPED};
 use super::wire::{self, Incoming, Stamp};
 use crate::quic::{QuicOptions, QuicSession, Trust, MAX_UDP_PAYLOAD};
 
@@ -884,8 +884,9 @@ impl Client {
 
     /// Idle scenario: one ping now.
     pub fn ping(&mut self, ctx: &mut Ctx) {
+        Live::add(&ctx.live.pinged, 1);
         if !self.is_open() || !self.ready {
-            return;
+            return ctx.stats.error(PING_SKIPPED);
         }
         if self.nats.is_some() {
             self.nats_command(ctx, Command::Ping, "PING\r\n".into());

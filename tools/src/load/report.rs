@@ -104,7 +104,7 @@ pub struct Second {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Verification {
     /// Whether the run was verified (always, today; false in a report that predates it).
-    /// For `idle` the check is only that every session was set up.
+    /// For `idle` the check is that every session was set up and answered the ping round.
     pub checked: bool,
     pub ok: bool,
     /// Acknowledged messages some member never received.

@@ -112,18 +112,28 @@ pub fn run(mut options: Options) -> Result<Report, String> {
 
     let mut extra = BTreeMap::new();
     let mut cpu_window = (0.0, 0.0);
+    let mut ping_round = None;
     if established < clients {
         // Setup failed: nothing meaningful can be measured; report what happened.
     } else if plan.kind == Kind::Idle {
         let round = shared.now() + 10_000_000;
         shared.ping_round_at.store(round, Ordering::Relaxed);
-        wait_until(
+        // Over when the round has reached every session and every ping is answered. A
+        // worker that a busy machine starves may reach its last sessions well after the
+        // round's nominal second: the clock alone would end the round without them.
+        let complete = wait_until(
             &shared,
             &mut progress,
             "ping round",
             options.drain_timeout,
-            |s| s.now() > round + 1_000_000_000 && sum(&s.lives, |l| &l.outstanding) == 0,
+            |s| sum(&s.lives, |l| &l.pinged) >= clients && sum(&s.lives, |l| &l.outstanding) == 0,
         );
+        ping_round = Some(PingRound {
+            complete,
+            reached: sum(&shared.lives, |l| &l.pinged),
+            answered: 0,
+        });
+        extra.insert("ping_round_complete".into(), f64::from(u8::from(complete)));
         let hold_until = Instant::now() + options.hold;
         while Instant::now() < hold_until {
             progress.tick("hold");
@@ -192,7 +202,10 @@ pub fn run(mut options: Options) -> Result<Report, String> {
     }
     progress.finish();
 
-    let verification = verify(plan, &outcomes, established == clients);
+    if let Some(round) = ping_round.as_mut() {
+        round.answered = stats.latencies.get("ping").map_or(0, |h| h.len());
+    }
+    let verification = verify(plan, &outcomes, established == clients, ping_round);
     let measured_s = if plan.kind == Kind::Idle {
         0.0
     } else {
@@ -283,20 +296,45 @@ pub fn run(mut options: Options) -> Result<Report, String> {
 }
 
 /// Every acknowledged message reached every other member, with no gaps and in order.
-fn verify(plan: &Plan, outcomes: &[Outcome], all_ready: bool) -> Verification {
+/// What the idle scenario's ping round achieved.
+#[derive(Clone, Copy, Debug)]
+struct PingRound {
+    /// Every session was reached and every ping answered within the drain timeout.
+    complete: bool,
+    /// Sessions the round reached (pinged, or found not open).
+    reached: u64,
+    /// Pings answered (the `ping` latencies recorded).
+    answered: u64,
+}
+
+fn verify(
+    plan: &Plan,
+    outcomes: &[Outcome],
+    all_ready: bool,
+    ping_round: Option<PingRound>,
+) -> Verification {
     if plan.kind == Kind::Idle {
-        let unready = outcomes.iter().filter(|o| !o.ready).count();
+        let sessions = outcomes.len();
+        let mut detail = Vec::new();
+        if !all_ready {
+            let unready = outcomes.iter().filter(|o| !o.ready).count();
+            detail.push(format!("{unready} of {sessions} sessions were never set up"));
+        }
+        match ping_round {
+            Some(round) if !round.complete => detail.push(format!(
+                "the ping round did not finish within the drain timeout: it reached {} of {sessions} sessions, {} answered",
+                round.reached, round.answered
+            )),
+            Some(round) if round.answered < sessions as u64 => detail.push(format!(
+                "{} of {sessions} sessions answered the ping round",
+                round.answered
+            )),
+            _ => {}
+        }
         return Verification {
             checked: true,
-            ok: all_ready,
-            detail: if all_ready {
-                Vec::new()
-            } else {
-                vec![format!(
-                    "{unready} of {} sessions were never set up",
-                    outcomes.len()
-                )]
-            },
+            ok: detail.is_empty(),
+            detail,
             ..Verification::default()
         };
     }
@@ -580,7 +618,7 @@ mod tests {
 
     #[test]
     fn everything_delivered_is_ok() {
-        let v = verify(&plan(Kind::OneToOne, 4), &pairs_all_delivered(), true);
+        let v = verify(&plan(Kind::OneToOne, 4), &pairs_all_delivered(), true, None);
         assert!(v.checked && v.ok, "{v:?}");
         assert_eq!((v.missing, v.out_of_order, v.duplicates), (0, 0, 0));
         assert!(v.detail.is_empty(), "{:?}", v.detail);
@@ -591,7 +629,7 @@ mod tests {
         let mut outcomes = pairs_all_delivered();
         outcomes[1].duplicates = 2;
         outcomes[2].duplicates = 1;
-        let v = verify(&plan(Kind::ReconnectStorm, 4), &outcomes, true);
+        let v = verify(&plan(Kind::ReconnectStorm, 4), &outcomes, true, None);
         assert!(v.ok, "{v:?}");
         assert_eq!(v.duplicates, 3);
     }
@@ -601,7 +639,7 @@ mod tests {
         let mut outcomes = pairs_all_delivered();
         // Client 3 got only 2 of client 2's 5 acknowledged messages.
         outcomes[3].from.insert(2, 2);
-        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true, None);
         assert!(v.checked && !v.ok, "{v:?}");
         assert_eq!(v.missing, 3);
         assert!(
@@ -617,7 +655,7 @@ mod tests {
     fn a_recipient_that_got_nothing_misses_everything() {
         let mut outcomes = pairs_all_delivered();
         outcomes[0].from.clear();
-        let v = verify(&plan(Kind::Mixed, 4), &outcomes, true);
+        let v = verify(&plan(Kind::Mixed, 4), &outcomes, true, None);
         assert!(!v.ok);
         assert_eq!(v.missing, 7);
     }
@@ -626,7 +664,7 @@ mod tests {
     fn a_gap_fails_the_run_without_counting_held_messages_as_missing() {
         let mut outcomes = pairs_all_delivered();
         outcomes[1].gaps = 2;
-        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true, None);
         assert!(!v.ok, "{v:?}");
         // The two seqs above the gap were received; what is lost is counted per sender.
         assert_eq!(v.missing, 0);
@@ -643,7 +681,7 @@ mod tests {
     fn out_of_order_fails_without_anything_missing() {
         let mut outcomes = pairs_all_delivered();
         outcomes[2].out_of_order = 1;
-        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true);
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, true, None);
         assert!(v.checked && !v.ok, "{v:?}");
         assert_eq!((v.missing, v.out_of_order), (0, 1));
         assert!(
@@ -663,7 +701,7 @@ mod tests {
             outcome(3, 0, &[]),
         ];
         outcomes[3].ready = false;
-        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, false);
+        let v = verify(&plan(Kind::OneToOne, 4), &outcomes, false, None);
         assert!(v.checked && !v.ok, "{v:?}");
         assert_eq!(v.missing, 0);
         assert!(
@@ -673,6 +711,32 @@ mod tests {
             "{:?}",
             v.detail
         );
+    }
+
+    #[test]
+    fn idle_passes_only_when_the_ping_round_reached_and_heard_from_everyone() {
+        let idle = plan(Kind::Idle, 4);
+        let outcomes: Vec<Outcome> = (0..4).map(|c| outcome(c, 0, &[])).collect();
+        let round = |complete, reached, answered| {
+            Some(PingRound {
+                complete,
+                reached,
+                answered,
+            })
+        };
+        let v = verify(&idle, &outcomes, true, round(true, 4, 4));
+        assert!(v.checked && v.ok, "{v:?}");
+        // The round ended (clock or drain timeout) before reaching every session.
+        let v = verify(&idle, &outcomes, true, round(false, 3, 3));
+        assert!(!v.ok, "{v:?}");
+        assert_eq!(
+            v.detail,
+            ["the ping round did not finish within the drain timeout: it reached 3 of 4 sessions, 3 answered"]
+        );
+        // Reached everyone, but one session was not open to be pinged.
+        let v = verify(&idle, &outcomes, true, round(true, 4, 3));
+        assert!(!v.ok, "{v:?}");
+        assert_eq!(v.detail, ["3 of 4 sessions answered the ping round"]);
     }
 
     #[test]
@@ -686,12 +750,12 @@ mod tests {
             outcome(3, 0, &[(0, 6), (1, 2)]),
         ];
         let group = plan(Kind::Group, 4);
-        let v = verify(&group, &outcomes, true);
+        let v = verify(&group, &outcomes, true, None);
         assert!(v.ok, "{v:?}");
         // Client 3 lost one of client 0's and both of client 1's.
         outcomes[3].from.insert(0, 5);
         outcomes[3].from.remove(&1);
-        let v = verify(&group, &outcomes, true);
+        let v = verify(&group, &outcomes, true, None);
         assert!(!v.ok);
         assert_eq!(v.missing, 3);
     }
@@ -699,10 +763,16 @@ mod tests {
     #[test]
     fn idle_is_checked_only_for_its_sessions() {
         let mut outcomes = vec![outcome(0, 0, &[]), outcome(1, 0, &[])];
-        let v = verify(&plan(Kind::Idle, 2), &outcomes, true);
+        let round = Some(PingRound {
+            complete: true,
+            reached: 2,
+            answered: 2,
+        });
+        let v = verify(&plan(Kind::Idle, 2), &outcomes, true, round);
         assert!(v.checked && v.ok, "{v:?}");
         outcomes[1].ready = false;
-        let v = verify(&plan(Kind::Idle, 2), &outcomes, false);
+        // Setup failed: no ping round ran.
+        let v = verify(&plan(Kind::Idle, 2), &outcomes, false, None);
         assert!(v.checked && !v.ok, "{v:?}");
         assert_eq!(v.detail, ["1 of 2 sessions were never set up"]);
     }

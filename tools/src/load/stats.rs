@@ -150,6 +150,10 @@ pub struct Live {
     pub outstanding: AtomicU64,
     /// Sessions dropped by a reconnect storm and not yet resumed.
     pub resuming: AtomicU64,
+    /// Sessions the idle scenario's ping round has reached (pinged, or found not open):
+    /// the round is over only when it has reached every session, not when the main
+    /// thread's clock says it should have.
+    pub pinged: AtomicU64,
 }
 
 impl Live {
@@ -161,6 +165,10 @@ impl Live {
         counter.fetch_sub(n, Ordering::Relaxed);
     }
 }
+
+/// The error a session gets counted under when the ping round reaches it while it is not
+/// open and set up (reconnecting, or never set up): it is not pinged this round.
+pub const PING_SKIPPED: &str = "ping round: session not open";
 
 /// Sum of one counter over all workers.
 pub fn sum(lives: &[Live], pick: fn(&Live) -> &AtomicU64) -> u64 {

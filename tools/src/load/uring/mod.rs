@@ -41,7 +41,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use super::client::Outcome;
 use super::scenario::{Kind, Plan, Protocol};
-use super::stats::{Live, Stats};
+use super::stats::{Live, Stats, PING_SKIPPED};
 use super::wire::{self, Incoming};
 use super::worker::{
     pin_to_cpu, Shared, TimerFd, WorkerResult, PHASE_STOP, PING_ROUND_NS, SETUP_START_NS,
@@ -1001,11 +1001,14 @@ impl Engine<'_> {
     /// The ping round reached this session.
     fn ping(&mut self, k: u32) {
         let session = &self.sessions[k as usize];
+        Live::add(&self.live.pinged, 1);
         // One command at a time: the round starts only when every setup ping is
         // answered, so a pending one here would be a ping of an earlier round.
         if session.state == State::Open && session.flags & READY != 0 && session.pending == 0 {
             self.now = self.shared.now();
             self.command(k, false);
+        } else {
+            self.stats.error(PING_SKIPPED);
         }
     }
 
