@@ -19,10 +19,14 @@ pub struct ShardMetrics {
     pub handshake_failures: AtomicU64,
     /// The io_uring socket engine's resources, for leak checks: rings, fixed-file slots
     /// holding a socket, provided buffers not yet given back, sends in flight, and the
-    /// connections it holds (lingering ones included).
+    /// connections it holds (lingering ones included). A provided buffer is given back
+    /// in the turn that filled it, so `recv_buffers_held` reads 0 between turns unless
+    /// one leaks; `recv_buffers_filled` counts the buffers the kernel filled, to show
+    /// that the receive path a leak check watches was used.
     pub socket_rings: AtomicU64,
     pub socket_slots: AtomicU64,
     pub recv_buffers_held: AtomicU64,
+    pub recv_buffers_filled: AtomicU64,
     pub send_buffers_in_flight: AtomicU64,
     pub engine_connections: AtomicU64,
     pub quic_connections_open: AtomicU64,
@@ -73,7 +77,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 26] = [
+const PER_SHARD: [PerShardSeries; 27] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -172,6 +176,12 @@ const PER_SHARD: [PerShardSeries; 26] = [
         "gauge",
         "Provided receive buffers filled and not yet given back to the kernel.",
         |m| m.recv_buffers_held.load(Relaxed),
+    ),
+    (
+        "parley_recv_buffers_filled_total",
+        "counter",
+        "Provided receive buffers the kernel filled (each is given back in the same turn).",
+        |m| m.recv_buffers_filled.load(Relaxed),
     ),
     (
         "parley_send_buffers_in_flight",

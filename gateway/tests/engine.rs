@@ -1,7 +1,9 @@
 //! The io_uring socket engine frees everything a connection held, however it ends:
 //! clean closes, resets, peers that vanish mid-frame or mid-handshake, half-closed
 //! peers, and silent ones the idle timeout ends. Checked by counting the engine's
-//! fixed-file slots, receive buffers, sends in flight and connections after the churn.
+//! fixed-file slots, receive buffers, sends in flight and connections after the churn,
+//! each first seen held under load, so a gauge that never moves cannot pass for a freed
+//! one.
 
 mod common;
 
@@ -23,6 +25,50 @@ const LEAK_GAUGES: [&str; 5] = [
 /// A metric summed over both shards.
 fn total(daemon: &Daemon, name: &str) -> u64 {
     daemon.metric(name, "shard=")
+}
+
+/// Wait (bounded) until `ready(daemon)`; fail with `what` and the engine's gauges.
+fn wait_for(daemon: &Daemon, what: &str, ready: impl Fn(&Daemon) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ready(daemon) {
+        let gauges: Vec<(&str, u64)> = LEAK_GAUGES
+            .iter()
+            .map(|name| (*name, total(daemon, name)))
+            .collect();
+        assert!(Instant::now() < deadline, "{what}; gauges: {gauges:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Load that holds every leak gauge above zero at once: `open` authenticated sessions,
+/// and one reader too slow for its replies, so sends stay in flight. The receive buffers
+/// go back in the turn that filled them, so what shows they were used is the count of
+/// buffers filled (it must grow by at least one per frame the load sent).
+fn hold_every_gauge(daemon: &Daemon, open: usize) -> (Vec<Client>, Client) {
+    let filled_before = total(daemon, "parley_recv_buffers_filled_total");
+    let clients: Vec<Client> = (0..open)
+        .map(|i| {
+            let mut client = Client::authed(daemon, &format!("held{i}"));
+            let id = client.command("ping", serde_json::json!({}));
+            client.reply(id);
+            client
+        })
+        .collect();
+    let mut slow = Client::slow_reader(daemon, "held-slow");
+    assert!(slow.flood_pings(20) > 0, "the flood was not read at all");
+    let sessions = open as u64 + 1;
+    wait_for(daemon, "every gauge held under load", |d| {
+        total(d, "parley_socket_slots") >= sessions
+            && total(d, "parley_engine_connections") >= sessions
+            && total(d, "parley_connections") >= sessions
+            && total(d, "parley_send_buffers_in_flight") >= 1
+    });
+    let filled = total(daemon, "parley_recv_buffers_filled_total") - filled_before;
+    assert!(
+        filled > open as u64,
+        "{filled} receive buffers filled by {open} pings, an upgrade each and a flood"
+    );
+    (clients, slow)
 }
 
 /// Wait (bounded) until every leak gauge reads zero; fail naming the ones that do not.
@@ -59,29 +105,80 @@ fn reset_on_close(stream: &TcpStream) {
         .unwrap();
 }
 
+/// Whether the daemon's log says it serves with `engine` ("io_uring" or "descriptors").
+fn logged_engine(daemon: &Daemon, engine: &str) -> bool {
+    daemon
+        .startup
+        .iter()
+        .any(|line| line.contains(&format!("socket engine: {engine}")))
+}
+
 #[test]
 fn io_uring_is_chosen_and_descriptors_remain_a_fallback() {
     let daemon = Daemon::start(&[]);
-    // Published by each engine's first turn, which may follow the listening line.
-    let deadline = Instant::now() + WAIT;
-    while total(&daemon, "parley_socket_rings") < 2 {
-        assert!(Instant::now() < deadline, "one ring per shard");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(logged_engine(&daemon, "io_uring"), "{:?}", daemon.startup);
     let mut client = Client::authed(&daemon, "uring");
     let id = client.command("ping", serde_json::json!({}));
     assert!(client.reply(id)["ok"]["server_ts"].is_u64());
+    // The session is the engine's: a slot in a ring's table, and its Conn.
+    wait_for(&daemon, "the io_uring engine holds the session", |d| {
+        total(d, "parley_socket_rings") >= 2
+            && total(d, "parley_socket_slots") == 1
+            && total(d, "parley_engine_connections") == 1
+    });
 
     let fallback = Daemon::start(&["--socket-engine", "descriptors"]);
-    assert_eq!(total(&fallback, "parley_socket_rings"), 0);
+    assert!(
+        logged_engine(&fallback, "descriptors"),
+        "{:?}",
+        fallback.startup
+    );
     let mut client = Client::authed(&fallback, "descriptors");
     let id = client.command("ping", serde_json::json!({}));
     assert!(client.reply(id)["ok"]["server_ts"].is_u64());
+    // Served, and not by the engine: a connection is open, yet no ring, slot or engine
+    // connection exists (an io_uring daemon shows all three by now, as above).
+    wait_for(&fallback, "the descriptors engine holds the session", |d| {
+        total(d, "parley_connections") == 1
+    });
+    for gauge in [
+        "parley_socket_rings",
+        "parley_socket_slots",
+        "parley_engine_connections",
+    ] {
+        assert_eq!(total(&fallback, gauge), 0, "{gauge} under descriptors");
+    }
 }
 
 #[test]
 fn churn_leaks_no_slot_buffer_or_connection() {
-    let daemon = Daemon::start(&["--close-linger-ms", "500", "--auth-timeout-ms", "1000"]);
+    let daemon = Daemon::start(&[
+        "--close-linger-ms",
+        "500",
+        "--auth-timeout-ms",
+        "1000",
+        // The slow reader's replies pile up rather than close it (4009) or limit it.
+        "--outbound-queue-len",
+        "40000",
+        "--outbound-queue-bytes",
+        "16777216",
+        "--rate-limit-per-sec",
+        "1000000000",
+        "--rate-limit-burst",
+        "30000",
+    ]);
+    let (held, slow) = hold_every_gauge(&daemon, 10);
+    // Half of them close cleanly, the rest (and the slow reader) just vanish.
+    for (i, mut client) in held.into_iter().enumerate() {
+        if i % 2 == 0 {
+            client.ws.close(None).unwrap();
+            let _ = client.expect_close();
+        } else {
+            reset_on_close(client.ws.get_ref());
+        }
+    }
+    reset_on_close(slow.ws.get_ref());
+    drop(slow);
     for round in 0..120 {
         let user = format!("churn{round}");
         match round % 6 {
@@ -144,7 +241,9 @@ fn churn_leaks_no_slot_buffer_or_connection() {
 
 #[test]
 fn silent_peers_are_ended_by_the_idle_timeout_and_freed() {
-    let daemon = Daemon::start(&["--heartbeat-interval-ms", "100", "--idle-timeout-ms", "300"]);
+    // The idle timeout leaves time to see all 20 held before the first is ended, even on
+    // a busy machine; what ends them is the timeout, however long setting up took.
+    let daemon = Daemon::start(&["--heartbeat-interval-ms", "250", "--idle-timeout-ms", "2000"]);
     // Authenticated sessions whose peer never reads nor answers a ping, like a peer
     // whose host vanished: the streams stay open on this side.
     let silent: Vec<TcpStream> = (0..20)
@@ -156,11 +255,12 @@ fn silent_peers_are_ended_by_the_idle_timeout_and_freed() {
             stream
         })
         .collect();
-    let deadline = Instant::now() + WAIT;
-    while total(&daemon, "parley_sessions") < 20 {
-        assert!(Instant::now() < deadline, "sessions did not authenticate");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // What is counted back to zero below is first seen held: 20 sessions, slots, Conns.
+    wait_for(&daemon, "20 silent sessions held", |d| {
+        total(d, "parley_sessions") == 20
+            && total(d, "parley_socket_slots") == 20
+            && total(d, "parley_engine_connections") == 20
+    });
     assert_all_freed(&daemon);
     assert_eq!(
         daemon.metric("parley_closes_total", "code=\"1001\""),

@@ -519,6 +519,7 @@ impl Engine {
             self.dirty.push(token);
         }
         if let Some(id) = buffer {
+            inc(&self.shard.metrics.recv_buffers_filled);
             if !consumed {
                 // A completion for a connection already gone still filled a buffer.
                 self.rings[ring].received(id, 0);

@@ -101,7 +101,10 @@ pub fn launch(args: &[String]) -> Launched {
         let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("parleyd {args:?} never said it was listening");
+            panic!(
+                "parleyd {args:?} never said it was listening; it logged:\n{}",
+                startup.join("\n")
+            );
         };
         startup.push(line.clone());
         if let Some(rest) = line.split("listening ws=").nth(1) {
@@ -200,13 +203,28 @@ impl Daemon {
         http_get(self.admin, path)
     }
 
-    /// Sum of a metric over every label set that contains `labels`.
+    /// Sum of a metric over every label set that contains `labels`. A metric that is not
+    /// exported (no series of that name with those labels) fails the test: it is an
+    /// error, not a zero.
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
-        let (_, body) = self.admin_get("/metrics");
-        body.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
-            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {body}");
+        let prefix = format!("{name}{{");
+        let values: Vec<u64> = body
+            .lines()
+            .filter(|line| line.starts_with(&prefix) && line.contains(labels))
+            .map(|line| {
+                let value = line.rsplit(' ').next().unwrap_or_default();
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: value {value:?} is not a count: {line}"))
+            })
+            .collect();
+        assert!(
+            !values.is_empty(),
+            "no series {name}{{..{labels}..}} in /metrics:\n{body}"
+        );
+        values.iter().sum()
     }
 
     /// Stop gracefully (SIGTERM, the drain), check the clean exit, and hand back the data
