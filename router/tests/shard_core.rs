@@ -803,12 +803,10 @@ fn a_live_message_never_overtakes_a_resume_replay() {
         .filter(|e| e["ev"] == "msg")
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] <= w[1]),
-        "out of order: {seqs:?}"
-    );
-    assert_eq!(seqs.first(), Some(&2), "{seqs:?}");
-    assert_eq!(seqs.last(), Some(&4), "{seqs:?}");
+    // The replay (2, 3 and 4, all sequenced before it was served), then the live 4 that
+    // waited behind it: a message both replayed and live arrives twice (docs/protocol.md
+    // 9.11), never ahead of the older replayed ones.
+    assert_eq!(seqs, [2, 3, 4, 4]);
 }
 
 #[test]
