@@ -28,7 +28,7 @@ pub enum ConfigError {
 }
 
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr, shown $shown:literal; )*) => {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr $(, note $note:literal)?; )*) => {
         /// Every setting of `parleyd`, resolved.
         #[derive(Debug, Clone, PartialEq)]
         pub struct Settings { $( $(#[doc = $doc])+ pub $name: $ty, )* }
@@ -45,14 +45,22 @@ macro_rules! settings {
         /// The same settings as flags.
         #[derive(Debug, Default, clap::Args)]
         pub struct SettingsArgs {
-            $( #[arg(long, value_name = stringify!($ty), help = concat!($($doc,)+ " [default: ", $shown, "]"))]
+            $( #[arg(long, value_name = stringify!($ty), help = Settings::flag_help(stringify!($name)))]
                $name: Option<$ty>, )*
         }
 
         impl Settings {
-            /// Names, defaults and descriptions, for documentation and its test.
-            pub const DOCS: &'static [(&'static str, &'static str, &'static str)] =
-                &[ $( (stringify!($name), $shown, concat!($($doc),+)), )* ];
+            /// Every setting's name, default (shown as the built-in value renders, with
+            /// what it means where the value alone does not say) and description, for
+            /// `--help`, documentation and its test.
+            pub fn docs() -> Vec<SettingDoc> {
+                let defaults = Settings::default();
+                vec![ $( SettingDoc {
+                    name: stringify!($name),
+                    default: shown_default(&defaults.$name, None $(.or(Some($note)))?),
+                    description: concat!($($doc),+),
+                }, )* ]
+            }
 
             fn apply_file(&mut self, file: FileSettings) {
                 $( if let Some(value) = file.$name { self.$name = value; } )*
@@ -75,113 +83,168 @@ macro_rules! settings {
     };
 }
 
+/// One setting as documented.
+#[derive(Debug, Clone)]
+pub struct SettingDoc {
+    pub name: &'static str,
+    pub default: String,
+    pub description: &'static str,
+}
+
+/// How a default value is written in `--help` and docs/configuration.md.
+trait ShowDefault {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_by_display {
+    ($($ty:ty),*) => { $( impl ShowDefault for $ty {
+        fn show(&self) -> String { self.to_string() }
+    } )* };
+}
+show_by_display!(u32, u64, usize, i32, bool, SocketAddr);
+
+impl ShowDefault for String {
+    fn show(&self) -> String {
+        if self.is_empty() {
+            "\"\"".to_string()
+        } else {
+            self.clone()
+        }
+    }
+}
+
+impl ShowDefault for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string().show()
+    }
+}
+
+/// `value` as shown, with `note` (what the value means) in parentheses after it.
+fn shown_default(value: &impl ShowDefault, note: Option<&str>) -> String {
+    match note {
+        Some(note) => format!("{} ({note})", value.show()),
+        None => value.show(),
+    }
+}
+
+impl Settings {
+    /// A flag's `--help` line: the setting's description and its default.
+    fn flag_help(name: &str) -> String {
+        let doc = Settings::docs().into_iter().find(|doc| doc.name == name);
+        match doc {
+            Some(doc) => format!("{} [default: {}]", doc.description, doc.default),
+            None => String::new(),
+        }
+    }
+}
+
 settings! {
     /// Directory for the log, the generated JWT secret and the lock file.
-    data_dir: PathBuf = PathBuf::from("./parley-data"), shown "./parley-data";
+    data_dir: PathBuf = PathBuf::from("./parley-data");
     /// WebSocket listener address; every shard listens on it (SO_REUSEPORT). Port 0 picks a free port.
-    ws_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7070)), shown "127.0.0.1:7070";
+    ws_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7070));
     /// QUIC (UDP) listener address, ALPN parley/1; every shard has a socket on it (SO_REUSEPORT). Port 0 picks a free port.
-    quic_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7071)), shown "127.0.0.1:7071";
+    quic_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7071));
     /// PEM certificate chain for QUIC's TLS. Empty (with quic_key empty): a self-signed development certificate in the data dir, its fingerprint logged.
-    quic_cert: PathBuf = PathBuf::new(), shown "\"\" (development certificate)";
+    quic_cert: PathBuf = PathBuf::new(), note "development certificate";
     /// PEM private key of quic_cert.
-    quic_key: PathBuf = PathBuf::new(), shown "\"\" (development certificate)";
+    quic_key: PathBuf = PathBuf::new(), note "development certificate";
     /// Validate a new QUIC client's address with a stateless retry (one round trip) before keeping any state for it.
-    quic_retry: bool = true, shown "true";
+    quic_retry: bool = true;
     /// QUIC idle timeout negotiated with clients, in milliseconds.
-    quic_idle_timeout_ms: u64 = 75_000, shown "75000";
+    quic_idle_timeout_ms: u64 = 75_000;
     /// Bidirectional streams a QUIC client may open; the session uses the first, others are refused.
-    quic_max_streams: u64 = 4, shown "4";
+    quic_max_streams: u64 = 4;
     /// QUIC flow-control window per stream, in bytes.
-    quic_stream_window_bytes: u64 = 256 * 1024, shown "262144";
+    quic_stream_window_bytes: u64 = 256 * 1024;
     /// QUIC flow-control window per connection, in bytes.
-    quic_connection_window_bytes: u64 = 1024 * 1024, shown "1048576";
+    quic_connection_window_bytes: u64 = 1024 * 1024;
     /// Open QUIC connections per shard (handshaking ones included); new ones beyond are dropped.
-    quic_max_connections_per_shard: usize = 100_000, shown "100000";
+    quic_max_connections_per_shard: usize = 100_000;
     /// Largest UDP payload sent or received, in bytes (1200-65527); also the GSO segment size.
-    quic_max_udp_payload_bytes: usize = 1350, shown "1350";
+    quic_max_udp_payload_bytes: usize = 1350;
     /// DATAGRAM frames queued per QUIC connection, each way (typing); more are shed.
-    quic_datagram_queue_len: usize = 64, shown "64";
+    quic_datagram_queue_len: usize = 64;
     /// Client addresses one QUIC connection may use over its life (NAT rebindings, migrations); 3-64.
-    quic_max_client_addresses: u64 = 4, shown "4";
+    quic_max_client_addresses: u64 = 4;
     /// Admin HTTP listener: /healthz, /readyz, /metrics.
-    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072)), shown "127.0.0.1:7072";
+    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7072));
     /// Number of shards, one pinned executor each; 0 means one per online CPU.
-    shards: usize = 0, shown "0 (online CPUs)";
+    shards: usize = 0, note "online CPUs";
     /// HS256 secret for client tokens. Empty: use (or create) <data_dir>/jwt-secret.
-    jwt_secret: String = String::new(), shown "\"\" (generated file)";
+    jwt_secret: String = String::new(), note "generated file";
     /// This node's name, reported to clients in welcome.
-    node_name: String = "local".to_string(), shown "local";
+    node_name: String = "local".to_string();
     /// Time a new connection has to authenticate before close 4002, in milliseconds.
-    auth_timeout_ms: u64 = 10_000, shown "10000";
+    auth_timeout_ms: u64 = 10_000;
     /// Silence after which the server sends a WebSocket ping, in milliseconds.
-    heartbeat_interval_ms: u64 = 30_000, shown "30000";
+    heartbeat_interval_ms: u64 = 30_000;
     /// Silence after which the session is closed with 1001, in milliseconds.
-    idle_timeout_ms: u64 = 75_000, shown "75000";
+    idle_timeout_ms: u64 = 75_000;
     /// Largest text frame served; larger frames get too_large and the session stays open.
-    max_frame_bytes: usize = 64 * 1024, shown "65536";
+    max_frame_bytes: usize = 64 * 1024;
     /// Largest frame read at all; larger ones close the connection with 1009.
-    max_frame_hard_bytes: usize = 1024 * 1024, shown "1048576";
+    max_frame_hard_bytes: usize = 1024 * 1024;
     /// Bytes of the WebSocket upgrade request accepted before the connection is dropped.
-    max_handshake_bytes: usize = 8 * 1024, shown "8192";
+    max_handshake_bytes: usize = 8 * 1024;
     /// Sustained inbound commands per second per session.
-    rate_limit_per_sec: u32 = 100, shown "100";
+    rate_limit_per_sec: u32 = 100;
     /// Commands per session allowed in a burst above the sustained rate.
-    rate_limit_burst: u32 = 200, shown "200";
+    rate_limit_burst: u32 = 200;
     /// Consecutive rejected documents (rate-limited, malformed, unknown op, oversized or binary frame) before close 4008.
-    abuse_strikes: u32 = 50, shown "50";
+    abuse_strikes: u32 = 50;
     /// Documents queued for a slow client before close 4009.
-    outbound_queue_len: usize = 1024, shown "1024";
+    outbound_queue_len: usize = 1024;
     /// Bytes queued for a slow client before close 4009.
-    outbound_queue_bytes: usize = 1024 * 1024, shown "1048576";
+    outbound_queue_bytes: usize = 1024 * 1024;
     /// Bytes handed to the socket per write batch; more waits in the outbound queue.
-    write_batch_bytes: usize = 64 * 1024, shown "65536";
+    write_batch_bytes: usize = 64 * 1024;
     /// Initial WebSocket read buffer per connection (tungstenite's default is 128 KiB).
-    ws_read_buffer_bytes: usize = 128, shown "128";
+    ws_read_buffer_bytes: usize = 128;
     /// Open connections per shard; more are refused at accept.
-    max_connections_per_shard: usize = 100_000, shown "100000";
+    max_connections_per_shard: usize = 100_000;
     /// How client sockets are served: auto (io_uring where the kernel supports it, else descriptors), io_uring (refuse to start without it), or descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections).
-    socket_engine: String = "auto".to_string(), shown "auto";
+    socket_engine: String = "auto".to_string();
     /// Submission queue entries of each io_uring socket ring (its completion queue is four times larger).
-    socket_ring_entries: u32 = 1024, shown "1024";
+    socket_ring_entries: u32 = 1024;
     /// Fixed-file slots (direct descriptors) per io_uring socket ring, at most the process descriptor limit; a shard makes as many rings as its connections need.
-    socket_ring_files: u32 = 20_000, shown "20000";
+    socket_ring_files: u32 = 20_000;
     /// Provided receive buffers per io_uring socket ring (a power of two, at most 32768), shared by the ring's connections.
-    socket_recv_buffers: u32 = 512, shown "512";
+    socket_recv_buffers: u32 = 512;
     /// Size of each provided receive buffer, in bytes.
-    socket_recv_buffer_bytes: u32 = 2048, shown "2048";
+    socket_recv_buffer_bytes: u32 = 2048;
     /// Listen backlog of each shard's socket.
-    listen_backlog: i32 = 4096, shown "4096";
+    listen_backlog: i32 = 4096;
     /// Time a closing connection gets to flush its close frame, in milliseconds.
-    close_linger_ms: u64 = 5_000, shown "5000";
+    close_linger_ms: u64 = 5_000;
     /// Longest a SIGTERM/SIGINT drain may take before parleyd exits anyway, in milliseconds.
-    drain_timeout_ms: u64 = 10_000, shown "10000";
+    drain_timeout_ms: u64 = 10_000;
     /// Largest message body, in bytes; larger sends get too_large.
-    max_body_bytes: usize = 16 * 1024, shown "16384";
+    max_body_bytes: usize = 16 * 1024;
     /// Largest media object of a message, in bytes of JSON.
-    max_media_bytes: usize = 4 * 1024, shown "4096";
+    max_media_bytes: usize = 4 * 1024;
     /// Members per group, the creator included (at most 100000).
-    max_group_members: usize = 1_000, shown "1000";
+    max_group_members: usize = 1_000;
     /// Largest history page a client may ask for (the default page is 50, or this if smaller).
-    history_page_max: usize = 200, shown "200";
+    history_page_max: usize = 200;
     /// Resent cmids are recognised for at least this long, in milliseconds...
-    dedupe_window_ms: u64 = 24 * 3600 * 1000, shown "86400000";
+    dedupe_window_ms: u64 = 24 * 3600 * 1000;
     /// ...and for at least this many of each conversation's latest sends.
-    dedupe_window_sends: usize = 10_000, shown "10000";
+    dedupe_window_sends: usize = 10_000;
     /// Messages one sync or hello resume replays in all, shared by the named conversations; the rest is named in synced.more.
-    sync_max_messages: usize = 500, shown "500";
+    sync_max_messages: usize = 500;
     /// Cursors one sync or resume may name.
-    sync_max_convs: usize = 256, shown "256";
+    sync_max_convs: usize = 256;
     /// Users one presence.get may name.
-    presence_get_max_users: usize = 500, shown "500";
+    presence_get_max_users: usize = 500;
     /// Newest messages per conversation kept in memory; older ones are read from the log.
-    message_cache_per_conv: usize = 64, shown "64";
+    message_cache_per_conv: usize = 64;
     /// Entries each shard-to-shard ring holds; a full ring stops reading client sockets.
-    mesh_ring_entries: usize = 4096, shown "4096";
+    mesh_ring_entries: usize = 4096;
     /// Size each WAL segment file is preallocated to, in bytes.
-    wal_segment_bytes: u64 = 64 << 20, shown "67108864";
+    wal_segment_bytes: u64 = 64 << 20;
     /// Records a shard writes between snapshots of its chat state (recovery replays only the log after the last one); 0 never snapshots.
-    snapshot_every_records: u64 = 1_000_000, shown "1000000";
+    snapshot_every_records: u64 = 1_000_000;
 }
 
 fn env_name(setting: &str) -> String {
@@ -563,15 +626,53 @@ mod tests {
     #[test]
     fn configuration_doc_lists_every_setting() {
         let doc = include_str!("../../docs/configuration.md");
-        for (name, shown, _) in Settings::DOCS {
-            assert!(
-                doc.contains(&format!("`{name}`")),
-                "docs/configuration.md lacks {name}"
-            );
-            assert!(
-                doc.contains(shown),
-                "docs/configuration.md lacks default {shown} of {name}"
+        // Each setting's own row: | `name` | `--flag` | `PARLEY_NAME` | `default` | meaning |
+        let rows: HashMap<&str, Vec<&str>> = doc
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.strip_prefix('|')?.split(" | ").map(str::trim).collect();
+                let name = cells.first()?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((name, cells))
+            })
+            .collect();
+        let docs = Settings::docs();
+        for setting in &docs {
+            let name = setting.name;
+            let row = rows
+                .get(name)
+                .unwrap_or_else(|| panic!("docs/configuration.md has no row for `{name}`"));
+            let want = [
+                format!("`--{}`", name.replace('_', "-")),
+                format!("`{}`", env_name(name)),
+                format!("`{}`", setting.default),
+            ];
+            let got: Vec<String> = row.iter().skip(1).take(3).map(|c| c.to_string()).collect();
+            assert_eq!(
+                got, want,
+                "docs/configuration.md's row for `{name}`: flag, environment, default"
             );
         }
+        // And no row for a setting that does not exist.
+        let table_rows = doc.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(table_rows, docs.len(), "rows in the settings table");
+    }
+
+    #[test]
+    fn shown_defaults_are_the_built_in_values() {
+        let docs = Settings::docs();
+        let shown = |name: &str| {
+            docs.iter()
+                .find(|doc| doc.name == name)
+                .map(|doc| doc.default.clone())
+        };
+        assert_eq!(shown("ws_listen").as_deref(), Some("127.0.0.1:7070"));
+        assert_eq!(shown("shards").as_deref(), Some("0 (online CPUs)"));
+        assert_eq!(
+            shown("jwt_secret").as_deref(),
+            Some("\"\" (generated file)")
+        );
+        assert_eq!(shown("data_dir").as_deref(), Some("./parley-data"));
+        assert_eq!(shown("quic_retry").as_deref(), Some("true"));
+        assert_eq!(shown("no_such_setting"), None);
     }
 }
