@@ -42,6 +42,44 @@ fn within(value: f64, expected: f64, tolerance: f64) -> bool {
     (value - expected).abs() <= expected * tolerance
 }
 
+fn extra(report: &Report, name: &str) -> f64 {
+    match report.extra.get(name) {
+        Some(value) => *value,
+        None => panic!("no {name} in the report's extra: {:?}", report.extra),
+    }
+}
+
+/// Counted by due time, not by arrival, so they hold however busy the machine: the
+/// scheduler fired `rate x duration` operations due in the window, every one completed
+/// or (mixed only) was skipped, every send due in the window was acknowledged (`ack`
+/// latencies are recorded by due time too) and reached each of its `recipients`.
+fn assert_every_scheduled_op_completed(run: &Run, report: &Report, offered: u64, recipients: u64) {
+    let scheduled = extra(report, "scheduled_in_window") as u64;
+    let done = extra(report, "done_in_window") as u64;
+    let skipped = extra(report, "skipped_in_window") as u64;
+    ensure!(
+        run,
+        scheduled == offered,
+        "the scheduler fired {scheduled} operations due in the window, not {offered}"
+    );
+    ensure!(
+        run,
+        done + skipped == scheduled,
+        "{done} done + {skipped} skipped of {scheduled} due in the window"
+    );
+    if report.scenario == "mixed" {
+        return;
+    }
+    ensure!(run, skipped == 0, "a send is never skipped: {skipped}");
+    let ack = run.latency(report, "ack");
+    let e2e = run.latency(report, "e2e");
+    ensure!(
+        run,
+        ack.count == scheduled && e2e.count == recipients * ack.count,
+        "{scheduled} sends due: ack {ack:?}, e2e {e2e:?}"
+    );
+}
+
 #[test]
 fn idle_sets_up_every_session_and_reads_the_server_memory() {
     let daemon = Parleyd::start();
@@ -106,40 +144,9 @@ fn chat_1to1_delivers_everything_at_the_offered_rate() {
     let report = run.report();
     assert_verified(&run, &report, 40);
     ensure!(run, report.scenario == "chat-1to1", "{}", report.scenario);
-    ensure!(
-        run,
-        report.measured_s == 2.0,
-        "measured_s {}",
-        report.measured_s
-    );
-    let t = &report.throughput;
-    ensure!(run, t.offered_per_s == 400.0, "throughput: {t:?}");
-    ensure!(
-        run,
-        within(t.acked_per_s, 400.0, 0.2),
-        "acked_per_s not within 20% of the offered 400/s: {t:?}"
-    );
-    // One recipient per message: every acknowledged send is delivered once.
-    ensure!(
-        run,
-        within(t.delivered_per_s, t.acked_per_s, 0.01),
-        "throughput: {t:?}"
-    );
-    let ack = run.latency(&report, "ack");
-    let e2e = run.latency(&report, "e2e");
-    ensure!(
-        run,
-        ack.count > 0 && e2e.count > 0,
-        "ack {ack:?}, e2e {e2e:?}"
-    );
-    ensure!(
-        run,
-        ack.count == (t.acked_per_s * report.measured_s).round() as u64,
-        "ack latencies {} vs acked {}/s over {} s",
-        ack.count,
-        t.acked_per_s,
-        report.measured_s
-    );
+    // 400/s for 2 s; one recipient per message. How fast they came (the rates, counted by
+    // arrival in the window) depends on the machine: see the quiet-machine test below.
+    assert_every_scheduled_op_completed(&run, &report, 800, 1);
     ensure!(
         run,
         !report.timeline.is_empty(),
@@ -170,25 +177,8 @@ fn group_fans_each_message_out_to_the_other_nine() {
     );
     let report = run.report();
     assert_verified(&run, &report, 40);
-    let t = &report.throughput;
-    ensure!(
-        run,
-        within(t.acked_per_s, 200.0, 0.2),
-        "acked_per_s not within 20% of the offered 200/s: {t:?}"
-    );
-    let fan_out = t.delivered_per_s / t.acked_per_s;
-    ensure!(
-        run,
-        (8.5..=9.5).contains(&fan_out),
-        "delivered/acked = {fan_out:.2}, expected about 9: {t:?}"
-    );
-    let ack = run.latency(&report, "ack");
-    let e2e = run.latency(&report, "e2e");
-    ensure!(
-        run,
-        ack.count > 0 && e2e.count >= 8 * ack.count,
-        "ack {ack:?}, e2e {e2e:?}"
-    );
+    // 200/s for 2 s, each message to the other nine members of its group.
+    assert_every_scheduled_op_completed(&run, &report, 400, 9);
 }
 
 #[test]
@@ -217,7 +207,7 @@ fn reconnect_storm_resumes_every_dropped_session_without_loss() {
     assert_verified(&run, &report, 200);
     ensure!(
         run,
-        report.extra.get("storm_dropped") == Some(&100.0),
+        extra(&report, "storm_dropped") == 100.0,
         "half of 200 sessions dropped: {:?}",
         report.extra
     );
@@ -229,12 +219,9 @@ fn reconnect_storm_resumes_every_dropped_session_without_loss() {
     ensure!(run, all_resumed > 0.0, "extra: {:?}", report.extra);
     let resume = run.latency(&report, "storm_resume");
     ensure!(run, resume.count == 100, "storm_resume: {resume:?}");
-    let t = &report.throughput;
-    ensure!(
-        run,
-        within(t.acked_per_s, 400.0, 0.2),
-        "acked_per_s not within 20% of the offered 400/s: {t:?}"
-    );
+    // Sends of the dropped sessions wait for the resume and are resent with their cmid:
+    // still every one due in the window is acknowledged and delivered.
+    assert_every_scheduled_op_completed(&run, &report, 800, 1);
 }
 
 #[test]
@@ -259,14 +246,9 @@ fn mixed_measures_every_answered_operation() {
         let latency = run.latency(&report, name);
         ensure!(run, latency.count > 0, "{name}: {latency:?}");
     }
-    let t = &report.throughput;
-    ensure!(run, t.acked_per_s > 0.0, "throughput: {t:?}");
-    // Every operation scheduled in the window is answered (typing counts once written).
-    ensure!(
-        run,
-        within(t.replies_per_s, 400.0, 0.2),
-        "replies_per_s not within 20% of the offered 400 ops/s: {t:?}"
-    );
+    // Every operation due in the window is answered (typing: written) or, when its
+    // session was busy or had nothing to ack yet, counted as skipped.
+    assert_every_scheduled_op_completed(&run, &report, 800, 1);
 }
 
 #[test]
@@ -513,12 +495,7 @@ fn chat_1to1_over_quic_delivers_everything() {
     );
     let report = run.report();
     assert_verified(&run, &report, 40);
-    let t = &report.throughput;
-    ensure!(
-        run,
-        within(t.acked_per_s, 400.0, 0.2) && within(t.delivered_per_s, t.acked_per_s, 0.01),
-        "throughput: {t:?}"
-    );
+    assert_every_scheduled_op_completed(&run, &report, 800, 1);
 }
 
 #[test]
@@ -547,4 +524,52 @@ fn reconnect_storm_over_quic_resumes_every_dropped_session() {
     assert_verified(&run, &report, 100);
     let resume = run.latency(&report, "storm_resume");
     ensure!(run, resume.count == 50, "storm_resume: {resume:?}");
+}
+
+/// The rates themselves: counted by arrival inside a 2 s window, they move with every
+/// stall of a busy machine (a late ack at either edge of the window moves it), so this
+/// runs only when asked: `cargo test -p parley-tools --test load -- --ignored`.
+#[test]
+#[ignore = "needs a quiet machine: rates counted by arrival in a 2 s window"]
+fn rates_keep_up_with_the_offered_rate_on_a_quiet_machine() {
+    let daemon = Parleyd::start();
+    let window = ["--warmup", "500ms", "--duration", "2s"];
+    let chat = daemon.load(
+        "chat-1to1",
+        &[&["--connections", "40", "--rate", "400"][..], &window].concat(),
+    );
+    let report = chat.report();
+    assert_verified(&chat, &report, 40);
+    let t = &report.throughput;
+    ensure!(
+        chat,
+        within(t.acked_per_s, 400.0, 0.2) && within(t.delivered_per_s, t.acked_per_s, 0.01),
+        "acked not within 20% of the offered 400/s, or delivered not within 1% of acked: {t:?}"
+    );
+    let group = daemon.load(
+        "group",
+        &[
+            &[
+                "--connections",
+                "40",
+                "--group-size",
+                "10",
+                "--senders",
+                "2",
+                "--rate",
+                "200",
+            ][..],
+            &window,
+        ]
+        .concat(),
+    );
+    let report = group.report();
+    assert_verified(&group, &report, 40);
+    let t = &report.throughput;
+    let fan_out = t.delivered_per_s / t.acked_per_s;
+    ensure!(
+        group,
+        within(t.acked_per_s, 200.0, 0.2) && (8.5..=9.5).contains(&fan_out),
+        "acked not within 20% of the offered 200/s, or delivered/acked {fan_out:.2} not about 9: {t:?}"
+    );
 }

@@ -661,6 +661,7 @@ impl Client {
                 }
                 if ctx.window.is_some_and(|w| w.measures(pending.since)) {
                     ctx.stats.record("ack", latency);
+                    ctx.stats.done += 1;
                 }
                 if let Some(second) = ctx.second() {
                     second.acked += 1;
@@ -670,6 +671,7 @@ impl Client {
             Command::Op(op) => {
                 if ctx.window.is_some_and(|w| w.measures(pending.since)) {
                     ctx.stats.record(op_name(op), latency);
+                    ctx.stats.done += 1;
                 }
             }
         }
@@ -814,6 +816,7 @@ impl Client {
             return;
         }
         Live::add(&ctx.live.resuming, 1);
+        ctx.stats.storm_dropped += 1;
         self.resume = Resume::Needed {
             since: ctx.now,
             storm: true,
@@ -824,6 +827,10 @@ impl Client {
 
     /// A send (or mixed operation) is due at `scheduled`.
     pub fn scheduled(&mut self, ctx: &mut Ctx, scheduled: u64) {
+        let measured = ctx.window.is_some_and(|w| w.measures(scheduled));
+        if measured {
+            ctx.stats.scheduled += 1;
+        }
         let op = match ctx.plan.kind {
             Kind::Mixed => {
                 let total = ctx.plan.mix.total();
@@ -851,10 +858,11 @@ impl Client {
                 self.pump(ctx);
             }
             // Other operations are not worth doing late or offline: skip them then.
-            _ if !usable || self.pending.len() >= ctx.plan.max_inflight => ctx
-                .stats
-                .error("mixed op skipped (session busy or offline)"),
-            MixedOp::Ack | MixedOp::Read if seq == 0 => {}
+            _ if !usable || self.pending.len() >= ctx.plan.max_inflight => {
+                ctx.stats.skipped += u64::from(measured);
+                ctx.stats.error("mixed op skipped (session busy or offline)");
+            }
+            MixedOp::Ack | MixedOp::Read if seq == 0 => ctx.stats.skipped += u64::from(measured),
             MixedOp::Ack | MixedOp::Read => {
                 let name = if op == MixedOp::Ack { "ack" } else { "read" };
                 let fields = format!(r#""conv":"{conv}","seq":{seq}"#);
@@ -863,9 +871,10 @@ impl Client {
             MixedOp::Typing => {
                 let fields = format!(r#""conv":"{conv}","on":true"#);
                 self.command(ctx, Command::Op(op), "typing", &fields);
-                if ctx.window.is_some_and(|w| w.measures(scheduled)) {
+                if measured {
                     // Typing has no reply: count it as done once written.
                     ctx.stats.replies += 1;
+                    ctx.stats.done += 1;
                 }
             }
             MixedOp::History => {
@@ -1008,6 +1017,9 @@ impl Client {
         if ctx.window.is_some_and(|w| w.measures(ctx.now)) {
             ctx.stats.sent += 1;
             ctx.stats.acked += 1;
+        }
+        if ctx.window.is_some_and(|w| w.measures(queued.scheduled_ns)) {
+            ctx.stats.done += 1;
         }
         if let Some(second) = ctx.second() {
             second.sent += 1;

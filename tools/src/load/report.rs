@@ -57,7 +57,8 @@ pub struct Connections {
 /// the server's (or generator's) limit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Throughput {
-    /// Offered load: the rate the run scheduled (commands or messages per second).
+    /// Offered load: operations (sends, mixed ops) the scheduler fired due inside the
+    /// window, per second of it.
     pub offered_per_s: f64,
     /// Messages sent (written to a socket).
     pub sent_per_s: f64,

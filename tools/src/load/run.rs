@@ -219,8 +219,13 @@ pub fn run(mut options: Options) -> Result<Report, String> {
         }
     };
     if plan.storm.is_some() {
-        let dropped = (0..plan.clients).filter(|&c| plan.storm_drops(c)).count();
-        extra.insert("storm_dropped".into(), dropped as f64);
+        // What the storm did, not what the plan asked of it.
+        extra.insert("storm_dropped".into(), stats.storm_dropped as f64);
+    }
+    if plan.kind != Kind::Idle {
+        extra.insert("scheduled_in_window".into(), stats.scheduled as f64);
+        extra.insert("done_in_window".into(), stats.done as f64);
+        extra.insert("skipped_in_window".into(), stats.skipped as f64);
     }
     if let Some(storm) = stats.latencies.get("storm_resume") {
         extra.insert("storm_resumed".into(), storm.len() as f64);
@@ -254,11 +259,7 @@ pub fn run(mut options: Options) -> Result<Report, String> {
         },
         measured_s,
         throughput: Throughput {
-            offered_per_s: if plan.kind == Kind::Idle {
-                0.0
-            } else {
-                plan.rate
-            },
+            offered_per_s: per_s(stats.scheduled),
             sent_per_s: per_s(stats.sent),
             acked_per_s: per_s(stats.acked),
             delivered_per_s: per_s(stats.delivered),

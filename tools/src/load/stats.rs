@@ -48,6 +48,15 @@ pub struct Stats {
     pub acked: u64,
     pub delivered: u64,
     pub replies: u64,
+    /// Operations (sends, mixed ops) due inside the measuring window: what was offered,
+    /// counted as the scheduler fired them.
+    pub scheduled: u64,
+    /// Of those, the ones that completed (answered; typing: written), whenever that was.
+    pub done: u64,
+    /// Of those, the ones not issued (session busy or offline, nothing to ack yet).
+    pub skipped: u64,
+    /// Sessions a reconnect storm actually dropped.
+    pub storm_dropped: u64,
     pub failed_connects: u64,
 }
 
@@ -64,6 +73,10 @@ impl Stats {
             acked: 0,
             delivered: 0,
             replies: 0,
+            scheduled: 0,
+            done: 0,
+            skipped: 0,
+            storm_dropped: 0,
             failed_connects: 0,
         }
     }
@@ -122,6 +135,10 @@ impl Stats {
         self.acked += other.acked;
         self.delivered += other.delivered;
         self.replies += other.replies;
+        self.scheduled += other.scheduled;
+        self.done += other.done;
+        self.skipped += other.skipped;
+        self.storm_dropped += other.storm_dropped;
         self.failed_connects += other.failed_connects;
     }
 }
