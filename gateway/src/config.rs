@@ -630,7 +630,11 @@ mod tests {
         let rows: HashMap<&str, Vec<&str>> = doc
             .lines()
             .filter_map(|line| {
-                let cells: Vec<&str> = line.strip_prefix('|')?.split(" | ").map(str::trim).collect();
+                let cells: Vec<&str> = line
+                    .strip_prefix('|')?
+                    .split(" | ")
+                    .map(str::trim)
+                    .collect();
                 let name = cells.first()?.strip_prefix('`')?.strip_suffix('`')?;
                 Some((name, cells))
             })

@@ -860,7 +860,8 @@ impl Client {
             // Other operations are not worth doing late or offline: skip them then.
             _ if !usable || self.pending.len() >= ctx.plan.max_inflight => {
                 ctx.stats.skipped += u64::from(measured);
-                ctx.stats.error("mixed op skipped (session busy or offline)");
+                ctx.stats
+                    .error("mixed op skipped (session busy or offline)");
             }
             MixedOp::Ack | MixedOp::Read if seq == 0 => ctx.stats.skipped += u64::from(measured),
             MixedOp::Ack | MixedOp::Read => {

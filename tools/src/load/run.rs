@@ -319,7 +319,9 @@ fn verify(
         let mut detail = Vec::new();
         if !all_ready {
             let unready = outcomes.iter().filter(|o| !o.ready).count();
-            detail.push(format!("{unready} of {sessions} sessions were never set up"));
+            detail.push(format!(
+                "{unready} of {sessions} sessions were never set up"
+            ));
         }
         match ping_round {
             Some(round) if !round.complete => detail.push(format!(
