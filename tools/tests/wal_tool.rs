@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use base64::Engine as _;
@@ -269,14 +269,43 @@ fn bench_appends_and_reports() {
         if pipelined {
             args.push("--pipelined");
         }
-        args.push("--dir");
+        args.extend(["--keep", "--dir"]);
         let out = run(&args, dir.path());
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(doc["records"], 200);
+        // What the bench says it appended is what a reader finds in the log it left:
+        // every one of the records, durable, in LSN order, and nothing else.
+        let kept = PathBuf::from(doc["dir"].as_str().expect("--keep names the log"));
+        let stat = run(&["stat", "--json"], &kept);
+        assert_eq!(stat.status.code(), Some(0), "{}", describe(&stat));
+        let log: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+        assert_eq!(log["status"]["verdict"], "ok", "{log}");
+        assert_eq!(log["records"], doc["records"], "bench {doc}\nlog {log}");
+        assert_eq!(
+            (log["first_lsn"].as_u64(), log["last_lsn"].as_u64()),
+            (Some(1), Some(200))
+        );
+        assert_eq!(doc["durable_lsn"], 200, "{doc}");
+        if !pipelined {
+            // One latency sample per durable acknowledgement.
+            assert_eq!(doc["latency_us"]["samples"], 200, "{doc}");
+        }
         assert!(doc["flushes"].as_u64().unwrap() >= 1);
         assert!(doc["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+        std::fs::remove_dir_all(&kept).unwrap();
     }
-    // The bench cleans up after itself.
+    // Without --keep the bench cleans up after itself.
+    let out = run(
+        &[
+            "bench",
+            "--records",
+            "50",
+            "--segment-size",
+            "256K",
+            "--dir",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

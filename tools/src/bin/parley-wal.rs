@@ -823,6 +823,7 @@ fn bench(args: &BenchArgs) -> Result<u8, String> {
     let cpu_after = cpu_seconds();
     let flushes = wal.stats().flushes.load(Ordering::Relaxed);
     let bytes_written = wal.stats().bytes_written.load(Ordering::Relaxed);
+    let durable_lsn = wal.durable_lsn();
     let closed = wal.close();
     if !args.keep {
         if let Err(e) = std::fs::remove_dir_all(&run_dir) {
@@ -869,7 +870,11 @@ fn bench(args: &BenchArgs) -> Result<u8, String> {
             "direct_io": report.direct_io,
             "io_path": report.io_path,
             "seconds": secs,
+            // Appends acknowledged durable (summed over the appenders' own counts).
             "records": records,
+            "durable_lsn": durable_lsn,
+            // The log, when --keep left it for inspection.
+            "dir": args.keep.then(|| run_dir.display().to_string()),
             "records_per_sec": records_per_sec,
             "payload_mib_per_sec": payload_mib_s,
             "written_bytes": bytes_written,
