@@ -2,9 +2,10 @@
 
 mod common;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{token, Client, Daemon, Event};
+use common::{token, Client, Daemon, Event, WAIT};
 use serde_json::json;
 
 #[test]
@@ -76,14 +77,19 @@ fn bad_tokens_close_4001() {
 
 #[test]
 fn auth_timeout_closes_4002() {
+    const AUTH_TIMEOUT: Duration = Duration::from_millis(300);
     let daemon = Daemon::start(&["--auth-timeout-ms", "300"]);
-    let mut client = Client::connect(&daemon, None);
+    // The auth window runs from accept (docs/configuration.md), which comes after this
+    // instant: so the close cannot come sooner than the whole timeout after it, however
+    // long the connect and the upgrade take.
     let started = Instant::now();
-    let (code, _) = client.expect_close();
-    assert_eq!(code, Some(4002));
+    let mut client = Client::connect(&daemon, None);
+    let (code, reason) = client.expect_close();
+    let waited = started.elapsed();
+    assert_eq!(code, Some(4002), "{reason}");
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "closed early"
+        waited >= AUTH_TIMEOUT,
+        "closed {waited:?} after connecting, before the {AUTH_TIMEOUT:?} auth timeout"
     );
 }
 
@@ -212,33 +218,114 @@ fn slow_consumer_is_closed_4009() {
         "3000",
     ]);
     let mut client = Client::slow_reader(&daemon, "slow");
-    let sent = client.flood_pings(2_000);
+    // Flood in bursts, and stop as soon as the server has closed the session. After its
+    // 4009 the server keeps the close frame for close_linger_ms (5 s by default) while
+    // this client, which reads nothing while it floods, cannot take it; a flood that went
+    // on past that would lose the close frame (and a close with input unread resets the
+    // connection). Each burst resumes where the last write stopped, so a pause of the
+    // server's reads (a zero-window probe) never cuts a frame in two.
+    let ping = br#"{"id":1,"op":"ping"}"#;
+    let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(ping);
+    let burst = frame.repeat(1000);
+    let closes = || daemon.metric("parley_closes_total", "code=\"4009\"");
+    let deadline = Instant::now() + WAIT;
+    let mut bursts = 0;
+    let mut at = 0;
+    let stream = client.ws.get_mut();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    while closes() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no 4009 within {WAIT:?}, after {bursts} bursts of 1000 pings"
+        );
+        // Up to one burst; a write the socket does not take within 50 ms is a turn to
+        // look at the counter, not an end.
+        while at < burst.len() {
+            match stream.write(&burst[at..]) {
+                Ok(n) => at += n,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(error) => panic!("flood write failed after {bursts} bursts: {error}"),
+            }
+        }
+        if at == burst.len() {
+            at = 0;
+            bursts += 1;
+        }
+    }
+    stream.set_write_timeout(None).unwrap();
     let code = loop {
         if let Event::Closed(code, _) = client.next_event() {
             break code;
         }
     };
-    assert_eq!(code, Some(4009), "after {sent}k pings");
-    assert_eq!(daemon.metric("parley_closes_total", "code=\"4009\""), 1);
+    assert_eq!(code, Some(4009), "after {bursts} bursts of 1000 pings");
+    assert_eq!(closes(), 1);
 }
 
 #[test]
 fn heartbeat_pings_and_idle_timeout_closes_1001() {
-    let daemon = Daemon::start(&["--heartbeat-interval-ms", "200", "--idle-timeout-ms", "600"]);
-    let mut client = Client::authed(&daemon, "alice");
-    // Reading answers pings (tungstenite pongs automatically), so the session lives on
-    // past several idle timeouts.
+    const HEARTBEAT: Duration = Duration::from_millis(200);
+    // The idle timeout leaves the client IDLE - HEARTBEAT to answer each ping (its pong
+    // goes out at the start of its next read), ample on a busy machine.
+    const IDLE: Duration = Duration::from_millis(2000);
+    // Enough pings to outlive the idle timeout by answering them.
+    const PINGS: u32 = 12;
+    let daemon = Daemon::start(&[
+        "--heartbeat-interval-ms",
+        "200",
+        "--idle-timeout-ms",
+        "2000",
+    ]);
+    // The server pings after HEARTBEAT of silence since the last inbound frame (or the
+    // accept, which comes after this instant); each pong starts a new silence.
     let started = Instant::now();
-    let mut pings = 0;
-    while started.elapsed() < Duration::from_millis(1500) {
-        match client.next_event() {
-            Event::Ping => pings += 1,
-            other => panic!("unexpected {other:?}"),
+    let mut client = Client::authed(&daemon, "alice");
+    let mut last_read = started;
+    for n in 1..=PINGS {
+        last_read = Instant::now();
+        // This read first sends the pong to the previous ping.
+        match client.ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => {}
+            Ok(other) => panic!("ping {n} of {PINGS}: got {other:?}"),
+            Err(error) => panic!(
+                "ping {n} of {PINGS}: none within {WAIT:?} ({error}) after {:?}",
+                started.elapsed()
+            ),
         }
     }
-    assert!(pings >= 3, "server sent {pings} pings");
-    // Now stay silent: the silence is the point of this test.
-    std::thread::sleep(Duration::from_millis(900));
+    let pinged = started.elapsed();
+    assert!(
+        pinged >= HEARTBEAT * PINGS,
+        "{PINGS} pings in {pinged:?}: each must follow {HEARTBEAT:?} of silence"
+    );
+    assert!(
+        pinged > IDLE,
+        "{PINGS} pings in {pinged:?} do not show the pongs kept the session past {IDLE:?}"
+    );
+
+    // Now stay silent, and do not even read (a read would answer the last ping): the
+    // silence is the point of this test. The server counts the close it sends.
+    let deadline = Instant::now() + WAIT;
+    while daemon.metric("parley_closes_total", "code=\"1001\"") == 0 {
+        assert!(Instant::now() < deadline, "no idle close within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The last pong went out in the last read, after `last_read`.
+    let silent = last_read.elapsed();
+    assert!(
+        silent >= IDLE,
+        "closed after {silent:?} of silence, before the {IDLE:?} idle timeout"
+    );
     let (code, reason) = client.expect_close();
     assert_eq!(code, Some(1001));
     assert_eq!(reason, "idle timeout");
