@@ -55,7 +55,10 @@ fn hold_every_gauge(daemon: &Daemon, open: usize) -> (Vec<Client>, Client) {
         })
         .collect();
     let mut slow = Client::slow_reader(daemon, "held-slow");
-    assert!(slow.flood_pings(20) > 0, "the flood was not read at all");
+    assert!(
+        slow.flood_pings(20, Duration::from_secs(1)) > 0,
+        "the flood was not read at all"
+    );
     let sessions = open as u64 + 1;
     wait_for(daemon, "every gauge held under load", |d| {
         total(d, "parley_socket_slots") >= sessions

@@ -330,19 +330,22 @@ impl Client {
 
     /// Write up to `thousands` x 1000 pings without reading a reply, as raw masked frames
     /// (mask key 0) on the socket so tungstenite's write state stays clean for reading
-    /// afterwards. Stops early once the server stops reading; returns the thousands sent.
-    pub fn flood_pings(&mut self, thousands: usize) -> usize {
+    /// afterwards. Stops early once the socket has taken nothing for `write_timeout`
+    /// (read as: the server stopped reading; the last burst may then be cut mid-frame,
+    /// so write nothing more on this socket); returns the thousands sent.
+    ///
+    /// A server that stopped reading blocks a write for good; one still reading may pause
+    /// it for a TCP zero-window probe (200 ms and more on loopback, longer on a busy
+    /// machine) when a flood outruns the io_uring engine's provided receive buffers. So
+    /// where the server must keep reading, pass a long timeout (`WAIT`): a short one
+    /// reads such a pause as "stopped".
+    pub fn flood_pings(&mut self, thousands: usize, write_timeout: Duration) -> usize {
         let ping = br#"{"id":1,"op":"ping"}"#;
         let mut frame = vec![0x81, 0x80 | ping.len() as u8, 0, 0, 0, 0];
         frame.extend_from_slice(ping);
         let burst = frame.repeat(1000);
         let stream = self.ws.get_mut();
-        // A server that stopped reading blocks this for good; one still reading may
-        // pause for a TCP zero-window probe (200 ms and more on loopback) when a flood
-        // outruns the io_uring engine's provided receive buffers.
-        stream
-            .set_write_timeout(Some(Duration::from_millis(1000)))
-            .unwrap();
+        stream.set_write_timeout(Some(write_timeout)).unwrap();
         let sent = (0..thousands)
             .take_while(|_| stream.write_all(&burst).is_ok())
             .count();
