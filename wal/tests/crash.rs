@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use parley_wal::{Entry, Wal, WalOptions};
@@ -18,6 +18,9 @@ const CHILD_DIR_ENV: &str = "PARLEY_WAL_CRASH_CHILD_DIR";
 const TEST_NAME: &str = "sigkill_at_random_points_loses_no_acknowledged_record";
 const KILLS: usize = 12;
 const APPENDERS: u64 = 4;
+/// How long a child may take to acknowledge what a kill waits for: generous, as reaching
+/// it fails the test. (The child stops appending by itself after 30 s.)
+const CHILD_DEADLINE: Duration = Duration::from_secs(30);
 
 fn options() -> WalOptions {
     // Small segments so the kills also land around segment roll-over.
@@ -71,6 +74,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_record() {
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
     let mut acked: BTreeMap<u64, (usize, u64)> = BTreeMap::new();
+    let mut kill_points = 0;
     for kill in 0..KILLS {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
@@ -80,10 +84,12 @@ fn sigkill_at_random_points_loses_no_acknowledged_record() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        // The acknowledgements read so far, and whether the child's output has ended.
+        let seen = Arc::new((Mutex::new((Vec::new(), false)), Condvar::new()));
         let reader = {
             let seen = seen.clone();
             std::thread::spawn(move || {
+                let (state, changed) = &*seen;
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     let words: Vec<&str> = line.split_whitespace().collect();
                     // Only whole lines count: a kill can cut the last one short.
@@ -94,19 +100,43 @@ fn sigkill_at_random_points_loses_no_acknowledged_record() {
                             seed.parse::<u64>(),
                         );
                         if let (Ok(lsn), Ok(len), Ok(seed)) = parsed {
-                            seen.lock().unwrap().push((lsn, len, seed));
+                            state.lock().unwrap().0.push((lsn, len, seed));
+                            changed.notify_all();
                         }
                     }
                 }
+                state.lock().unwrap().1 = true;
+                changed.notify_all();
             })
         };
-        // The random moment of the kill is the point of this test.
-        let alive_for = Duration::from_millis(30 + rng.next() % 400);
-        std::thread::sleep(alive_for);
+        // The random moment of the kill is the point of this test. It is set by the
+        // child's progress, not by the clock (a busy machine may make fdatasync slow):
+        // after its k-th new acknowledgement, then a random pause, so kills land
+        // anywhere in an append, a flush or a segment roll-over.
+        let k = 1 + (rng.next() % 40) as usize;
+        let pause = Duration::from_millis(rng.next() % 51);
+        let started = Instant::now();
+        {
+            let (state, changed) = &*seen;
+            let (progress, wait) = changed
+                .wait_timeout_while(state.lock().unwrap(), CHILD_DEADLINE, |(acks, ended)| {
+                    acks.len() < k && !*ended
+                })
+                .unwrap();
+            assert!(
+                !wait.timed_out() && progress.0.len() >= k,
+                "kill {kill}: the child acknowledged {} of {k} records in {:?}",
+                progress.0.len(),
+                started.elapsed()
+            );
+        }
+        std::thread::sleep(pause);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         reader.join().unwrap();
-        let new: Vec<_> = std::mem::take(&mut *seen.lock().unwrap());
+        let alive_for = started.elapsed();
+        let new: Vec<_> = std::mem::take(&mut seen.0.lock().unwrap().0);
+        kill_points += k;
         for (lsn, len, seed) in &new {
             let previous = acked.insert(*lsn, (*len, *seed));
             assert!(previous.is_none(), "LSN {lsn} acknowledged twice");
@@ -136,7 +166,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_record() {
         drop(present);
         assert!(report.last_lsn >= acked.keys().next_back().copied().unwrap_or(0));
         eprintln!(
-            "kill {kill}: after {alive_for:?}, {} new acks, {} total, last LSN {}, torn bytes cut {}",
+            "kill {kill}: after {k} acks and {pause:?} ({alive_for:?}), {} new acks, {} total, last LSN {}, torn bytes cut {}",
             new.len(),
             acked.len(),
             report.last_lsn,
@@ -144,9 +174,10 @@ fn sigkill_at_random_points_loses_no_acknowledged_record() {
         );
         wal.close().unwrap();
     }
+    // Each kill waited for its k acknowledgements: the total follows.
     assert!(
-        acked.len() > 100,
-        "the child acknowledged only {} records",
+        acked.len() >= kill_points,
+        "the children acknowledged {} records, fewer than the {kill_points} waited for",
         acked.len()
     );
 }
