@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_router::mesh::{mesh, MeshEnds};
 
@@ -83,8 +83,11 @@ fn a_parked_shard_uses_no_cpu_and_wakes_on_the_first_entry() {
         let mut ends = mesh::<&'static str>(2, 8);
         let consumer = ends.pop().unwrap();
         let mut producer = ends.pop().unwrap();
+        let (tid_tx, tid_rx) = mpsc::channel();
         let parked = std::thread::spawn(move || {
             let mut consumer = consumer;
+            // SAFETY: gettid(2) has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
             let before = thread_cpu_time();
             wait_ready(&consumer);
             let spent = thread_cpu_time() - before;
@@ -92,7 +95,27 @@ fn a_parked_shard_uses_no_cpu_and_wakes_on_the_first_entry() {
             consumer.receive(8, |_, entry| got.push(entry));
             (spent, got)
         });
-        // The consumer parks for this long: the idle period is the point of the test.
+        // Send only once the consumer has parked (asleep in the kernel, state S: all it
+        // does from the moment it sent its thread id is wait for its doorbell), so that
+        // the wake-up, not an entry already there, is what it returns on.
+        let tid = tid_rx.recv().unwrap();
+        let stat = format!("/proc/self/task/{tid}/stat");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(&stat).expect("the consumer thread is alive");
+            // The state follows the command name, which is in parentheses.
+            let state = state.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+            if state == Some("S") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the consumer never parked (state {state:?})"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Parked, it stays idle a while: what it spends meanwhile is measured. (A busy
+        // machine only makes this longer.)
         std::thread::sleep(Duration::from_millis(300));
         producer.send(1, "wake up").unwrap();
         let (spent, got) = parked.join().unwrap();
