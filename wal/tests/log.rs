@@ -108,6 +108,114 @@ fn oversized_batches_are_refused() {
     assert_eq!(wal.append(1, 0, b"fine").unwrap(), 1);
 }
 
+/// Durable writes that wait for the test to let each one through: the test decides when
+/// records become durable.
+struct GatedIo {
+    gate: std::sync::Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
+}
+
+/// Opens the gate for good when dropped: a failing assertion unwinds through it before
+/// the log's drop waits for its writer, which would otherwise wait at the gate for ever.
+struct OpenOnDrop(std::sync::Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = u64::MAX;
+        self.0 .1.notify_all();
+    }
+}
+
+impl parley_wal::io::LogIo for GatedIo {
+    fn write_durable(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        buf: &[u8],
+    ) -> std::io::Result<()> {
+        let (permits, opened) = &*self.gate;
+        let mut permits = permits.lock().unwrap();
+        while *permits == 0 {
+            permits = opened.wait(permits).unwrap();
+        }
+        *permits -= 1;
+        drop(permits);
+        parley_wal::io::SyncIo.write_durable(file, offset, buf)
+    }
+
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+}
+
+#[test]
+fn follow_yields_records_only_once_durable_and_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    // Open freely (it may write the first segment's header); then close the gate.
+    let gate = std::sync::Arc::new((std::sync::Mutex::new(u64::MAX), std::sync::Condvar::new()));
+    let io = Box::new(GatedIo { gate: gate.clone() });
+    let (wal, _) = Wal::open_with_io(dir.path(), small(), io, &mut |_| {}).expect("open");
+    *gate.0.lock().unwrap() = 0;
+    let _open_on_drop = OpenOnDrop(gate.clone());
+    let release = |n: u64| {
+        *gate.0.lock().unwrap() += n;
+        gate.1.notify_all();
+    };
+    let quiet = Duration::from_millis(50);
+    let mut follow = wal.follow(1);
+    for i in 1..=5u64 {
+        assert_eq!(wal.append(1, i, &payload(i, 100)).unwrap(), i);
+    }
+    // Appended, none durable yet: the follower has nothing to yield.
+    assert_eq!(follow.next_timeout(quiet).unwrap(), None);
+    assert_eq!(wal.durable_lsn(), 0);
+
+    // One flush through: exactly what it made durable is yielded, then nothing.
+    release(1);
+    let first = follow
+        .next_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
+    let durable = wal.durable_lsn();
+    assert!((1..=5).contains(&durable), "durable {durable}");
+    assert_eq!((first.lsn, first.timestamp), (1, 1));
+    assert_eq!(first.payload, payload(1, 100));
+    for lsn in 2..=durable {
+        let record = follow
+            .next_timeout(quiet)
+            .unwrap()
+            .expect("durable, so yielded");
+        assert_eq!((record.lsn, record.payload), (lsn, payload(lsn, 100)));
+    }
+    if durable < 5 {
+        assert_eq!(
+            follow.next_timeout(quiet).unwrap(),
+            None,
+            "past durable {durable}"
+        );
+    }
+
+    // The rest, once let through; a follower from the start sees the same 5, in order.
+    release(u64::MAX / 2);
+    for lsn in durable + 1..=5 {
+        let record = follow
+            .next_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!((record.lsn, record.payload), (lsn, payload(lsn, 100)));
+    }
+    assert!(wal.durable_lsn() >= 5);
+    let mut again = wal.follow(1);
+    let lsns: Vec<u64> = (0..5)
+        .map(|_| again.next_timeout(quiet).unwrap().unwrap().lsn)
+        .collect();
+    assert_eq!(lsns, [1, 2, 3, 4, 5]);
+    assert_eq!(
+        follow.next_timeout(quiet).unwrap(),
+        None,
+        "nothing past the end"
+    );
+}
+
 #[test]
 fn follow_sees_records_as_they_become_durable() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,16 +226,19 @@ fn follow_sees_records_as_they_become_durable() {
             let mut follow = wal.follow(1);
             (0..100)
                 .map(|_| {
-                    follow
+                    let record = follow
                         .next_timeout(Duration::from_secs(10))
                         .unwrap()
-                        .unwrap()
-                        .lsn
+                        .unwrap();
+                    // Yielded only once durable (durable_lsn never goes back).
+                    assert!(wal.durable_lsn() >= record.lsn);
+                    assert_eq!(record.payload, payload(record.lsn, 10));
+                    record.lsn
                 })
                 .collect::<Vec<_>>()
         });
-        for i in 0..100u64 {
-            wal.append(1, i, b"x").unwrap();
+        for i in 1..=100u64 {
+            wal.append(1, i, &payload(i, 10)).unwrap();
         }
         assert_eq!(follower.join().unwrap(), (1..=100).collect::<Vec<_>>());
     });
