@@ -8,6 +8,12 @@ The binary is $PARLEYD if set, else <repo>/target/debug/parleyd, where <repo> is
 directories above this file. Build it with:
 
     cargo build -p parley-gateway -p parley-tools
+
+Every daemon a fixture starts is stopped at teardown with SIGTERM: one whose drain does
+not end within STOP_TIMEOUT_S (it is then killed), or that exits with a status other than
+0, is an error of the test at teardown, naming the daemon, its status and its stderr's
+tail. A test that collects a daemon's exit itself (`terminate`, `wait_exit`, `kill`)
+owns that outcome and is not reported twice.
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ from websockets.asyncio.client import connect
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SECRET = "independent-client-secret"
 STARTUP_TIMEOUT_S = 10.0
+# Longer than drain_timeout_ms (10 s by default), after which parleyd exits anyway.
 STOP_TIMEOUT_S = 15.0
+# Lines of stderr quoted when a daemon fails.
+STDERR_TAIL_LINES = 40
+# start_parleyd passes --shards SHARDS; per-shard metrics have shard="0".."SHARDS-1".
+SHARDS = 2
 # Every exchange with the gateway is bounded by this (seconds).
 IO_TIMEOUT_S = 5.0
 
 _LISTENING = re.compile(r"listening ws=(\S+):(\d+) admin=(\S+):(\d+)(?: quic=(\S+):(\d+))?")
 # Logged before `listening`: the QUIC certificate's file and SHA-256 fingerprint (of its DER).
 _QUIC_CERT = re.compile(r"QUIC certificate.* cert=(\S+) sha256=([0-9A-Fa-f:]+)")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def parleyd_binary() -> Path:
@@ -104,6 +116,14 @@ class Parleyd:
     quic_cert_sha256: str | None = None
     log: list[str] = field(default_factory=list)
     _lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    _pump: threading.Thread | None = None
+    # The test (or the harness) collected the exit: teardown does not report it again.
+    exit_collected: bool = False
+
+    @property
+    def name(self) -> str:
+        where = self.data_dir.name if self.data_dir is not None else "?"
+        return f"parleyd pid {self.proc.pid} ({where}, ws port {self.ws_port})"
 
     @property
     def ws_url(self) -> str:
@@ -115,6 +135,12 @@ class Parleyd:
     def stderr_text(self) -> str:
         return "".join(self.log)
 
+    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> str:
+        # After an exit, let the pump read what the process wrote last.
+        if self.proc.poll() is not None and self._pump is not None:
+            self._pump.join(timeout=2.0)
+        return "".join(self.log[-lines:])
+
     def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
@@ -124,7 +150,8 @@ class Parleyd:
         self._lines.put(None)
 
     def wait_listening(self) -> None:
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._pump = threading.Thread(target=self._pump_stderr, daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             remaining = deadline - time.monotonic()
@@ -141,6 +168,7 @@ class Parleyd:
                 continue
             if line is None:
                 code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+                self.exit_collected = True
                 pytest.fail(
                     f"parleyd exited with {code} before listening; stderr:\n{self.stderr_text()}",
                     pytrace=False,
@@ -157,18 +185,44 @@ class Parleyd:
                     self.quic_port = int(match.group(6))
                 return
 
-    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, then wait for the drain; SIGKILL if it takes longer than `timeout`.
-        Returns the exit status (negative: killed by that signal)."""
+    def send_sigterm(self) -> None:
+        """Start the drain. The exit is still checked at teardown unless the test
+        collects it (`wait_exit`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop_problem(self, timeout: float = STOP_TIMEOUT_S) -> str | None:
+        """Wait for the exit after SIGTERM (SIGKILL past `timeout`); what went wrong, if
+        anything: the drain did not end in time, or the status was not 0."""
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise
+            return (
+                f"{self.name} did not exit within {timeout}s of SIGTERM (killed); "
+                f"stderr tail:\n{self.stderr_tail()}"
+            )
+        finally:
+            self.exit_collected = True
+        if code != 0:
+            signalled = f" (signal {signal.Signals(-code).name})" if code < 0 else ""
+            return f"{self.name} exited with status {code}{signalled}; stderr tail:\n{self.stderr_tail()}"
+        return None
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """After `send_sigterm`: fail unless the daemon exits with 0 within `timeout`."""
+        problem = self.stop_problem(timeout)
+        if problem:
+            pytest.fail(problem, pytrace=False)
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM; fail unless the drain ends with status 0 within `timeout`."""
+        self.send_sigterm()
+        self.wait_exit(timeout)
 
     def kill(self) -> None:
+        """SIGKILL (a deliberate kill: teardown reports nothing)."""
+        self.exit_collected = True
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=STOP_TIMEOUT_S)
@@ -197,19 +251,30 @@ class Parleyd:
             samples[key] = float(value)
         return samples
 
-    def metric_sum(self, name: str, **labels: str) -> float:
-        """Sum of `name` over every sample whose labels include `labels` (e.g. all shards)."""
-        total = 0.0
-        found = False
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of `name`, as (labels, value)."""
+        found = []
         for key, value in self.metrics().items():
             metric, _, rest = key.partition("{")
-            if metric != name:
-                continue
-            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-                total += value
-                found = True
-        assert found, f"no sample of {name} with labels {labels} in /metrics"
-        return total
+            if metric == name:
+                found.append((dict(_LABEL.findall(rest)), value))
+        return found
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Sum of `name` over every sample whose labels include `labels` (e.g. all
+        shards). A missing metric fails: it is never read as 0."""
+        matching = [value for have, value in self.samples(name) if all(have.get(k) == v for k, v in labels.items())]
+        assert matching, f"no sample of {name} with labels {labels} in /metrics"
+        return sum(matching)
+
+    def wait_metric(self, name: str, expected: float, timeout: float = IO_TIMEOUT_S, **labels: str) -> None:
+        """Poll /metrics (bounded) until `metric_sum(name, **labels)` equals `expected`:
+        a counter moves when the server has done the work, not when the client saw it."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric_sum(name, **labels)) != expected:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{name}{labels} is {value}, not {expected}, after {timeout}s")
+            time.sleep(0.05)
 
 
 def start_parleyd(data_dir: Path, *extra: str, secret: str = SECRET) -> Parleyd:
@@ -232,6 +297,23 @@ def start_parleyd(data_dir: Path, *extra: str, secret: str = SECRET) -> Parleyd:
     return daemon
 
 
+def stop_at_teardown(daemons: list[Parleyd]) -> None:
+    """Drain every daemon whose exit no test collected; fail (an error at teardown) for
+    each one that hangs or exits with a status other than 0. All are gone afterwards."""
+    pending = [daemon for daemon in daemons if not daemon.exit_collected]
+    for daemon in pending:
+        daemon.send_sigterm()  # all at once: the drains run side by side
+    problems = []
+    for daemon in pending:
+        problem = daemon.stop_problem()
+        if problem:
+            problems.append(problem)
+    for daemon in daemons:
+        daemon.kill()  # whatever happened above, none is left running
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
 @pytest.fixture
 def spawn_parleyd(tmp_path_factory):
     """Start a parleyd with extra flags; every one started is stopped at teardown."""
@@ -243,11 +325,7 @@ def spawn_parleyd(tmp_path_factory):
         return daemon
 
     yield spawn
-    for daemon in started:
-        try:
-            daemon.terminate()
-        except subprocess.TimeoutExpired:
-            pass
+    stop_at_teardown(started)
 
 
 # ---------------------------------------------------------------- the client
@@ -292,7 +370,11 @@ class Client:
 
     async def next_doc(self, timeout: float = IO_TIMEOUT_S) -> dict:
         while not self.pending:
-            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            try:
+                frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            except asyncio.TimeoutError:
+                # Say what was waited for: a bare TimeoutError names nothing.
+                raise AssertionError(f"no document from parleyd within {timeout}s ({self.frames} frames so far)") from None
             assert isinstance(frame, str), f"server sent a binary frame: {frame!r}"
             self.frames += 1
             self.pending.extend(json.loads(doc) for doc in frame.split("\n") if doc.strip())

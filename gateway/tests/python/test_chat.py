@@ -36,7 +36,11 @@ class ChatClient:
         self.next_id = 1
 
     async def _read_frame(self, timeout: float) -> None:
-        frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        except asyncio.TimeoutError:
+            # Say what was waited for: a bare TimeoutError names nothing.
+            raise AssertionError(f"{self.user}: nothing from parleyd in time; documents so far: {self.log}") from None
         assert isinstance(frame, str), f"{self.user}: binary frame {frame!r}"
         for line in frame.split("\n"):
             if not line.strip():

@@ -11,7 +11,6 @@ listener. Run from the repo root:
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import pytest
@@ -19,11 +18,12 @@ import websockets
 
 from conftest import (
     IO_TIMEOUT_S,
-    STOP_TIMEOUT_S,
+    SHARDS,
     Client,
     mint_token,
     run,
     start_parleyd,
+    stop_at_teardown,
     ws_connect,
 )
 
@@ -42,11 +42,7 @@ def gateway(tmp_path_factory):
         "--node-name", NODE,
     )
     yield daemon
-    try:
-        code = daemon.terminate()
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"shared parleyd did not exit within {STOP_TIMEOUT_S}s of SIGTERM")
-    assert code == 0, f"shared parleyd exited {code}; stderr:\n{daemon.stderr_text()}"
+    stop_at_teardown([daemon])
 
 
 def now_ms() -> int:
@@ -343,24 +339,70 @@ def test_admin_health_and_readiness(gateway):
     assert status == 404
 
 
-def test_metrics_count_bad_request_errors(gateway):
-    before_errors = gateway.metric_sum("parley_errors_total", code="bad_request")
-    before_frames = gateway.metric_sum("parley_frames_in_total")
+# Every code of docs/operations.md, each exported for every shard, zero or not.
+ERROR_CODES = ["bad_request", "unauthorized", "forbidden", "not_found", "too_large",
+               "rate_limited", "conflict", "unavailable", "internal"]
+CLOSE_CODES = ["1001", "1009", "4000", "4001", "4002", "4008", "4009"]
+
+
+def assert_every_shard_and_code(daemon, name: str, codes: list[str]) -> None:
+    have = sorted((labels.get("shard"), labels.get("code")) for labels, _ in daemon.samples(name))
+    wanted = sorted((str(shard), code) for shard in range(SHARDS) for code in codes)
+    assert have == wanted, f"{name}: samples {have}, expected one per shard and code {wanted}"
+
+
+def test_metrics_count_bad_request_errors(spawn_parleyd):
+    daemon = spawn_parleyd()  # fresh: the gauges count this test's connection alone
+    before_errors = daemon.metric_sum("parley_errors_total", code="bad_request")
+    before_frames = daemon.metric_sum("parley_frames_in_total")
 
     async def scenario():
-        async with ws_connect(gateway.ws_url, token=mint_token("alice")) as ws:
+        async with ws_connect(daemon.ws_url, token=mint_token("alice")) as ws:
             client = Client(ws)
             await client.send("this is not json")
             assert_err(await client.next_doc(), None, "bad_request")
             # The reply is out, so the error was counted; the session is still open.
-            assert gateway.metric_sum("parley_connections") >= 1
-            assert gateway.metric_sum("parley_sessions") >= 1
+            assert daemon.metric_sum("parley_connections") == 1
+            assert daemon.metric_sum("parley_sessions") == 1
+            assert daemon.metric_sum("parley_errors_total", code="bad_request") == before_errors + 1
+            # One text frame sent (no pings: ws_connect turns them off).
+            assert daemon.metric_sum("parley_frames_in_total") == before_frames + 1
 
     run(scenario())
-    assert gateway.metric_sum("parley_errors_total", code="bad_request") == before_errors + 1
-    assert gateway.metric_sum("parley_frames_in_total") >= before_frames + 1
-    # Both families the dashboards use are exported, per shard and per code.
-    assert gateway.metric_sum("parley_closes_total", code="4001") >= 0
+    # Both gauges drop back once it is closed (by the client: no close_linger_ms wait).
+    daemon.wait_metric("parley_sessions", 0)
+    daemon.wait_metric("parley_connections", 0)
+    assert_every_shard_and_code(daemon, "parley_errors_total", ERROR_CODES)
+
+
+def test_metrics_count_4001_closes_per_shard_and_code(gateway):
+    """Each close the server makes with 4001 (a wrong token, at the upgrade or in hello)
+    is counted once, under code 4001 and no other."""
+    closes = 4
+    before_4001 = gateway.metric_sum("parley_closes_total", code="4001")
+    before_all = gateway.metric_sum("parley_closes_total")
+
+    async def scenario():
+        wrong = mint_token("mallory", secret="not-the-secret")
+        for attempt in range(closes):
+            # Alternate the two places a token is checked.
+            if attempt % 2 == 0:
+                async with ws_connect(gateway.ws_url, token=wrong) as ws:
+                    close = await Client(ws).expect_close()
+            else:
+                async with ws_connect(gateway.ws_url) as ws:
+                    client = Client(ws)
+                    await client.send({"id": 1, "op": "hello", "token": wrong})
+                    assert_err(await client.next_doc(), 1, "unauthorized")
+                    close = await client.expect_close()
+            assert close.code == 4001, close
+
+    run(scenario())
+    gateway.wait_metric("parley_closes_total", before_4001 + closes, code="4001")
+    assert gateway.metric_sum("parley_closes_total") == before_all + closes, "a close counted under another code"
+    # The families the dashboards use are exported per shard and per code.
+    assert_every_shard_and_code(gateway, "parley_closes_total", CLOSE_CODES)
+    assert_every_shard_and_code(gateway, "parley_errors_total", ERROR_CODES)
 
 
 # ---------------------------------------------------------------- drain
@@ -373,14 +415,9 @@ def test_sigterm_drains_with_1001_and_exits_0(spawn_parleyd):
         async with ws_connect(daemon.ws_url, token=mint_token("alice")) as ws:
             client = Client(ws)
             await assert_ping_works(client, 1)
-            daemon.proc.terminate()  # SIGTERM
+            daemon.send_sigterm()
             close = await client.expect_close(timeout=10.0)
             assert close.code == 1001, close
 
     run(scenario())
-    try:
-        code = daemon.proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        pytest.fail(f"parleyd did not exit within {STOP_TIMEOUT_S}s of SIGTERM; stderr:\n{daemon.stderr_text()}")
-    assert code == 0, f"parleyd exited {code} after drain; stderr:\n{daemon.stderr_text()}"
+    daemon.wait_exit()  # within STOP_TIMEOUT_S, status 0

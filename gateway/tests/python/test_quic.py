@@ -9,11 +9,14 @@ Covered here, each against a two-shard parleyd:
 
 1. chat between a QUIC user and a WebSocket user, both directions;
 2. the session surviving changes of the client's source port (NAT rebinding and active
-   migration to a new connection id), packets landing on the other shard included, and
-   any number of migrations to new connection ids (docs/protocol.md 9.20);
+   migration to a new connection id), packets landing on the other shard included; any
+   number of migrations to new connection ids (docs/protocol.md 9.20; a known limit,
+   xfail); and a move past quic_max_client_addresses: it fails, and a new connection
+   resumes;
 3. `typing` as DATAGRAM frames, both directions (and on the stream without them);
-4. hostile datagrams (garbage, truncated Initials, an Initial that never answers the
-   retry, a flood of unknown connection ids) next to a live session;
+4. hostile datagrams next to a live session: garbage, truncated Initials and unknown
+   connection ids, each counted as dropped, and Initials that are answered instead
+   (version negotiation, a Retry) or refused (a forged retry token);
 5. closing: a first document that is not `hello`, a bad token, no document (auth
    timeout), the drain (1001), and connections released once closed or vanished;
 6. TLS resumption with a session ticket, and `hello` sent as 0-RTT early data, with the
@@ -36,10 +39,8 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
 import time
 from typing import Callable, Sequence
 
@@ -52,7 +53,7 @@ from aioquic.quic.logger import QuicLogger
 from aioquic.tls import SessionTicket
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from conftest import IO_TIMEOUT_S, STOP_TIMEOUT_S, Parleyd, mint_token, run, start_parleyd, ws_connect
+from conftest import IO_TIMEOUT_S, Parleyd, mint_token, run, start_parleyd, stop_at_teardown, ws_connect
 
 ALPN = "parley/1"
 SESSION_STREAM = 0
@@ -63,10 +64,17 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_AUTH_TIMEOUT = 4002
 
-# How often test 2 moves the client to a new UDP socket (at least; see there).
+# How often test 2 moves the client to a new UDP socket (at least, and at most; see
+# there), and the addresses the shared gateway lets one connection use: more than that.
 REBINDS = 8
-# Short-header packets with unknown connection ids in test 4's flood.
-FLOOD_PACKETS = 5000
+MAX_REBINDS = 40
+GATEWAY_CLIENT_ADDRESSES = 64
+# Test 4: datagrams the server must drop (as the Rust twin sends), and how many may
+# wait in its socket before the test waits for them to be counted.
+HOSTILE_DATAGRAMS = 3000
+HOSTILE_BURST = 100
+# The smallest datagram that may carry an Initial (RFC 9000 section 14.1).
+MIN_INITIAL_BYTES = 1200
 
 
 # ---------------------------------------------------------------- the daemon
@@ -76,20 +84,28 @@ FLOOD_PACKETS = 5000
 def gateway(tmp_path_factory):
     """One parleyd (two shards, default QUIC settings: retry on) shared by the tests
     that need no special flags. Each test uses its own user names."""
-    # Room for the migration tests' client addresses (quic_max_client_addresses).
-    daemon = start_parleyd(tmp_path_factory.mktemp("parleyd-quic"), "--quic-max-client-addresses", "16")
+    # Room for test 2's client addresses (quic_max_client_addresses): 1 + MAX_REBINDS.
+    daemon = start_parleyd(
+        tmp_path_factory.mktemp("parleyd-quic"), "--quic-max-client-addresses", str(GATEWAY_CLIENT_ADDRESSES)
+    )
     assert daemon.quic_port, f"no quic= in parleyd's listening line:\n{daemon.stderr_text()}"
     yield daemon
-    try:
-        code = daemon.terminate()
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"shared parleyd did not exit within {STOP_TIMEOUT_S}s of SIGTERM")
-    assert code == 0, f"shared parleyd exited {code}; stderr:\n{daemon.stderr_text()}"
+    stop_at_teardown([daemon])
 
 
 def quic_metric(daemon: Parleyd, name: str) -> float:
     """A QUIC metric summed over the shards."""
     return daemon.metric_sum(name)
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = IO_TIMEOUT_S) -> None:
+    """Wait (bounded) until `condition()` holds, for what no event announces."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 async def metric_reaches(daemon: Parleyd, name: str, expected: float, timeout: float = IO_TIMEOUT_S) -> None:
@@ -568,6 +584,16 @@ async def assert_message_flows(sender: ParleySession, receiver: ParleySession, c
     return received
 
 
+async def spare_connection_id(session: "SansIoQuicSession", timeout: float = IO_TIMEOUT_S) -> bool:
+    """Whether the server offers a connection id to migrate to, waiting (bounded) for
+    one: its NEW_CONNECTION_ID frames may come after the reply the test waited for."""
+    try:
+        await until(session.has_spare_connection_id, "spare connection id", timeout)
+    except AssertionError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- 1. chat
 
 
@@ -625,14 +651,16 @@ def test_session_survives_source_port_changes(gateway):
             rebinds = 0
             # At least REBINDS moves; more (bounded) until some packet of the connection
             # provably reached the other shard first. Each new port lands on either shard
-            # with probability 1/2, so 40 moves all missing it is a 2^-40 event.
+            # with probability 1/2, so MAX_REBINDS moves all missing it is a 2^-40 event.
             while rebinds < REBINDS or (
-                quic_metric(gateway, "parley_quic_forwarded_total") == forwarded_before and rebinds < 40
+                quic_metric(gateway, "parley_quic_forwarded_total") == forwarded_before and rebinds < MAX_REBINDS
             ):
-                # Alternate NAT rebinding (same connection id) and active migration.
-                migrate = rebinds % 2 == 1
+                # Alternate NAT rebinding (same connection id) and active migration; past
+                # REBINDS only rebinding, as the server may stop offering spare ids after
+                # a few active migrations (see test_active_migrations_are_not_limited).
+                migrate = rebinds % 2 == 1 and rebinds < REBINDS
                 if migrate:
-                    assert alice.has_spare_connection_id(), f"no spare connection id after {rebinds} rebinds"
+                    assert await spare_connection_id(alice), f"no spare connection id after {rebinds} rebinds"
                 await alice.rebind(new_connection_id=migrate)
                 rebinds += 1
                 await alice.ok("ping")  # first packet from the new port: a reply comes back to it
@@ -649,26 +677,109 @@ def test_session_survives_source_port_changes(gateway):
     run(scenario())
 
 
+class MigrationRefused(AssertionError):
+    """parleyd's known limit on client addresses, as a client sees it: no spare
+    connection id to move to, or silence from the new address."""
+
+
+async def migrate_and_ping(session: "SansIoQuicSession", move: int) -> None:
+    """Active migration (a new source port and a fresh connection id), then a ping from
+    there; MigrationRefused if either is not to be had."""
+    if not await spare_connection_id(session):
+        raise MigrationRefused(f"move {move}: the server offered no spare connection id within {IO_TIMEOUT_S}s")
+    await session.rebind(new_connection_id=True)
+    try:
+        pong = await session.reply(await session.send("ping"))
+    except AssertionError as silence:
+        if session.inbox.ended is not None:
+            raise  # a closed connection is not the known limit, which is silence
+        raise MigrationRefused(f"move {move}: {silence}") from None
+    assert "ok" in pong, f"move {move}: {pong}"
+
+
 @pytest.mark.xfail(
     strict=True,
+    raises=MigrationRefused,
     reason="known bug (issue 7 note): quiche keeps a path per client address for the "
     "connection's life even when the client moves to a fresh connection id, so a "
     "connection may use at most quic_max_client_addresses addresses",
 )
-def test_active_migrations_are_not_limited(gateway):
+def test_active_migrations_are_not_limited(spawn_parleyd):
     """RFC 9000 lets a client that moves to a new connection id on each migration change
-    address any number of times. parleyd does not manage that yet (see the xfail)."""
+    address any number of times. parleyd does not manage that yet (see the xfail); with
+    the default quic_max_client_addresses (4) the fourth move is not answered."""
+    daemon = spawn_parleyd()
     user = "t2b-alice"
     migrations = 24
 
     async def scenario():
-        async with open_sans_io(gateway, user) as alice:
+        async with open_sans_io(daemon, user) as alice:
             await alice.hello(user)
-            for done in range(migrations):
-                assert alice.has_spare_connection_id(), f"the server offered no spare connection id after {done} migrations"
+            for move in range(1, migrations + 1):
+                await migrate_and_ping(alice, move)
+
+    run(scenario(), timeout=60.0)
+
+
+def test_a_move_past_the_address_limit_fails_and_resume_recovers(spawn_parleyd):
+    """docs/configuration.md, quic_max_client_addresses: "past the limit a move fails and
+    the client must reconnect and resume". How it fails: the server neither answers from
+    the new address nor closes the connection, so it ends by QUIC's idle timeout, and what
+    the client sent from there is lost."""
+    limit = 3  # the smallest allowed
+    idle_ms = 2000  # bounds the silence
+    daemon = spawn_parleyd("--quic-max-client-addresses", str(limit), "--quic-idle-timeout-ms", str(idle_ms))
+    quic_user, ws_user = "t2c-alice", "t2c-bob"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with open_ws_session(daemon, ws_user) as bob:
+            alice = SansIoQuicSession(daemon, quic_user, client_configuration(daemon))
+            try:
+                await alice.open()
+                await alice.hello(quic_user)
+                await alice.ok("conv.list")
+                conv = await direct_conversation(alice, bob, ws_user)
+                seen = (await assert_message_flows(alice, bob, conv, "first", "from the first address"))["seq"]
+                await alice.event("msg", conv=conv, seq=seen)
+                # The first address and limit - 1 more: each move is answered.
+                for move in range(1, limit):
+                    await migrate_and_ping(alice, move)
+                    assert alice.inbox.ended is None
+
+                # One address more: silence, then the idle timeout on both sides.
+                assert await spare_connection_id(alice), "no spare connection id: the limit would not be what fails"
                 await alice.rebind(new_connection_id=True)
-                pong = await alice.reply(await alice.send("ping"))
-                assert "ok" in pong, f"migration {done + 1}: {pong}"
+                moved = loop.time()
+                lost = await alice.send("send", conv=conv, cmid="past-the-limit", body="sent from one address too many")
+                closed = await alice.wait_terminated(timeout=idle_ms / 1000 + IO_TIMEOUT_S)
+                assert closed.reason_phrase == "Idle timeout", f"the server closed the connection: {closed}"
+                assert not alice.inbox.holds(lambda doc: doc.get("re") == lost), (
+                    f"the move past the limit was answered: {alice.inbox.received}"
+                )
+                assert loop.time() - moved <= idle_ms / 1000 + IO_TIMEOUT_S
+            finally:
+                await alice.close()
+            await metric_reaches(daemon, "parley_quic_connections", 0)
+
+            # Missed while away: two messages from bob.
+            missed = [await bob.ok("send", conv=conv, cmid=f"missed-{n}", body=f"missed {n}") for n in (1, 2)]
+            assert [sent["seq"] for sent in missed] == [seen + 1, seen + 2], (missed, seen)
+
+            # A fresh connection: hello with resume gets them, then synced.
+            async with open_quic(daemon, "t2c-alice(again)") as again:
+                hello = await again.send("hello", token=mint_token(quic_user), resume=[{"conv": conv, "after": seen}])
+                await again.event("synced")
+                documents = [doc for doc in again.inbox.received if doc.get("ev") != "presence"]
+                assert documents[0].get("re") == hello and documents[0]["ok"]["user"] == quic_user, documents
+                assert [(doc.get("ev"), doc.get("seq"), doc.get("body")) for doc in documents[1:]] == [
+                    ("msg", seen + 1, "missed 1"),
+                    ("msg", seen + 2, "missed 2"),
+                    ("synced", None, None),
+                ], documents
+                # What was sent past the limit never reached the server: resent, it is new.
+                resent = await again.ok("send", conv=conv, cmid="past-the-limit", body="sent again")
+                assert resent["dup"] is False and resent["seq"] == seen + 3, resent
 
     run(scenario(), timeout=60.0)
 
@@ -738,67 +849,106 @@ def short_header_packet() -> bytes:
     return bytes([first]) + os.urandom(16) + os.urandom(24 + os.urandom(1)[0] % 40)
 
 
+def long_header(version: int, token: bytes = b"") -> bytes:
+    """An Initial's header (type 0) with 8-byte connection ids and `token`, no payload."""
+    return (
+        bytes([0xC0]) + struct.pack(">I", version) + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8)
+        + bytes([len(token)]) + token  # a one-byte varint: token < 64 bytes
+    )
+
+
+def padded(header: bytes) -> bytes:
+    """Zeros up to the size an Initial's datagram must have."""
+    return header + bytes(MIN_INITIAL_BYTES - len(header))
+
+
+def is_version_negotiation(data: bytes) -> bool:
+    """A long header (0x80) with version 0."""
+    return len(data) >= 5 and bool(data[0] & 0x80) and data[1:5] == bytes(4)
+
+
+def droppable_datagrams(initial: bytes, count: int):
+    """`count` datagrams parleyd must drop and count in parley_quic_dropped_total
+    (gateway/src/quic.rs), none of which it answers: garbage with the header-form bit
+    clear (a short header of a connection nobody issued, or too short to parse; a random
+    long header could be an Initial of an unknown version, which is answered with version
+    negotiation), short-header packets to unknown connection ids, and a real Initial cut
+    below the 1200 bytes an Initial's datagram needs."""
+    assert len(initial) >= MIN_INITIAL_BYTES
+    for index in range(count):
+        kind = index % 3
+        if kind == 0:
+            garbage = bytearray(os.urandom(1 + int.from_bytes(os.urandom(2), "big") % 1400))
+            garbage[0] &= 0x7F
+            yield bytes(garbage)
+        elif kind == 1:
+            yield short_header_packet()
+        else:
+            yield initial[: 1 + int.from_bytes(os.urandom(2), "big") % (MIN_INITIAL_BYTES - 1)]
+
+
 def test_hostile_datagrams_leave_the_session_alone(spawn_parleyd):
     daemon = spawn_parleyd()  # fresh: only this test's connections count
 
     async def scenario():
+        loop = asyncio.get_running_loop()
         async with open_quic(daemon, "t4-alice") as alice:
             await alice.hello("t4-alice")
             connections = quic_metric(daemon, "parley_quic_connections")
             assert connections == 1, f"one client, {connections} connections"
             dropped_before = quic_metric(daemon, "parley_quic_dropped_total")
             retries_before = quic_metric(daemon, "parley_quic_retries_total")
+            bad_tokens_before = quic_metric(daemon, "parley_quic_bad_tokens_total")
             handshakes_before = quic_metric(daemon, "parley_quic_handshakes_total")
 
             target = ("127.0.0.1", daemon.quic_port)
             hostile = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             hostile.setblocking(False)
             try:
-
-                def blast(datagrams) -> int:
-                    sent = 0
-                    for datagram in datagrams:
-                        with contextlib.suppress(BlockingIOError):
-                            hostile.sendto(datagram, target)
-                            sent += 1
-                    return sent
-
-                # Garbage of every size, long-header-looking or not.
-                assert blast(os.urandom(1 + os.urandom(1)[0] * 5) for _ in range(300))
-                await alice.ok("ping")
-
-                # Truncated Initials (a real one cut short), and a whole one whose retry
-                # is never answered (stateless: a Retry goes back, no connection is kept).
-                initial = real_initial_datagram(daemon)
-                assert len(initial) >= 1200
-                blast([initial[:50], initial[:100], initial[:600], initial[: len(initial) - 1]])
-                blast([real_initial_datagram(daemon)])
-                await alice.ok("ping")
-
-                # A flood of short-header packets to connection ids nobody issued, sent in
-                # bursts with the session pinged between them.
+                hostile.bind(("127.0.0.1", 0))
+                # In bursts of HOSTILE_BURST, each waited for until counted: the socket
+                # buffer never holds more, so the kernel loses none and every datagram
+                # sent must show up in the counter, exactly. The session is pinged
+                # between bursts: it is served throughout.
                 sent = 0
-                for burst in range(10):
-                    sent += blast(short_header_packet() for _ in range(FLOOD_PACKETS // 10))
-                    await asyncio.sleep(0)  # let the session's own packets in between
-                    if burst % 3 == 0:
+                for datagram in droppable_datagrams(real_initial_datagram(daemon), HOSTILE_DATAGRAMS):
+                    await loop.sock_sendto(hostile, datagram, target)
+                    sent += 1
+                    if sent % HOSTILE_BURST == 0 or sent == HOSTILE_DATAGRAMS:
+                        await metric_reaches(daemon, "parley_quic_dropped_total", dropped_before + sent)
                         await alice.ok("ping")
-                assert sent > FLOOD_PACKETS // 2, f"only {sent} flood datagrams left the socket"
+
+                # Answered, so not dropped: an Initial of an unknown version gets version
+                # negotiation, a whole Initial without a token a stateless Retry, and one
+                # with a forged token nothing (it is counted as a bad token).
+                await loop.sock_sendto(hostile, padded(long_header(0x1A2A3A4A)), target)
+                await loop.sock_sendto(hostile, real_initial_datagram(daemon), target)
+                await loop.sock_sendto(hostile, padded(long_header(1, b"forged")), target)
+                await metric_reaches(daemon, "parley_quic_bad_tokens_total", bad_tokens_before + 1)
                 await alice.ok("ping")
+                # All from one address, so one shard answered them, in order: a reply to
+                # any flood datagram would come before these two.
+                replies = []
+                while len(replies) < 2:
+                    try:
+                        replies.append(await asyncio.wait_for(loop.sock_recv(hostile, 65536), IO_TIMEOUT_S))
+                    except asyncio.TimeoutError:
+                        raise AssertionError(f"no version negotiation and Retry within {IO_TIMEOUT_S}s; got {replies}")
+                assert is_version_negotiation(replies[0]), f"first reply is not version negotiation: {replies[0][:16].hex()}"
+                assert is_retry_datagram(replies[1]), f"second reply is not a Retry: {replies[1][:16].hex()}"
             finally:
                 hostile.close()
 
+            assert quic_metric(daemon, "parley_quic_dropped_total") == dropped_before + HOSTILE_DATAGRAMS, (
+                "the answered Initials were counted as dropped"
+            )
+            assert quic_metric(daemon, "parley_quic_retries_total") == retries_before + 1
             assert quic_metric(daemon, "parley_quic_connections") == 1, "hostile datagrams made connections"
             assert quic_metric(daemon, "parley_quic_handshakes_total") == handshakes_before
-            assert quic_metric(daemon, "parley_quic_retries_total") > retries_before, (
-                "the complete Initial got no stateless retry"
-            )
-            dropped = quic_metric(daemon, "parley_quic_dropped_total") - dropped_before
-            assert dropped > 0, "parley_quic_dropped_total did not grow"
             assert alice.inbox.ended is None
             await alice.ok("ping")
 
-    run(scenario())
+    run(scenario(), timeout=120.0)
 
 
 # ---------------------------------------------------------------- 5. authentication and closing
@@ -831,8 +981,10 @@ def test_silent_client_is_closed_with_auth_timeout(spawn_parleyd):
     daemon = spawn_parleyd("--auth-timeout-ms", "500")
 
     async def scenario():
+        # From before the connection: the server's window starts at its accept, and a
+        # handshake on a busy machine may take a good part of the 500 ms.
+        opened = time.monotonic()
         async with open_quic(daemon, "t5-silent") as session:
-            opened = time.monotonic()
             closed = await session.wait_terminated(timeout=5.0)
             waited = time.monotonic() - opened
             assert closed.frame_type is None, f"a transport close, not an application one: {closed}"
@@ -848,13 +1000,13 @@ def test_drain_closes_with_going_away(spawn_parleyd):
     async def scenario():
         async with open_quic(daemon, "t5-drained") as session:
             await session.hello("t5-drained")
-            daemon.proc.send_signal(signal.SIGTERM)
+            daemon.send_sigterm()
             closed = await session.wait_terminated()
             assert closed.frame_type is None, f"a transport close, not an application one: {closed}"
             assert closed.error_code == CLOSE_GOING_AWAY, closed
 
     run(scenario())
-    assert daemon.proc.wait(timeout=STOP_TIMEOUT_S) == 0, daemon.stderr_text()
+    daemon.wait_exit()  # within STOP_TIMEOUT_S, status 0
 
 
 def test_closed_and_vanished_connections_are_released(spawn_parleyd):
@@ -890,9 +1042,7 @@ def test_session_ticket_resumes_tls(gateway):
             handshake = await first.wait_handshake()
             assert not handshake.session_resumed
             await first.hello(user)
-            # Tickets come after the handshake; one round trip more is plenty.
-            await first.ok("ping")
-        assert tickets, "parleyd sent no TLS session ticket"
+            await until(lambda: tickets, "a TLS session ticket")  # they follow the handshake
 
         async with open_quic(gateway, "resumed", session_ticket=tickets[-1]) as resumed:
             handshake = await resumed.wait_handshake()
@@ -908,8 +1058,7 @@ async def fetch_session_ticket(daemon: Parleyd, user: str) -> SessionTicket:
     tickets: list[SessionTicket] = []
     async with open_quic(daemon, "ticket", on_session_ticket=tickets.append) as first:
         await first.hello(user)
-        await first.ok("ping")  # tickets follow the handshake; a round trip is plenty
-    assert tickets, "parleyd sent no TLS session ticket"
+        await until(lambda: tickets, "a TLS session ticket")  # they follow the handshake
     assert tickets[-1].max_early_data_size is not None, "the ticket does not allow early data"
     return tickets[-1]
 
