@@ -85,66 +85,98 @@ fn token_from_a_data_dir_and_clear_errors() {
     );
 }
 
-#[test]
-fn connect_says_hello_and_sends_typed_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Command::new(parleyd_path())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ws = None;
-    for line in BufReader::new(daemon.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("listening ws=").nth(1) {
-            ws = rest.split_whitespace().next().map(str::to_string);
-            break;
-        }
+/// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let ws = ws.expect("parleyd listening");
-    let mut client = parley()
-        .args(["connect", "--user", "alice", "--device", "cli", "--url"])
-        .arg(format!("ws://{ws}/v1/ws"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = client.stdin.take().unwrap();
-    writeln!(stdin, "ping").unwrap();
-    writeln!(stdin, r#"{{"op":"nope"}}"#).unwrap();
+}
+
+/// Lines of `reader`, read by a thread (to the end, so the writer never blocks on a full
+/// pipe) and handed over a channel that can be waited on with a deadline.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
-    let stdout = client.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
+    rx
+}
+
+#[test]
+fn connect_says_hello_and_sends_typed_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = KillOnDrop(
+        Command::new(parleyd_path())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--shards",
+                "1",
+            ])
+            .env_remove("PARLEY_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = lines_of(daemon.0.stderr.take().unwrap());
     let deadline = Instant::now() + WAIT;
+    let ws = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = daemon_log
+            .recv_timeout(left)
+            .expect("parleyd said it was listening within WAIT");
+        if let Some(rest) = line.split("listening ws=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let mut client = KillOnDrop(
+        parley()
+            .args(["connect", "--user", "alice", "--device", "cli", "--url"])
+            .arg(format!("ws://{ws}/v1/ws"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = client.0.stdin.take().unwrap();
+    writeln!(stdin, "ping").unwrap();
+    writeln!(stdin, r#"{{"op":"nope"}}"#).unwrap();
+    let replies = lines_of(client.0.stdout.take().unwrap());
     let mut lines = Vec::new();
     while lines.len() < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
         lines.push(
-            rx.recv_timeout(left)
+            replies
+                .recv_timeout(left)
                 .expect("parley connect printed its replies"),
         );
     }
     drop(stdin); // End of input: parley connect closes the session and exits.
-    let status = client.wait().unwrap();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let status = loop {
+        if let Some(status) = client.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "parley connect did not exit at the end of its input"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let docs: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
