@@ -133,7 +133,7 @@ pub fn main() -> ExitCode {
         Err(error) => {
             let rendered = error.to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("parleyd: {first}");
+            stderr_line(format_args!("parleyd: {first}"));
             return ExitCode::from(2);
         }
     };
@@ -141,10 +141,18 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("parleyd: error: {error}");
+            stderr_line(format_args!("parleyd: error: {error}"));
             ExitCode::from(1)
         }
     }
+}
+
+/// One line to standard error, whatever became of it: `eprintln!` panics when stderr is
+/// gone (a closed pipe, a supervisor that went away), and the threads that use this are
+/// the ones that must then still exit the process (the drain watchdog, a failed log).
+pub(crate) fn stderr_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn init_logging() {
@@ -154,6 +162,10 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(io::stderr)
         .with_ansi(false)
+        // Its report of a failed write is an eprintln!, which panics when stderr is gone
+        // (a closed pipe): the thread that logged, a shard among them, would die of it.
+        // A log line that cannot be written is dropped instead.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -580,15 +592,17 @@ fn spawn_signal_thread(
                 let started = Instant::now();
                 std::thread::spawn(move || {
                     std::thread::sleep(drain_timeout + DRAIN_GRACE);
-                    eprintln!(
+                    stderr_line(format_args!(
                         "parleyd: error: drain did not finish in {:?}; exiting",
                         started.elapsed()
-                    );
+                    ));
                     std::process::exit(1);
                 });
             }
             if signals.next().is_some() {
-                eprintln!("parleyd: second signal during drain; exiting now");
+                stderr_line(format_args!(
+                    "parleyd: second signal during drain; exiting now"
+                ));
                 std::process::exit(1);
             }
         })

@@ -317,3 +317,145 @@ fn generated_secret_is_reused_and_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// The kernel thread id of `pid`'s thread named `name` (as /proc shows it: the first 15
+/// bytes).
+fn thread_named(pid: u32, name: &str) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.filter_map(Result::ok).find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        let tid = task.file_name().to_str()?.parse().ok()?;
+        comm.trim_end().starts_with(name).then_some(tid)
+    })
+}
+
+/// parleyd with `flags`, its stderr read up to the listening line and then closed: every
+/// later write to it fails with EPIPE, as under a supervisor or terminal that went away.
+/// Returns the child and its WebSocket address.
+fn start_with_stderr_gone(dir: &std::path::Path, flags: &[&str]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--jwt-secret",
+        ])
+        .arg(common::SECRET)
+        .args(flags)
+        .env_remove("PARLEY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ws = BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                Some(
+                    line.split("listening ws=")
+                        .nth(1)?
+                        .split(' ')
+                        .next()?
+                        .to_string(),
+                )
+            });
+        let _ = tx.send(ws);
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(Some(ws)) => (child, ws),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("parleyd did not say it was listening: {other:?}");
+        }
+    }
+}
+
+/// Wait (bounded) for `child`'s exit, reaping `traced` (a thread we ptrace) as it goes:
+/// a traced thread's exit is its tracer's to reap, or the process's never is.
+fn exit_within(child: &mut std::process::Child, traced: Option<i32>) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(tid) = traced {
+            let mut status = 0;
+            // SAFETY: waitpid on a thread of our own child that we trace.
+            unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > WAIT {
+            if let Some(tid) = traced {
+                // SAFETY: detaching lets the thread run (and die with the process).
+                unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("parleyd still runs {WAIT:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn parleyd_serves_and_drains_when_stderr_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, ws) = start_with_stderr_gone(dir.path(), &[]);
+    // Sessions come and go (each logs nothing, but a shard would die of a log line it
+    // cannot write); then the drain, which every shard logs.
+    for i in 0..3 {
+        let url = format!(
+            "ws://{ws}/v1/ws?token={}",
+            common::token(&format!("u{i}"), None)
+        );
+        let (mut socket, _) = tungstenite::connect(url).expect("connect");
+        socket
+            .send(tungstenite::Message::text(r#"{"id":1,"op":"ping"}"#))
+            .unwrap();
+        let reply = socket.read().expect("the ping's reply");
+        assert!(reply.to_text().unwrap().contains(r#""re":1"#), "{reply:?}");
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = exit_within(&mut child, None);
+    assert_eq!(status.code(), Some(0), "a clean drain: {status:?}");
+}
+
+#[test]
+fn the_drain_watchdog_exits_1_even_when_stderr_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = start_with_stderr_gone(dir.path(), &["--drain-timeout-ms", "300"]);
+    // Shard 0 stops (only that thread: ptrace's group-stop-free interrupt), so the drain
+    // cannot finish and only the watchdog, at drain_timeout_ms + 2 s, ends the process.
+    let pid = child.id();
+    let shard = thread_named(pid, "parley-shard-0").expect("shard 0's thread");
+    // SAFETY: ptrace and waitpid on a thread of our own child; no memory is shared.
+    unsafe {
+        assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, shard, 0, 0), 0, "seize");
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_INTERRUPT, shard, 0, 0),
+            0,
+            "interrupt"
+        );
+        let mut status = 0;
+        assert_eq!(libc::waitpid(shard, &mut status, libc::__WALL), shard);
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let status = exit_within(&mut child, Some(shard));
+    assert_eq!(status.code(), Some(1), "the watchdog's exit: {status:?}");
+}

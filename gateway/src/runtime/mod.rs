@@ -922,6 +922,8 @@ fn publish_metrics(metrics: &ShardMetrics, core: &ShardCore, wal: &Wal) {
 /// The log failed: nothing after this can be acknowledged. Stop the process, so a
 /// supervisor restarts it and recovery decides what is durable (never retry and pretend).
 fn fail_stop(shard: usize, error: &str) -> ! {
-    eprintln!("parleyd: error: shard {shard}: the log failed, stopping: {error}");
+    crate::daemon::stderr_line(format_args!(
+        "parleyd: error: shard {shard}: the log failed, stopping: {error}"
+    ));
     std::process::exit(1);
 }
