@@ -121,6 +121,9 @@ pub struct Client {
     /// After the faults: fetch everything, then stop.
     pub converging: bool,
     listed: bool,
+    /// A new session's first act: `presence.get` of everyone (after a crash, every user's
+    /// last seen comes from the recovered state).
+    ask_presence: bool,
     pub duplicates_received: u64,
     pub sends_acknowledged: u64,
 }
@@ -145,6 +148,7 @@ impl Client {
             syncing: BTreeSet::new(),
             converging: false,
             listed: false,
+            ask_presence: false,
             duplicates_received: 0,
             sends_acknowledged: 0,
         }
@@ -217,6 +221,9 @@ impl Client {
         }
         if self.converging {
             return self.act_to_converge(oracle);
+        }
+        if std::mem::take(&mut self.ask_presence) {
+            return Some(self.presence_get(users.to_vec(), oracle));
         }
         let member_convs: Vec<String> = self
             .convs
@@ -321,15 +328,7 @@ impl Client {
                 Some(self.command("history", fields, Pending::History { conv, asked_lsn }))
             }
             86..=89 => self.sync(&member_convs),
-            90..=91 => {
-                let users = [other?, self.user.clone()];
-                let asked = users
-                    .iter()
-                    .map(|user| (user.clone(), oracle.last_lsn(oracle.user_home(user))))
-                    .collect();
-                let fields = json!({ "users": users });
-                Some(self.command("presence.get", fields, Pending::Presence { asked }))
-            }
+            90..=91 => Some(self.presence_get(vec![other?, self.user.clone()], oracle)),
             _ => {
                 let conv = conv?;
                 let held = self.convs[&conv].contiguous;
@@ -376,6 +375,16 @@ impl Client {
             return None;
         }
         self.sync(&behind)
+    }
+
+    /// `presence.get` of `users`, noting where each one's home's log ended when asked.
+    fn presence_get(&mut self, users: Vec<String>, oracle: &Oracle) -> String {
+        let asked = users
+            .iter()
+            .map(|user| (user.clone(), oracle.last_lsn(oracle.user_home(user))))
+            .collect();
+        let fields = json!({ "users": users });
+        self.command("presence.get", fields, Pending::Presence { asked })
     }
 
     fn send(&mut self, send: Outgoing, ok_before: Option<u64>) -> String {
@@ -449,6 +458,7 @@ impl Client {
                     return Err(format!("{who}: hello refused: {doc}"));
                 }
                 self.phase = Phase::Ready;
+                self.ask_presence = true;
             }
             Pending::Send { send, ok_before } => match code {
                 None => {
@@ -635,6 +645,8 @@ impl Client {
         if oracle.last_seq(conv).is_none_or(|in_log| last > in_log) {
             return Err(format!("{}: listed beyond the log: {summary}", self.user));
         }
+        oracle.on_cursor_listed(conv, &self.user, None, read)?;
+        oracle.on_cursor_listed(conv, &self.user, Some(&self.device), delivered)?;
         let known = oracle.known(&self.user, conv);
         if read > known {
             return Err(format!(
@@ -645,8 +657,6 @@ impl Client {
         let view = self.convs.entry(conv.to_string()).or_default();
         view.member = true;
         view.listed_last = view.listed_last.max(last);
-        oracle.on_cursor_listed(conv, &self.user, None, read)?;
-        oracle.on_cursor_listed(conv, &self.user, Some(&self.device), delivered)?;
         if let Some(asked_at) = asked_at {
             let user = self.user.clone();
             let read_key = CursorKey::Read {

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use parley_router::ownership::{conversation_home, user_home};
 use parley_router::record::{ChatRecord, MemberChange};
-use parley_router::sequencer::MAX_EMOJI_PER_MESSAGE;
 
 pub type Violation = String;
 
@@ -448,21 +447,6 @@ impl Oracle {
                 }
                 if log.reaction_at(seq, &emoji, &user, lsn) == on {
                     return Err(format!("{what}: it was already (only changes are logged)"));
-                }
-                if on {
-                    let distinct: BTreeSet<&String> = log
-                        .reactions
-                        .range((seq, String::new(), String::new())..)
-                        .take_while(|((s, _, _), _)| *s == seq)
-                        .filter(|(_, changes)| changes.last().is_some_and(|(_, on)| *on))
-                        .map(|((_, emoji, _), _)| emoji)
-                        .collect();
-                    if !distinct.contains(&emoji) && distinct.len() >= MAX_EMOJI_PER_MESSAGE {
-                        return Err(format!(
-                            "{what}: the message already carries {} different emoji",
-                            distinct.len()
-                        ));
-                    }
                 }
                 log.reactions
                     .entry((seq, emoji, user))
