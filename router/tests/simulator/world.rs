@@ -703,11 +703,12 @@ impl World {
                 first = lsn + 1;
             }
             let disk = self.disks[shard].borrow();
+            // The oracle first: what recovery read is checked against what was appended.
+            self.oracle.on_recovered(shard, disk.payloads())?;
             for (i, payload) in disk.payloads().iter().enumerate().skip(first as usize - 1) {
                 core.replay(i as u64 + 1, payload)
                     .map_err(|e| format!("shard {shard}: replay of LSN {}: {e}", i + 1))?;
             }
-            self.oracle.on_recovered(shard, disk.payloads())?;
             drop(disk);
             self.logged[shard] = recovered.records;
             self.note(format!(
