@@ -318,6 +318,25 @@ impl Client {
         }
     }
 
+    /// As `connect` with a bearer token, to a WebSocket address (a thread that does not
+    /// hold the `Daemon` may connect), and `None` instead of a panic when the server is
+    /// gone (a test that kills it connects until it cannot).
+    pub fn try_connect_to(ws: SocketAddr, bearer: &str) -> Option<Client> {
+        let stream = TcpStream::connect(ws).ok()?;
+        stream.set_read_timeout(Some(WAIT)).ok()?;
+        let mut request = format!("ws://{ws}/v1/ws").into_client_request().ok()?;
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse().ok()?);
+        let (ws, _) = tungstenite::client(request, stream).ok()?;
+        Some(Client {
+            ws,
+            next_id: 1,
+            pending: Default::default(),
+            inbox: Default::default(),
+        })
+    }
+
     /// Authenticated as `user` over a socket with a tiny receive buffer, so the server's
     /// writes back up after a few KiB of unread replies.
     pub fn slow_reader(daemon: &Daemon, user: &str) -> Client {

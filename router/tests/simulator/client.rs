@@ -43,6 +43,18 @@ enum Pending {
     List {
         asked_at: u64,
     },
+    React {
+        conv: String,
+        seq: u64,
+        emoji: String,
+        on: bool,
+        /// The home's last LSN when the request was sent.
+        asked_lsn: u64,
+    },
+    Presence {
+        /// (user, their home's last LSN when the request was sent).
+        asked: Vec<(String, u64)>,
+    },
     Create {
         group: bool,
     },
@@ -50,9 +62,11 @@ enum Pending {
     Leave {
         conv: String,
     },
-    History,
+    History {
+        conv: String,
+        asked_lsn: u64,
+    },
     Sync,
-    Other,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +121,9 @@ pub struct Client {
     /// After the faults: fetch everything, then stop.
     pub converging: bool,
     listed: bool,
+    /// A new session's first act: `presence.get` of everyone (after a crash, every user's
+    /// last seen comes from the recovered state).
+    ask_presence: bool,
     pub duplicates_received: u64,
     pub sends_acknowledged: u64,
 }
@@ -131,6 +148,7 @@ impl Client {
             syncing: BTreeSet::new(),
             converging: false,
             listed: false,
+            ask_presence: false,
             duplicates_received: 0,
             sends_acknowledged: 0,
         }
@@ -203,6 +221,9 @@ impl Client {
         }
         if self.converging {
             return self.act_to_converge(oracle);
+        }
+        if std::mem::take(&mut self.ask_presence) {
+            return Some(self.presence_get(users.to_vec(), oracle));
         }
         let member_convs: Vec<String> = self
             .convs
@@ -303,20 +324,31 @@ impl Client {
                 } else {
                     json!({"conv": conv, "before": rng.between(1, held + 2), "limit": rng.between(1, 30)})
                 };
-                Some(self.command("history", fields, Pending::History))
+                let asked_lsn = oracle.last_lsn(oracle.conv_home(&conv));
+                Some(self.command("history", fields, Pending::History { conv, asked_lsn }))
             }
             86..=89 => self.sync(&member_convs),
-            90..=91 => {
-                let fields = json!({"users": [other?, self.user.clone()]});
-                Some(self.command("presence.get", fields, Pending::Other))
-            }
+            90..=91 => Some(self.presence_get(vec![other?, self.user.clone()], oracle)),
             _ => {
                 let conv = conv?;
                 let held = self.convs[&conv].contiguous;
                 (held > 0).then(|| {
-                    let emoji = *rng.pick(&["+1", "heart", "eyes"]).expect("non-empty");
-                    let fields = json!({"conv": conv, "seq": rng.between(1, held), "emoji": emoji, "on": rng.chance(700)});
-                    self.command("react", fields, Pending::Other)
+                    let emoji = rng
+                        .pick(&["+1", "heart", "eyes"])
+                        .expect("non-empty")
+                        .to_string();
+                    let seq = rng.between(1, held);
+                    let on = rng.chance(700);
+                    let fields = json!({"conv": conv, "seq": seq, "emoji": emoji, "on": on});
+                    let asked_lsn = oracle.last_lsn(oracle.conv_home(&conv));
+                    let pending = Pending::React {
+                        conv,
+                        seq,
+                        emoji,
+                        on,
+                        asked_lsn,
+                    };
+                    self.command("react", fields, pending)
                 })
             }
         }
@@ -343,6 +375,16 @@ impl Client {
             return None;
         }
         self.sync(&behind)
+    }
+
+    /// `presence.get` of `users`, noting where each one's home's log ended when asked.
+    fn presence_get(&mut self, users: Vec<String>, oracle: &Oracle) -> String {
+        let asked = users
+            .iter()
+            .map(|user| (user.clone(), oracle.last_lsn(oracle.user_home(user))))
+            .collect();
+        let fields = json!({ "users": users });
+        self.command("presence.get", fields, Pending::Presence { asked })
     }
 
     fn send(&mut self, send: Outgoing, ok_before: Option<u64>) -> String {
@@ -416,6 +458,7 @@ impl Client {
                     return Err(format!("{who}: hello refused: {doc}"));
                 }
                 self.phase = Phase::Ready;
+                self.ask_presence = true;
             }
             Pending::Send { send, ok_before } => match code {
                 None => {
@@ -461,6 +504,7 @@ impl Client {
                 Some(_) => return Err(format!("{who}: send answered {doc}")),
             },
             Pending::Ack { conv, seq } if code.is_none() => {
+                oracle.on_cursor_acked(&conv, &self.user, Some(&self.device), seq)?;
                 let key = CursorKey::Delivered {
                     conv,
                     user: self.user.clone(),
@@ -469,6 +513,8 @@ impl Client {
                 oracle.on_cursor_promised(key, seq);
             }
             Pending::Read { conv, seq } if code.is_none() => {
+                oracle.on_cursor_acked(&conv, &self.user, None, seq)?;
+                oracle.on_cursor_acked(&conv, &self.user, Some(&self.device), seq)?;
                 let user = self.user.clone();
                 let device = self.device.clone();
                 oracle.on_cursor_promised(
@@ -496,7 +542,7 @@ impl Client {
                     view.admin = false;
                 }
             }
-            Pending::History if code.is_none() => {
+            Pending::History { conv, asked_lsn } if code.is_none() => {
                 let msgs = ok["msgs"].as_array().ok_or("history ok without msgs")?;
                 let mut last = 0;
                 for msg in msgs {
@@ -505,7 +551,55 @@ impl Client {
                         return Err(format!("{who}: history not ascending: {doc}"));
                     }
                     last = seq;
+                    if msg["conv"] != json!(conv) {
+                        return Err(format!("{who}: history of {conv} holds {msg}"));
+                    }
                     self.on_msg(msg, false, oracle, durable)?;
+                    // Each message's reactions (9.16), as the log had them then.
+                    let mut shown = BTreeSet::new();
+                    if let Some(reactions) = msg.get("reactions") {
+                        let reactions = reactions
+                            .as_object()
+                            .ok_or_else(|| format!("{who}: reactions not an object: {msg}"))?;
+                        for (emoji, users) in reactions {
+                            let users = users
+                                .as_array()
+                                .filter(|users| !users.is_empty())
+                                .ok_or_else(|| format!("{who}: bad reactions: {msg}"))?;
+                            for user in users {
+                                let user = user.as_str().ok_or("reaction user not a string")?;
+                                shown.insert((emoji.clone(), user.to_string()));
+                            }
+                        }
+                    }
+                    oracle.on_reactions_shown(&conv, seq, &shown, asked_lsn)?;
+                }
+            }
+            Pending::React {
+                conv,
+                seq,
+                emoji,
+                on,
+                asked_lsn,
+            } if code.is_none() => {
+                oracle.on_reaction_acked(&conv, seq, &emoji, &self.user, on, asked_lsn)?;
+            }
+            Pending::Presence { asked } if code.is_none() => {
+                let users = ok["users"]
+                    .as_array()
+                    .ok_or("presence.get ok without users")?;
+                if users.len() != asked.len() {
+                    return Err(format!("{who}: presence.get of {asked:?} answered {doc}"));
+                }
+                for (entry, (user, asked_lsn)) in users.iter().zip(&asked) {
+                    if entry["user"] != json!(user) {
+                        return Err(format!("{who}: presence.get of {asked:?} answered {doc}"));
+                    }
+                    let status = entry["status"].as_str().unwrap_or_default();
+                    let last_seen = entry["last_seen"].as_u64();
+                    oracle
+                        .on_presence_shown(user, status, last_seen, *asked_lsn)
+                        .map_err(|e| format!("{who}: {e}"))?;
                 }
             }
             Pending::Sync if code.is_none() => {
@@ -551,6 +645,8 @@ impl Client {
         if oracle.last_seq(conv).is_none_or(|in_log| last > in_log) {
             return Err(format!("{}: listed beyond the log: {summary}", self.user));
         }
+        oracle.on_cursor_listed(conv, &self.user, None, read)?;
+        oracle.on_cursor_listed(conv, &self.user, Some(&self.device), delivered)?;
         let known = oracle.known(&self.user, conv);
         if read > known {
             return Err(format!(
@@ -664,6 +760,9 @@ impl Client {
                         "{who}: {kind} receipt of {user} at {conv} seq {seq}, beyond what was delivered to them ({known})"
                     ));
                 }
+                oracle
+                    .on_receipt(&conv, &user, &kind, seq)
+                    .map_err(|e| format!("{who}: {e}"))?;
                 let last = self.receipts.entry((conv.clone(), user, kind)).or_default();
                 if seq < *last {
                     return Err(format!("{who}: receipt went backwards: {doc}"));
@@ -684,7 +783,24 @@ impl Client {
                     }
                 }
             }
-            "typing" | "presence" | "reaction" => {}
+            "presence" => {
+                let user = doc["user"].as_str().unwrap_or_default();
+                let status = doc["status"].as_str().unwrap_or_default();
+                oracle
+                    .on_presence_event(user, status, doc["last_seen"].as_u64())
+                    .map_err(|e| format!("{who}: {e}"))?;
+            }
+            "reaction" => {
+                let conv = doc["conv"].as_str().unwrap_or_default();
+                let seq = doc["seq"].as_u64().unwrap_or(0);
+                let user = doc["user"].as_str().unwrap_or_default();
+                let emoji = doc["emoji"].as_str().unwrap_or_default();
+                let on = doc["on"].as_bool().ok_or("reaction without on")?;
+                oracle
+                    .on_reaction_event(conv, seq, emoji, user, on)
+                    .map_err(|e| format!("{who}: {e}"))?;
+            }
+            "typing" => {}
             other => return Err(format!("{who}: unknown event {other}: {doc}")),
         }
         Ok(())

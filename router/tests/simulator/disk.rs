@@ -83,6 +83,8 @@ pub struct Disk {
     in_flight: Option<Flush>,
     next_flush_offset: usize,
     snapshot_saving: Option<(u64, Vec<u8>, u64)>,
+    /// Payloads refused (`Full`) since the oracle last looked.
+    refused: Vec<Vec<u8>>,
     // What stable storage holds: survives crashes.
     stable: Vec<u8>,
     snapshot: Option<(u64, Vec<u8>)>,
@@ -103,6 +105,7 @@ impl Disk {
             in_flight: None,
             next_flush_offset: SEGMENT_HEADER,
             snapshot_saving: None,
+            refused: Vec::new(),
             stable: header,
             snapshot: None,
         }
@@ -140,11 +143,17 @@ impl Disk {
 
     fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
         if self.last_lsn() - self.durable_lsn >= self.profile.buffer_records {
+            self.refused.push(payload.to_vec());
             return Err(LogError::Full);
         }
         self.payloads.push(payload.to_vec());
         self.timestamps.push(timestamp);
         Ok(self.last_lsn())
+    }
+
+    /// The payloads appends were refused for since the last call (the log was full).
+    pub fn take_refused(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.refused)
     }
 
     /// Begin saving a state snapshot (a temporary file, fsync, rename: atomic).

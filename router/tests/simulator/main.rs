@@ -88,6 +88,21 @@ fn fixed_seeds_keep_every_invariant() {
         "no snapshot loaded: {totals:?}"
     );
     assert!(totals.torn_bytes_cut > 0, "no torn tail: {totals:?}");
+    // And the clients must react, ack, read and end sessions, or the checks of those
+    // records and of what the clients are told about them prove nothing.
+    for (what, count) in [
+        ("cursor records", totals.cursor_records),
+        ("reaction records", totals.reaction_records),
+        ("last-seen records", totals.last_seen_records),
+        ("cursors told", totals.cursors_checked),
+        ("reactions told", totals.reactions_checked),
+        ("last seen told", totals.presence_checked),
+    ] {
+        assert!(
+            count >= FIXED_SEEDS,
+            "only {count} {what} checked: {totals:?}"
+        );
+    }
     eprintln!("{FIXED_SEEDS} seeds: {totals:?}");
 }
 

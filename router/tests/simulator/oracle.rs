@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use parley_router::ownership::conversation_home;
+use parley_router::ownership::{conversation_home, user_home};
 use parley_router::record::{ChatRecord, MemberChange};
 
 pub type Violation = String;
@@ -17,6 +17,9 @@ pub struct Fact {
     pub body: String,
 }
 
+/// (LSN, value) of each logged change of one cursor or one reaction, in log order.
+type Changes<T> = Vec<(u64, T)>;
+
 /// One conversation as its home's log tells it.
 #[derive(Debug, Default)]
 struct ConvLog {
@@ -24,7 +27,14 @@ struct ConvLog {
     messages: Vec<(Fact, u64)>,
     /// (last seq before the change, members from then on).
     members: Vec<(u64, BTreeSet<String>)>,
+    /// The LSN of each entry of `members` (0 for none: the conversation's creation is
+    /// its first record, so its LSN is there).
+    members_lsn: Vec<u64>,
     cmids: BTreeMap<(String, String), u64>,
+    /// (user, device or `None` for the read cursor) -> (LSN, seq) of each logged advance.
+    cursors: BTreeMap<(String, Option<String>), Changes<u64>>,
+    /// (seq, emoji, user) -> (LSN, on) of each logged reaction change.
+    reactions: BTreeMap<(u64, String, String), Changes<bool>>,
 }
 
 impl ConvLog {
@@ -46,6 +56,97 @@ impl ConvLog {
             .rposition(|(before, _)| *before < seq)
             .unwrap_or(0);
         self.members[first..].iter().any(|(_, m)| m.contains(user))
+    }
+
+    /// Whether `user` was a member at some time after the record at `lsn` (in the state
+    /// that record left, or in one logged since).
+    fn member_since_lsn(&self, lsn: u64, user: &str) -> bool {
+        let first = self
+            .members_lsn
+            .iter()
+            .rposition(|at| *at <= lsn)
+            .unwrap_or(0);
+        self.members[first..].iter().any(|(_, m)| m.contains(user))
+    }
+
+    fn members_now(&self) -> Option<&BTreeSet<String>> {
+        self.members.last().map(|(_, m)| m)
+    }
+
+    /// A cursor as the log holds it up to `lsn`.
+    fn cursor_at(&self, user: &str, device: Option<&str>, lsn: u64) -> u64 {
+        self.cursors
+            .get(&(user.to_string(), device.map(str::to_string)))
+            .and_then(|advances| advances.iter().rev().find(|(at, _)| *at <= lsn))
+            .map_or(0, |(_, seq)| *seq)
+    }
+
+    /// The highest delivered cursor of any device of `user`, as the log holds it up to `lsn`.
+    fn delivered_at(&self, user: &str, lsn: u64) -> u64 {
+        self.cursors
+            .iter()
+            .filter(|((u, device), _)| u == user && device.is_some())
+            .filter_map(|(_, advances)| advances.iter().rev().find(|(at, _)| *at <= lsn))
+            .map(|(_, seq)| *seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn reaction_at(&self, seq: u64, emoji: &str, user: &str, lsn: u64) -> bool {
+        self.reactions
+            .get(&(seq, emoji.to_string(), user.to_string()))
+            .and_then(|changes| changes.iter().rev().find(|(at, _)| *at <= lsn))
+            .is_some_and(|(_, on)| *on)
+    }
+
+    /// Whether message `seq`'s reactions (emoji, user) were exactly `shown` at some LSN
+    /// in `from..=to`.
+    fn reactions_were(
+        &self,
+        seq: u64,
+        shown: &BTreeSet<(String, String)>,
+        from: u64,
+        to: u64,
+    ) -> bool {
+        let keys = self
+            .reactions
+            .range((seq, String::new(), String::new())..)
+            .take_while(|((s, _, _), _)| *s == seq);
+        let mut at_from = BTreeSet::new();
+        // (LSN, key, on) of the changes within the window, in log order.
+        let mut later = Vec::new();
+        for ((_, emoji, user), changes) in keys {
+            let key = (emoji.clone(), user.clone());
+            if changes
+                .iter()
+                .rev()
+                .find(|(at, _)| *at <= from)
+                .is_some_and(|(_, on)| *on)
+            {
+                at_from.insert(key.clone());
+            }
+            for (at, on) in changes {
+                if *at > from && *at <= to {
+                    later.push((*at, key.clone(), *on));
+                }
+            }
+        }
+        later.sort();
+        let mut state = at_from;
+        if &state == shown {
+            return true;
+        }
+        for (_, key, on) in later {
+            if on {
+                state.insert(key);
+            } else {
+                state.remove(&key);
+            }
+            if &state == shown {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -75,16 +176,91 @@ pub struct Oracle {
     known: BTreeMap<(String, String), u64>,
     /// A logical clock: each observation and request takes the next tick.
     clock: u64,
+    /// Per shard: every payload appended since its last recovery (LSN 1 first), to check
+    /// that recovery gives back what was appended, and its durable LSN.
+    appended: Vec<Vec<Vec<u8>>>,
+    durable: Vec<u64>,
+    /// Per shard: the LSN of the last cursor record in its log (0: none).
+    last_cursors_lsn: Vec<u64>,
+    /// user -> (LSN, ts) of each last seen in their home's log.
+    last_seen: BTreeMap<String, Vec<(u64, u64)>>,
+    /// user -> last seen times the home kept in memory only (its log was full) since it
+    /// last recovered.
+    last_seen_in_memory: BTreeMap<String, BTreeSet<u64>>,
+    /// Every (user, last seen) ever written or kept in memory, and each user's latest.
+    last_seen_ever: BTreeSet<(String, u64)>,
+    last_seen_latest: BTreeMap<String, u64>,
     pub records_checked: u64,
     pub messages_seen: u64,
+    /// What the checks of cursors, reactions and last seen looked at.
+    pub cursor_records: u64,
+    pub reaction_records: u64,
+    pub last_seen_records: u64,
+    pub cursors_checked: u64,
+    pub reactions_checked: u64,
+    pub presence_checked: u64,
 }
 
 impl Oracle {
     pub fn new(shards: usize) -> Self {
         Self {
             shards,
+            appended: vec![Vec::new(); shards],
+            durable: vec![0; shards],
+            last_cursors_lsn: vec![0; shards],
             ..Self::default()
         }
+    }
+
+    /// The last LSN `shard` appended (the oracle has seen every append so far).
+    pub fn last_lsn(&self, shard: usize) -> u64 {
+        self.appended[shard].len() as u64
+    }
+
+    /// `shard`'s log is durable up to `lsn`.
+    pub fn on_durable(&mut self, shard: usize, lsn: u64) {
+        self.durable[shard] = self.durable[shard].max(lsn);
+    }
+
+    pub fn conv_home(&self, conv: &str) -> usize {
+        self.home(conv)
+    }
+
+    pub fn user_home(&self, user: &str) -> usize {
+        user_home(user, self.shards as u32) as usize
+    }
+
+    /// `shard`'s log refused a record (it was full). A last seen is then kept in memory
+    /// only (docs/protocol.md 9.15); anything else is retried or answered `unavailable`.
+    pub fn on_refused(&mut self, shard: usize, payload: &[u8]) -> Result<(), Violation> {
+        let record = ChatRecord::decode(payload)
+            .map_err(|e| format!("shard {shard}: undecodable refused record: {e}"))?;
+        if let ChatRecord::LastSeen { user, ts } = record {
+            self.last_seen_moves(shard, &user, ts)?;
+            self.last_seen_in_memory.entry(user).or_default().insert(ts);
+        }
+        Ok(())
+    }
+
+    /// A new last seen of `user` (written or kept in memory): on their home, and never
+    /// older than one before (time only moves forward, across crashes too).
+    fn last_seen_moves(&mut self, shard: usize, user: &str, ts: u64) -> Result<(), Violation> {
+        if self.user_home(user) != shard {
+            return Err(format!(
+                "shard {shard} recorded the last seen of {user}, whose home is shard {}",
+                self.user_home(user)
+            ));
+        }
+        if let Some(latest) = self.last_seen_latest.get(user) {
+            if ts < *latest {
+                return Err(format!(
+                    "last seen of {user} went backwards: {ts} after {latest}"
+                ));
+            }
+        }
+        self.last_seen_latest.insert(user.to_string(), ts);
+        self.last_seen_ever.insert((user.to_string(), ts));
+        Ok(())
     }
 
     pub fn tick(&mut self) -> u64 {
@@ -96,8 +272,26 @@ impl Oracle {
         conversation_home(conv, self.shards as u32) as usize
     }
 
-    /// A record the sequencer of `shard` appended (or recovery replayed) at `lsn`.
+    /// A record the sequencer of `shard` appended at `lsn`.
     pub fn on_record(&mut self, shard: usize, lsn: u64, payload: &[u8]) -> Result<(), Violation> {
+        if lsn != self.last_lsn(shard) + 1 {
+            return Err(format!(
+                "shard {shard} appended LSN {lsn} after LSN {}",
+                self.last_lsn(shard)
+            ));
+        }
+        self.appended[shard].push(payload.to_vec());
+        self.apply(shard, lsn, payload, true)
+    }
+
+    /// A record of `shard`'s log at `lsn`: appended now (`fresh`) or replayed by recovery.
+    fn apply(
+        &mut self,
+        shard: usize,
+        lsn: u64,
+        payload: &[u8],
+        fresh: bool,
+    ) -> Result<(), Violation> {
         self.records_checked += 1;
         let record = ChatRecord::decode(payload)
             .map_err(|e| format!("shard {shard} LSN {lsn}: undecodable record: {e}"))?;
@@ -111,6 +305,7 @@ impl Oracle {
                 }
                 let log = ConvLog {
                     members: vec![(0, members.into_iter().collect())],
+                    members_lsn: vec![lsn],
                     ..ConvLog::default()
                 };
                 self.convs.insert(conv, log);
@@ -134,6 +329,7 @@ impl Oracle {
                 }
                 let last_seq = log.messages.len() as u64;
                 log.members.push((last_seq, members));
+                log.members_lsn.push(lsn);
             }
             ChatRecord::Message(message) => {
                 let conv = message.conv.clone();
@@ -172,7 +368,110 @@ impl Oracle {
                     lsn,
                 ));
             }
-            ChatRecord::Cursors(_) | ChatRecord::Reaction { .. } | ChatRecord::LastSeen { .. } => {}
+            ChatRecord::Cursors(advances) => {
+                self.cursor_records += 1;
+                let since = self.last_cursors_lsn[shard];
+                self.last_cursors_lsn[shard] = lsn;
+                for advance in &advances {
+                    let conv = &advance.conv;
+                    let what = format!("LSN {lsn}: cursor {advance:?}");
+                    if self.home(conv) != shard {
+                        return Err(format!("{what} written on shard {shard}, not its home"));
+                    }
+                    let log = self
+                        .convs
+                        .get_mut(conv)
+                        .ok_or_else(|| format!("{what}: no log has {conv}"))?;
+                    let last_seq = log.messages.len() as u64;
+                    if advance.seq == 0 || advance.seq > last_seq {
+                        return Err(format!("{what}: beyond {conv}'s last seq {last_seq}"));
+                    }
+                    // The advances were made since the previous cursor record (they are
+                    // written at the end of the turn that made them, or retried until
+                    // one is written), by a member.
+                    if !log.member_since_lsn(since, &advance.user) {
+                        return Err(format!(
+                            "{what}: {} was no member of {conv} since LSN {since}",
+                            advance.user
+                        ));
+                    }
+                    let key = (advance.user.clone(), advance.device.clone());
+                    let advances = log.cursors.entry(key).or_default();
+                    if let Some((at, before)) = advances.last() {
+                        if advance.seq <= *before {
+                            return Err(format!(
+                                "{what}: the cursor was {before} (LSN {at}): a cursor record must move it forward"
+                            ));
+                        }
+                    }
+                    advances.push((lsn, advance.seq));
+                }
+                // Reading implies receiving (9.14): a read cursor never runs ahead of
+                // the user's delivered position.
+                for advance in advances.iter().filter(|a| a.device.is_none()) {
+                    let log = &self.convs[&advance.conv];
+                    let delivered = log.delivered_at(&advance.user, lsn);
+                    if delivered < advance.seq {
+                        return Err(format!(
+                            "LSN {lsn}: {} read {} up to {} but was delivered only up to {delivered}",
+                            advance.user, advance.conv, advance.seq
+                        ));
+                    }
+                }
+            }
+            ChatRecord::Reaction {
+                conv,
+                seq,
+                user,
+                emoji,
+                on,
+            } => {
+                self.reaction_records += 1;
+                let what =
+                    format!("LSN {lsn}: {user}'s reaction {emoji:?} on {conv} seq {seq} set {on}");
+                if self.home(&conv) != shard {
+                    return Err(format!("{what} written on shard {shard}, not its home"));
+                }
+                let log = self
+                    .convs
+                    .get_mut(&conv)
+                    .ok_or_else(|| format!("{what}: no log has {conv}"))?;
+                if seq == 0 || seq > log.messages.len() as u64 {
+                    return Err(format!(
+                        "{what}: no such message (last seq {})",
+                        log.messages.len()
+                    ));
+                }
+                if !log.members_now().is_some_and(|m| m.contains(&user)) {
+                    return Err(format!("{what}: {user} is no member"));
+                }
+                if log.reaction_at(seq, &emoji, &user, lsn) == on {
+                    return Err(format!("{what}: it was already (only changes are logged)"));
+                }
+                log.reactions
+                    .entry((seq, emoji, user))
+                    .or_default()
+                    .push((lsn, on));
+            }
+            ChatRecord::LastSeen { user, ts } => {
+                self.last_seen_records += 1;
+                if fresh {
+                    self.last_seen_moves(shard, &user, ts)?;
+                } else if self.user_home(&user) != shard {
+                    return Err(format!(
+                        "LSN {lsn}: last seen of {user} replayed on shard {shard}, not its home"
+                    ));
+                }
+                let logged = self.last_seen.entry(user.clone()).or_default();
+                if let Some((at, before)) = logged.last() {
+                    if ts < *before {
+                        return Err(format!(
+                            "LSN {lsn}: last seen of {user} is {ts}, older than {before} (LSN {at})"
+                        ));
+                    }
+                }
+                logged.push((lsn, ts));
+            }
         }
         Ok(())
     }
@@ -180,11 +479,42 @@ impl Oracle {
     /// Shard `shard` restarted: forget what its log said before, relearn it from what
     /// survived, and check that everything any client was told is still there.
     pub fn on_recovered(&mut self, shard: usize, payloads: &[Vec<u8>]) -> Result<(), Violation> {
+        // Recovery gives back what was appended: every durable record, unchanged (and
+        // perhaps some appended after them), nothing else.
+        let appended = std::mem::take(&mut self.appended[shard]);
+        let durable = self.durable[shard];
+        if (payloads.len() as u64) < durable {
+            return Err(format!(
+                "after the crash shard {shard}'s log ends at LSN {}: LSN {}..={durable}, durable, is gone",
+                payloads.len(),
+                payloads.len() + 1
+            ));
+        }
+        if payloads.len() > appended.len() {
+            return Err(format!(
+                "after the crash shard {shard}'s log has {} records; only {} were appended",
+                payloads.len(),
+                appended.len()
+            ));
+        }
+        if let Some(i) = (0..payloads.len()).find(|&i| payloads[i] != appended[i]) {
+            return Err(format!(
+                "after the crash shard {shard}'s LSN {} is not the record appended there",
+                i + 1
+            ));
+        }
+        self.appended[shard] = payloads.to_vec();
+        self.durable[shard] = payloads.len() as u64;
+        self.last_cursors_lsn[shard] = 0;
         let shards = self.shards;
         self.convs
             .retain(|conv, _| conversation_home(conv, shards as u32) as usize != shard);
+        self.last_seen
+            .retain(|user, _| user_home(user, shards as u32) as usize != shard);
+        self.last_seen_in_memory
+            .retain(|user, _| user_home(user, shards as u32) as usize != shard);
         for (i, payload) in payloads.iter().enumerate() {
-            self.on_record(shard, i as u64 + 1, payload)?;
+            self.apply(shard, i as u64 + 1, payload, false)?;
         }
         for ((conv, seq), fact) in &self.observed {
             if self.home(conv) != shard {
@@ -271,6 +601,259 @@ impl Oracle {
             .or_default();
         *known = (*known).max(seq);
         Ok(())
+    }
+
+    fn conv_log(&self, conv: &str, what: &dyn Fn() -> String) -> Result<&ConvLog, Violation> {
+        self.convs
+            .get(conv)
+            .ok_or_else(|| format!("{}: no log has {conv}", what()))
+    }
+
+    /// An `ack` (`device` given) or a `read` (`None`) of `user` was answered `ok`: the
+    /// answer leaves once the cursor record is durable (9.14), so the home's durable log
+    /// holds that cursor at `seq` or beyond.
+    pub fn on_cursor_acked(
+        &mut self,
+        conv: &str,
+        user: &str,
+        device: Option<&str>,
+        seq: u64,
+    ) -> Result<(), Violation> {
+        self.cursors_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || {
+            format!(
+                "{user}'s {} of {conv} up to {seq} was answered ok",
+                if device.is_some() { "ack" } else { "read" }
+            )
+        };
+        let logged = self.conv_log(conv, &what)?.cursor_at(user, device, durable);
+        if logged < seq {
+            return Err(format!(
+                "{}, yet the durable log (LSN ..={durable}) holds that cursor at {logged}",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A `receipt` event (not ephemeral: it waits for the log) says that `user`'s
+    /// delivered position or read cursor reached `seq`: the durable log must say so too.
+    pub fn on_receipt(
+        &mut self,
+        conv: &str,
+        user: &str,
+        kind: &str,
+        seq: u64,
+    ) -> Result<(), Violation> {
+        self.cursors_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || format!("a {kind} receipt of {user} in {conv} at {seq}");
+        let log = self.conv_log(conv, &what)?;
+        let logged = match kind {
+            "delivered" => log.delivered_at(user, durable),
+            "read" => log.cursor_at(user, None, durable),
+            _ => return Err(format!("{}: unknown kind", what())),
+        };
+        if logged < seq {
+            return Err(format!(
+                "{}, yet the durable log (LSN ..={durable}) holds it at {logged}",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cursor a `conv.list` or `sync` answer shows: the answer leaves once the log is
+    /// durable up to everything the home had appended, so it is never beyond the durable
+    /// log's cursor.
+    pub fn on_cursor_listed(
+        &mut self,
+        conv: &str,
+        user: &str,
+        device: Option<&str>,
+        seq: u64,
+    ) -> Result<(), Violation> {
+        self.cursors_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || format!("{user} was shown {conv}'s cursor {device:?} at {seq}");
+        let logged = self.conv_log(conv, &what)?.cursor_at(user, device, durable);
+        if seq > logged {
+            return Err(format!(
+                "{}, beyond the durable log's {logged} (LSN ..={durable})",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A `react` was answered `ok`: at some point between the request (when the home's
+    /// log ended at `asked_lsn`) and now, the durable log had the reaction as asked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_reaction_acked(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+        user: &str,
+        on: bool,
+        asked_lsn: u64,
+    ) -> Result<(), Violation> {
+        self.reactions_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || format!("{user}'s react {emoji:?} on {conv} seq {seq} set {on}, answered ok");
+        if durable < asked_lsn {
+            return Err(format!("{} before its home's log was durable up to the request's LSN {asked_lsn} (durable {durable})", what()));
+        }
+        let log = self.conv_log(conv, &what)?;
+        let held = log.reaction_at(seq, emoji, user, asked_lsn) == on
+            || log
+                .reactions
+                .get(&(seq, emoji.to_string(), user.to_string()))
+                .is_some_and(|changes| {
+                    changes
+                        .iter()
+                        .any(|(at, value)| *at > asked_lsn && *at <= durable && *value == on)
+                });
+        if !held {
+            return Err(format!(
+                "{}, yet the durable log never had it so in LSN {asked_lsn}..={durable}",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A `reaction` event (it waits for the log): its change is a durable record.
+    pub fn on_reaction_event(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        emoji: &str,
+        user: &str,
+        on: bool,
+    ) -> Result<(), Violation> {
+        self.reactions_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || format!("a reaction event: {user} set {emoji:?} on {conv} seq {seq} {on}");
+        let logged = self
+            .conv_log(conv, &what)?
+            .reactions
+            .get(&(seq, emoji.to_string(), user.to_string()))
+            .is_some_and(|changes| {
+                changes
+                    .iter()
+                    .any(|(at, value)| *at <= durable && *value == on)
+            });
+        if !logged {
+            return Err(format!(
+                "{}: no such durable record (LSN ..={durable})",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A history page showed message `seq`'s reactions as `shown` (emoji, user): they
+    /// were exactly that in the home's log at some LSN from the request (`asked_lsn`) to
+    /// the durable LSN now.
+    pub fn on_reactions_shown(
+        &mut self,
+        conv: &str,
+        seq: u64,
+        shown: &BTreeSet<(String, String)>,
+        asked_lsn: u64,
+    ) -> Result<(), Violation> {
+        self.reactions_checked += 1;
+        let durable = self.durable[self.home(conv)];
+        let what = || format!("history showed {conv} seq {seq} with reactions {shown:?}");
+        if durable < asked_lsn {
+            return Err(format!("{} before its home's log was durable up to the request's LSN {asked_lsn} (durable {durable})", what()));
+        }
+        let log = self.conv_log(conv, &what)?;
+        if !log.reactions_were(seq, shown, asked_lsn, durable) {
+            let logged: Vec<_> = log
+                .reactions
+                .range((seq, String::new(), String::new())..)
+                .take_while(|((s, _, _), _)| *s == seq)
+                .collect();
+            return Err(format!(
+                "{}; the log never had them so in LSN {asked_lsn}..={durable}: {logged:?}",
+                what()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `presence.get` showed `user` (asked when their home's log ended at `asked_lsn`).
+    /// Its answer waits for the log: an offline user's `last_seen` is one their home
+    /// wrote durably (or kept in memory while its log was full, 9.15), never older than
+    /// one logged before the request, and not missing if one was; an online user has none.
+    pub fn on_presence_shown(
+        &mut self,
+        user: &str,
+        status: &str,
+        last_seen: Option<u64>,
+        asked_lsn: u64,
+    ) -> Result<(), Violation> {
+        let home = self.user_home(user);
+        let durable = self.durable[home];
+        let logged = self
+            .last_seen
+            .get(user)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let what = format!("presence.get showed {user} {status} with last seen {last_seen:?}");
+        match status {
+            "online" if last_seen.is_none() => return Ok(()),
+            "offline" => {}
+            _ => return Err(what),
+        }
+        self.presence_checked += 1;
+        let floor = logged.iter().rev().find(|(at, _)| *at <= asked_lsn);
+        if let Some((at, floor)) = floor {
+            if last_seen.is_none_or(|ts| ts < *floor) {
+                return Err(format!(
+                    "{what}; its home logged {floor} (LSN {at}) before the request"
+                ));
+            }
+        }
+        if let Some(ts) = last_seen {
+            let written = logged.iter().any(|(at, t)| *t == ts && *at <= durable);
+            let in_memory = self
+                .last_seen_in_memory
+                .get(user)
+                .is_some_and(|times| times.contains(&ts));
+            if !written && !in_memory {
+                return Err(format!(
+                    "{what}; its home never wrote that durably (LSN ..={durable}: {logged:?}) nor kept it in memory"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A `presence` event (ephemeral: it does not wait for the log): an offline one
+    /// carries a last seen the user's home recorded (logged or kept in memory).
+    pub fn on_presence_event(
+        &mut self,
+        user: &str,
+        status: &str,
+        last_seen: Option<u64>,
+    ) -> Result<(), Violation> {
+        let what = format!("a presence event: {user} {status}, last seen {last_seen:?}");
+        match (status, last_seen) {
+            ("online", None) => Ok(()),
+            ("offline", Some(ts)) => {
+                self.presence_checked += 1;
+                if self.last_seen_ever.contains(&(user.to_string(), ts)) {
+                    Ok(())
+                } else {
+                    Err(format!("{what}: the home never recorded that last seen"))
+                }
+            }
+            _ => Err(what),
+        }
     }
 
     /// The highest seq some client of `user` holds in `conv`.

@@ -127,6 +127,14 @@ pub struct Stats {
     pub messages_seen: u64,
     pub duplicates_received: u64,
     pub virtual_ms: u64,
+    /// Cursor, reaction and last-seen records the oracle checked, and what clients were
+    /// told about cursors, reactions and presence that it checked against the log.
+    pub cursor_records: u64,
+    pub reaction_records: u64,
+    pub last_seen_records: u64,
+    pub cursors_checked: u64,
+    pub reactions_checked: u64,
+    pub presence_checked: u64,
 }
 
 impl Stats {
@@ -142,6 +150,12 @@ impl Stats {
         self.messages_seen += other.messages_seen;
         self.duplicates_received += other.duplicates_received;
         self.virtual_ms += other.virtual_ms;
+        self.cursor_records += other.cursor_records;
+        self.reaction_records += other.reaction_records;
+        self.last_seen_records += other.last_seen_records;
+        self.cursors_checked += other.cursors_checked;
+        self.reactions_checked += other.reactions_checked;
+        self.presence_checked += other.presence_checked;
     }
 }
 
@@ -327,6 +341,10 @@ impl World {
     /// Show the oracle every record appended since the last look (it checks each one).
     fn collect_records(&mut self) -> Result<(), Violation> {
         for shard in 0..self.plan.shards {
+            let refused = self.disks[shard].borrow_mut().take_refused();
+            for payload in refused {
+                self.oracle.on_refused(shard, &payload)?;
+            }
             let disk = self.disks[shard].borrow();
             while self.logged[shard] < disk.last_lsn() {
                 self.logged[shard] += 1;
@@ -346,6 +364,7 @@ impl World {
             for event in done {
                 match event {
                     IoDone::Durable(lsn) => {
+                        self.oracle.on_durable(shard, lsn);
                         if let Some(cores) = &mut self.cores {
                             cores[shard].on_durable(lsn);
                         }
@@ -684,11 +703,12 @@ impl World {
                 first = lsn + 1;
             }
             let disk = self.disks[shard].borrow();
+            // The oracle first: what recovery read is checked against what was appended.
+            self.oracle.on_recovered(shard, disk.payloads())?;
             for (i, payload) in disk.payloads().iter().enumerate().skip(first as usize - 1) {
                 core.replay(i as u64 + 1, payload)
                     .map_err(|e| format!("shard {shard}: replay of LSN {}: {e}", i + 1))?;
             }
-            self.oracle.on_recovered(shard, disk.payloads())?;
             drop(disk);
             self.logged[shard] = recovered.records;
             self.note(format!(
@@ -794,6 +814,12 @@ impl World {
         }
         self.stats.records_checked = self.oracle.records_checked;
         self.stats.messages_seen = self.oracle.messages_seen;
+        self.stats.cursor_records = self.oracle.cursor_records;
+        self.stats.reaction_records = self.oracle.reaction_records;
+        self.stats.last_seen_records = self.oracle.last_seen_records;
+        self.stats.cursors_checked = self.oracle.cursors_checked;
+        self.stats.reactions_checked = self.oracle.reactions_checked;
+        self.stats.presence_checked = self.oracle.presence_checked;
         self.note(format!("converged: {:?}", self.stats));
         Ok(())
     }
