@@ -55,8 +55,6 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not a busy loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
-/// How soon the executor must look at the socket engine's wake-up.
-const ENGINE_LATENCY: Duration = Duration::from_millis(1);
 /// Reads discarded per wake while lingering on close.
 const LINGER_READS_PER_WAKE: usize = 16;
 /// Mesh entries the router takes per turn, so one busy peer cannot starve the sockets.
@@ -342,11 +340,14 @@ async fn run_shard(plan: ShardPlan) {
                 engine_plan,
             ) {
                 Ok(engine) => {
-                    // Its own task queue, latency-sensitive: the executor then checks for
-                    // the engine's wake-up often even while other tasks are busy.
+                    // Its own task queue, with an equal share. Not `Latency::Matters`:
+                    // in glommio 0.9.0 the engine's task then sometimes sleeps through its
+                    // wake-up for good (on a busy 2-core machine, about 1 daemon start in
+                    // 250: a connection accepted but never read, heartbeats that stop), and
+                    // the shard serves its WebSocket clients no more.
                     let queue = glommio::executor().create_task_queue(
                         glommio::Shares::default(),
-                        glommio::Latency::Matters(ENGINE_LATENCY),
+                        glommio::Latency::NotImportant,
                         "parley-sockets",
                     );
                     match glommio::spawn_local_into(engine.run(), queue) {
