@@ -236,9 +236,11 @@ fn churn_leaks_no_slot_buffer_or_connection() {
             }
         }
     }
-    // A connection reset while still in the listen queue may never be accepted.
-    let accepted = total(&daemon, "parley_connections_accepted_total");
-    assert!(accepted >= 100, "{accepted} accepted");
+    // A connection reset while still in the listen queue may never be accepted; the last
+    // rounds' may still be queued, so the count is waited for, not read once.
+    wait_for(&daemon, "at least 100 of 120 churned connections accepted", |d| {
+        total(d, "parley_connections_accepted_total") >= 100
+    });
     assert_all_freed(&daemon);
 }
 

@@ -79,7 +79,15 @@ pub struct Launched {
 /// Start parleyd with `args` and wait for its "listening" line (logged once every shard
 /// serves, after the data dir and secret are ready).
 pub fn launch(args: &[String]) -> Launched {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parleyd"));
+    // The daemon starts from a clean slate: no PARLEY_* setting of the caller's (a
+    // PARLEY_LOG=warn would hide the listening line, a PARLEY_SHARDS change the layout).
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PARLEY_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
