@@ -238,9 +238,11 @@ fn churn_leaks_no_slot_buffer_or_connection() {
     }
     // A connection reset while still in the listen queue may never be accepted; the last
     // rounds' may still be queued, so the count is waited for, not read once.
-    wait_for(&daemon, "at least 100 of 120 churned connections accepted", |d| {
-        total(d, "parley_connections_accepted_total") >= 100
-    });
+    wait_for(
+        &daemon,
+        "at least 100 of 120 churned connections accepted",
+        |d| total(d, "parley_connections_accepted_total") >= 100,
+    );
     assert_all_freed(&daemon);
 }
 
@@ -248,7 +250,12 @@ fn churn_leaks_no_slot_buffer_or_connection() {
 fn silent_peers_are_ended_by_the_idle_timeout_and_freed() {
     // The idle timeout leaves time to see all 20 held before the first is ended, even on
     // a busy machine; what ends them is the timeout, however long setting up took.
-    let daemon = Daemon::start(&["--heartbeat-interval-ms", "250", "--idle-timeout-ms", "2000"]);
+    let daemon = Daemon::start(&[
+        "--heartbeat-interval-ms",
+        "250",
+        "--idle-timeout-ms",
+        "2000",
+    ]);
     // Authenticated sessions whose peer never reads nor answers a ping, like a peer
     // whose host vanished: the streams stay open on this side.
     let silent: Vec<TcpStream> = (0..20)
