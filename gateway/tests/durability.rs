@@ -613,24 +613,35 @@ fn resend(daemon: &Daemon, model: &mut Model, when: &str) -> (usize, usize) {
 // ---------------------------------------------------------------------------------------
 // Tests.
 
+fn loaded_a_snapshot(restart_log: &[String]) -> bool {
+    restart_log
+        .iter()
+        .any(|line| line.contains("loaded the state snapshot"))
+}
+
+/// Without snapshots, every recovery replayed the whole log.
+fn assert_no_restart_loaded_a_snapshot(restarts: &[Vec<String>]) {
+    assert!(!restarts.iter().any(|log| loaded_a_snapshot(log)));
+}
+
+/// With frequent snapshots, some recovery started from one (and replayed only the rest).
+fn assert_some_restart_loaded_a_snapshot(restarts: &[Vec<String>]) {
+    assert!(
+        restarts.iter().any(|log| loaded_a_snapshot(log)),
+        "no restart started from a snapshot"
+    );
+}
+
 #[test]
 fn kill_9_during_send_bursts_loses_nothing_acknowledged() {
-    let restarts = kill_9_rounds(&[]);
-    assert!(restarts
-        .iter()
-        .all(|log| !log.iter().any(|l| l.contains("loaded the state snapshot"))));
+    assert_no_restart_loaded_a_snapshot(&kill_9_rounds(&[]));
 }
 
 /// The same with frequent state snapshots: recovery starts from a snapshot and replays
 /// only the log after it, and still loses nothing.
 #[test]
 fn kill_9_with_state_snapshots_loses_nothing_acknowledged() {
-    let restarts = kill_9_rounds(&["--snapshot-every-records", "100"]);
-    let loaded = restarts
-        .iter()
-        .filter(|log| log.iter().any(|l| l.contains("loaded the state snapshot")))
-        .count();
-    assert!(loaded > 0, "no restart started from a snapshot");
+    assert_some_restart_loaded_a_snapshot(&kill_9_rounds(&["--snapshot-every-records", "100"]));
 }
 
 /// Rounds of: burst, kill -9, restart, verify. Returns each restart's log lines.
@@ -1959,22 +1970,17 @@ fn verify_members(daemon: &Daemon, cast: &Cast, changes: &mut Changes, when: &st
 
 #[test]
 fn kill_9_during_change_bursts_loses_no_acknowledged_change() {
-    let restarts = kill_9_change_rounds(&[]);
-    assert!(restarts
-        .iter()
-        .all(|log| !log.iter().any(|l| l.contains("loaded the state snapshot"))));
+    assert_no_restart_loaded_a_snapshot(&kill_9_change_rounds(&[]));
 }
 
 /// The same with frequent state snapshots: the cursors, reactions, members and last seen
 /// come back from a snapshot plus the log after it.
 #[test]
 fn kill_9_with_state_snapshots_loses_no_acknowledged_change() {
-    let restarts = kill_9_change_rounds(&["--snapshot-every-records", "100"]);
-    let loaded = restarts
-        .iter()
-        .filter(|log| log.iter().any(|l| l.contains("loaded the state snapshot")))
-        .count();
-    assert!(loaded > 0, "no restart started from a snapshot");
+    assert_some_restart_loaded_a_snapshot(&kill_9_change_rounds(&[
+        "--snapshot-every-records",
+        "100",
+    ]));
 }
 
 /// Rounds of: a burst of every kind of change, kill -9, restart, verify. Returns each
