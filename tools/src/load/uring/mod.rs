@@ -610,10 +610,17 @@ impl Engine<'_> {
             .build()
             .flags(squeue::Flags::IO_LINK);
         let connect = opcode::Connect::new(fd, target.cast(), SOCKADDR_LEN).build();
-        self.push(k, OP_SOCKOPT, nodelay);
-        self.push(k, OP_SOCKOPT, no_port);
-        self.push(k, OP_BIND, bind);
-        self.push(k, OP_CONNECT, connect);
+        // One chain, in one submit: split across two, the connect could run before the
+        // bind (which then fails: EINVAL), seen once in 30,000 connects on a busy machine.
+        let chain = [
+            nodelay.user_data(user_data(k, OP_SOCKOPT)),
+            no_port.user_data(user_data(k, OP_SOCKOPT)),
+            bind.user_data(user_data(k, OP_BIND)),
+            connect.user_data(user_data(k, OP_CONNECT)),
+        ];
+        self.sessions[k as usize].inflight += chain.len() as u8;
+        let ring = self.ring_of(k);
+        self.rings[ring].push_chain(&chain);
     }
 
     fn connected(&mut self, k: u32, res: i32) {

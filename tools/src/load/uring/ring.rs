@@ -155,7 +155,10 @@ pub struct Ring {
     uring: IoUring,
     buffers: Option<Buffers>,
     /// Entries that did not fit the submission queue, submitted first next time.
-    backlog: VecDeque<squeue::Entry>,
+    /// Submissions that did not fit, each a chain (one entry, or linked ones) that enters
+    /// the submission queue whole: a chain split across two submits is two chains, and
+    /// its second half runs unlinked (a connect before its bind).
+    backlog: VecDeque<Vec<squeue::Entry>>,
     /// Fixed-file slots holding a socket.
     pub slots: u32,
 }
@@ -192,15 +195,21 @@ impl Ring {
 
     /// Queue one submission; it reaches the kernel with the next `submit`.
     pub fn push(&mut self, entry: squeue::Entry) {
-        if self.backlog.is_empty() {
-            // SAFETY: every entry this engine builds points only at memory that outlives
-            // the operation (the engine's address table, a session's boxed send buffer
-            // kept until its completion, a static option value) or at nothing.
-            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
-                return;
-            }
+        self.push_chain(&[entry]);
+    }
+
+    /// Queue linked submissions (each but the last carries IO_LINK or IO_HARDLINK): all
+    /// of them reach the kernel in the same submit.
+    pub fn push_chain(&mut self, chain: &[squeue::Entry]) {
+        // SAFETY: every entry this engine builds points only at memory that outlives
+        // the operation (the engine's address table, a session's boxed send buffer kept
+        // until its completion, a static option value) or at nothing. push_multiple
+        // queues all of them or none.
+        if self.backlog.is_empty() && unsafe { self.uring.submission().push_multiple(chain) }.is_ok()
+        {
+            return;
         }
-        self.backlog.push_back(entry);
+        self.backlog.push_back(chain.to_vec());
     }
 
     /// Submit what is queued (one system call when it all fits). Errors that only mean
@@ -209,9 +218,9 @@ impl Ring {
         loop {
             {
                 let mut sq = self.uring.submission();
-                while let Some(entry) = self.backlog.front() {
-                    // SAFETY: as in `push`.
-                    if unsafe { sq.push(entry) }.is_err() {
+                while let Some(chain) = self.backlog.front() {
+                    // SAFETY: as in `push_chain`.
+                    if unsafe { sq.push_multiple(chain) }.is_err() {
                         break;
                     }
                     self.backlog.pop_front();
@@ -245,7 +254,7 @@ impl Ring {
         into.extend(self.uring.completion());
     }
 
-    /// Submissions still waiting in the backlog.
+    /// Chains of submissions still waiting in the backlog.
     pub fn backlog(&self) -> usize {
         self.backlog.len()
     }
