@@ -205,7 +205,8 @@ impl Ring {
         // the operation (the engine's address table, a session's boxed send buffer kept
         // until its completion, a static option value) or at nothing. push_multiple
         // queues all of them or none.
-        if self.backlog.is_empty() && unsafe { self.uring.submission().push_multiple(chain) }.is_ok()
+        if self.backlog.is_empty()
+            && unsafe { self.uring.submission().push_multiple(chain) }.is_ok()
         {
             return;
         }
