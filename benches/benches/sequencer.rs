@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use parley_router::chat_log::MemoryLog;
-use parley_router::command::{ChatCommand, ConvKind, MessageKind, SendArgs};
+use parley_router::clock::Now;
+use parley_router::command::{ChatCommand, SendArgs};
 use parley_router::limits::ChatLimits;
-use parley_router::session::Now;
+use parley_router::record::{ConvKind, MessageKind};
 use parley_router::shard::ShardCore;
 
 // The allocator parleyd runs with: allocation is a large part of a command's cost.

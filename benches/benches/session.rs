@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use parley_router::auth::{Claims, JwtKey};
+use parley_router::clock::Now;
 use parley_router::limits::ChatLimits;
-use parley_router::session::{Now, Session, SessionConfig, SessionLimits};
+use parley_router::session::{Session, SessionConfig, SessionLimits};
 
 fn config() -> Arc<SessionConfig> {
     Arc::new(SessionConfig {

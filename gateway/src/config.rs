@@ -8,8 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use parley_router::directory::MAX_SHARDS;
 use parley_router::limits::{ChatLimits, MAX_GROUP_MEMBERS_CEILING};
-use parley_router::presence::MAX_SHARDS;
 use parley_router::session::SessionLimits;
 
 /// Why the configuration could not be used. Each renders as one line naming the setting.

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+use parley_router::clock::Now;
 use parley_router::protocol::Doc;
-use parley_router::session::{ChatRequest, Now, SessionConfig};
+use parley_router::session::{ChatRequest, SessionConfig};
 use sha2::Sha256;
 
 use crate::metrics::{dec, inc, ShardMetrics};

@@ -9,9 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parley_router::clock::Now;
 use parley_router::framing::{DocumentReader, Frame};
 use parley_router::protocol::Doc;
-use parley_router::session::{Action, ChatRequest, Note, Now, Session, SessionConfig};
+use parley_router::session::{Action, ChatRequest, Note, Session, SessionConfig};
 
 use crate::metrics::{dec, inc, ShardMetrics};
 

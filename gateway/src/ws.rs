@@ -9,9 +9,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parley_router::clock::Now;
 use parley_router::protocol::CloseCode;
 use parley_router::protocol::Doc;
-use parley_router::session::{Action, ChatRequest, Note, Now, Session, SessionConfig};
+use parley_router::session::{Action, ChatRequest, Note, Session, SessionConfig};
 use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::http::{HeaderValue, StatusCode};

@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use crate::auth::is_valid_id;
 use crate::limits::ChatLimits;
 use crate::protocol::ErrorCode;
+use crate::record::{ConvKind, MessageKind};
 
 /// A conversation id: 1-64 bytes (PROTOCOL.md section 4).
 pub const MAX_CONV_ID_BYTES: usize = 64;
@@ -16,42 +17,6 @@ pub const MAX_CMID_BYTES: usize = 64;
 pub const MAX_TITLE_BYTES: usize = 256;
 /// A reaction emoji (one emoji may be several code points).
 pub const MAX_EMOJI_BYTES: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConvKind {
-    Direct,
-    Group,
-}
-
-impl ConvKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConvKind::Direct => "direct",
-            ConvKind::Group => "group",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageKind {
-    Text,
-    Image,
-    Video,
-    File,
-}
-
-impl MessageKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageKind::Text => "text",
-            MessageKind::Image => "image",
-            MessageKind::Video => "video",
-            MessageKind::File => "file",
-        }
-    }
-}
 
 /// `{conv, after}`: a client's position in a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -2,14 +2,14 @@
 //! dedupe window, cursors, reactions, the seq -> log position index and a cache of the
 //! newest encoded messages. It changes only by applying records (see `record.rs`).
 
-use crate::fast::FastMap;
+use crate::seeded_map::FastMap;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::ConvKind;
+use crate::record::ConvKind;
 use crate::record::StoredMessage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

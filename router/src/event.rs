@@ -195,7 +195,7 @@ pub fn synced(more: &[MoreAfter]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::MessageKind;
+    use crate::record::MessageKind;
     use serde_json::{json, Value};
 
     #[test]

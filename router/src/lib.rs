@@ -3,19 +3,20 @@
 
 pub mod auth;
 pub mod chat_log;
+pub mod clock;
 pub mod command;
 pub mod conversation;
+pub mod directory;
 pub mod event;
-pub mod fast;
 pub mod framing;
 pub mod limits;
 pub mod mesh;
 pub mod output;
 pub mod ownership;
-pub mod presence;
 pub mod protocol;
 pub mod rate;
 pub mod record;
+pub mod seeded_map;
 pub mod sequencer;
 pub mod session;
 pub mod shard;

@@ -2,12 +2,12 @@
 //! record, and replaying the records in order rebuilds the state (the sequencer applies
 //! a record the same way whether it just wrote it or reads it back at recovery).
 //!
-//! Records are postcard-encoded. New variants go at the end of the enum, so older logs
-//! stay readable.
+//! Records are postcard-encoded, which writes an enum's variant as its index: the order
+//! of the variants of every enum here is an on-disk format. New variants go at the end,
+//! none is ever removed or moved, so older logs stay readable (`variant_indices_are_the_log_format`
+//! pins them).
 
 use serde::{Deserialize, Serialize};
-
-use crate::command::{ConvKind, MessageKind};
 
 /// The WAL record type of every chat record (the `type` byte of the WAL's header).
 pub const CHAT_RECORD_TYPE: u8 = 1;
@@ -45,6 +45,45 @@ pub enum ChatRecord {
         user: String,
         ts: u64,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Parsed from the wire by its lowercase name; stored in [`ChatRecord::ConvCreated`] by
+/// its index.
+#[serde(rename_all = "lowercase")]
+pub enum ConvKind {
+    Direct,
+    Group,
+}
+
+impl ConvKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvKind::Direct => "direct",
+            ConvKind::Group => "group",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Parsed from the wire by its lowercase name; stored in [`StoredMessage`] by its index.
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    Text,
+    Image,
+    Video,
+    File,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Text => "text",
+            MessageKind::Image => "image",
+            MessageKind::Video => "video",
+            MessageKind::File => "file",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,5 +181,102 @@ mod tests {
             assert_eq!(ChatRecord::decode(&record.encode()).unwrap(), record);
         }
         assert!(ChatRecord::decode(&[0xff, 0xff]).is_err());
+    }
+
+    /// The bytes of one record of each variant, written out by hand from postcard's rules
+    /// (a variant is its index, a string its length then its bytes, an integer a varint,
+    /// `None` is 0): reordering a variant of any enum here would make old logs decode
+    /// into the wrong thing, and fails this test.
+    #[test]
+    fn variant_indices_are_the_log_format() {
+        let b = |s: &str| s.as_bytes()[0];
+        let cases: Vec<(ChatRecord, Vec<u8>)> = vec![
+            (
+                ChatRecord::ConvCreated {
+                    conv: "g".into(),
+                    kind: ConvKind::Group,
+                    title: None,
+                    creator: "a".into(),
+                    members: vec!["a".into()],
+                    ts: 5,
+                },
+                vec![0, 1, b("g"), 1, 0, 1, b("a"), 1, 1, b("a"), 5],
+            ),
+            (
+                ChatRecord::Members {
+                    conv: "g".into(),
+                    by: "a".into(),
+                    change: MemberChange::Left,
+                    users: vec!["b".into()],
+                    ts: 5,
+                },
+                vec![1, 1, b("g"), 1, b("a"), 2, 1, 1, b("b"), 5],
+            ),
+            (
+                ChatRecord::Message(StoredMessage {
+                    conv: "g".into(),
+                    seq: 1,
+                    from: "a".into(),
+                    cmid: "c".into(),
+                    ts: 5,
+                    kind: MessageKind::File,
+                    body: String::new(),
+                    media: None,
+                    reply_to: None,
+                }),
+                vec![2, 1, b("g"), 1, 1, b("a"), 1, b("c"), 5, 3, 0, 0, 0],
+            ),
+            (
+                ChatRecord::Cursors(vec![CursorAdvance {
+                    conv: "g".into(),
+                    user: "a".into(),
+                    device: None,
+                    seq: 2,
+                }]),
+                vec![3, 1, 1, b("g"), 1, b("a"), 0, 2],
+            ),
+            (
+                ChatRecord::Reaction {
+                    conv: "g".into(),
+                    seq: 1,
+                    user: "a".into(),
+                    emoji: "x".into(),
+                    on: true,
+                },
+                vec![4, 1, b("g"), 1, 1, b("a"), 1, b("x"), 1],
+            ),
+            (
+                ChatRecord::LastSeen {
+                    user: "a".into(),
+                    ts: 5,
+                },
+                vec![5, 1, b("a"), 5],
+            ),
+        ];
+        for (record, bytes) in cases {
+            assert_eq!(record.encode(), bytes, "{record:?}");
+        }
+        for (kind, at) in [(ConvKind::Direct, 0), (ConvKind::Group, 1)] {
+            assert_eq!(encoded(&kind), [at], "{kind:?}");
+        }
+        for (kind, at) in [
+            (MessageKind::Text, 0),
+            (MessageKind::Image, 1),
+            (MessageKind::Video, 2),
+            (MessageKind::File, 3),
+        ] {
+            assert_eq!(encoded(&kind), [at], "{kind:?}");
+        }
+        for (change, at) in [
+            (MemberChange::Added, 0),
+            (MemberChange::Removed, 1),
+            (MemberChange::Left, 2),
+        ] {
+            assert_eq!(encoded(&change), [at], "{change:?}");
+        }
+    }
+
+    fn encoded<T: Serialize>(value: &T) -> Vec<u8> {
+        postcard::to_stdvec(value).expect("encodes")
     }
 }

@@ -6,7 +6,7 @@
 //! as [`Output`]s; the shard core holds them back until the log is durable up to the
 //! records they depend on (PROTOCOL.md 7.1).
 
-use crate::fast::{FastMap, FastSet};
+use crate::seeded_map::{FastMap, FastSet};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,14 +15,15 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::chat_log::{ChatLog, LogError};
-use crate::command::{too_large_group, ChatCommand, ConvKind, Cursor, Page, Refusal, SendArgs};
+use crate::clock::Now;
+use crate::command::{too_large_group, ChatCommand, Cursor, Page, Refusal, SendArgs};
 use crate::conversation::{Conversation, Role, Window};
 use crate::event::{self, MoreAfter, ReceiptKind};
 use crate::limits::{ChatLimits, TYPING_TTL};
 use crate::output::{ConvSummary, Delivery, Origin, Output, Part};
 use crate::protocol::{encode_err, encode_ok, Doc, ErrorCode};
+use crate::record::ConvKind;
 use crate::record::{ChatRecord, CursorAdvance, DecodeError, MemberChange, StoredMessage};
-use crate::session::Now;
 
 /// A command for a conversation homed here.
 #[derive(Debug)]

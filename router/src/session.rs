@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{is_valid_id, Claims, JwtKey};
+use crate::clock::Now;
 use crate::command::{self, ChatCommand, Cursor, CHAT_OPS};
 use crate::limits::ChatLimits;
 use crate::protocol::{encode_err, encode_ok, CloseCode, Doc, ErrorCode};
@@ -69,25 +70,6 @@ pub struct SessionConfig {
     pub jwt: JwtKey,
     /// This node's name, reported in `welcome`.
     pub node: String,
-}
-
-/// The caller's clock: monotonic time for timers, wall time for tokens and `server_ts`.
-#[derive(Debug, Clone, Copy)]
-pub struct Now {
-    pub instant: Instant,
-    pub unix_ms: u64,
-}
-
-impl Now {
-    pub fn system() -> Self {
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            instant: Instant::now(),
-            unix_ms,
-        }
-    }
 }
 
 /// What the transport must do besides sending queued documents.

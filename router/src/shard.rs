@@ -9,7 +9,7 @@
 //! acknowledged or delivered before it is durable (PROTOCOL.md 7.1), and outputs leave
 //! in the order they were made.
 
-use crate::fast::{FastMap, FastSet, Seeds};
+use crate::seeded_map::{FastMap, FastSet, Seeds};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -19,15 +19,16 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::chat_log::{ChatLog, LogError};
-use crate::command::{ChatCommand, ConvKind, Cursor};
+use crate::clock::Now;
+use crate::command::{ChatCommand, Cursor};
+use crate::directory::{shards_in, Directory, PresenceChange, MAX_SHARDS};
 use crate::event::{self, MoreAfter};
 use crate::limits::ChatLimits;
 use crate::output::{ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
 use crate::ownership::{conversation_home, user_home};
-use crate::presence::{shards_in, Directory, PresenceChange, MAX_SHARDS};
 use crate::protocol::{encode_ok, Doc};
+use crate::record::ConvKind;
 use crate::sequencer::{ApplyError, HomeCommand, Sequencer};
-use crate::session::Now;
 
 /// What crosses a ring between shards.
 #[derive(Debug)]

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_router::chat_log::{ChatLog, LogError, MemoryLog};
+use parley_router::clock::Now;
 use parley_router::command::{self, ChatCommand};
 use parley_router::limits::ChatLimits;
 use parley_router::ownership::{conversation_home, user_home};
-use parley_router::session::Now;
 use parley_router::shard::{direct_conv_id, MeshEntry, ShardCore};
 use serde_json::{json, Value};
 

@@ -27,7 +27,7 @@ use futures::Future;
 use glommio::io::BufferedFile;
 use glommio::timer::Timer;
 use io_uring::{opcode, squeue, types};
-use parley_router::session::Now;
+use parley_router::clock::Now;
 
 use super::{end_session, forward_to_core, MailNotice, Mailbox, Shard};
 use crate::metrics::{dec, inc};

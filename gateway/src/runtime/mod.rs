@@ -31,11 +31,12 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
 use parley_router::chat_log::WalLog;
+use parley_router::clock::Now;
 use parley_router::limits::ChatLimits;
 use parley_router::mesh::MeshEnds;
 use parley_router::protocol::Doc;
 use parley_router::record::CHAT_RECORD_TYPE;
-use parley_router::session::{Now, SessionConfig};
+use parley_router::session::SessionConfig;
 use parley_router::shard::{MeshEntry, ShardCore, SHED_EPHEMERAL_BACKLOG};
 use parley_wal::{Wal, WalOptions};
 

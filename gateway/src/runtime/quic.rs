@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use futures::Future;
 use glommio::net::UdpSocket;
 use glommio::timer::Timer;
+use parley_router::clock::Now;
 use parley_router::mesh::MeshEnds;
-use parley_router::session::Now;
 
 use super::{MailNotice, Mailbox, Shard};
 use crate::metrics::inc;

@@ -7,6 +7,10 @@
 //! - `PARLEY_SIM_SEEDS=<n>` (with `-- --ignored sweep`, best in `--release`) runs seeds
 //!   `1..=n` and reports the rate. `PARLEY_SIM_FIRST=<k>` starts the sweep at seed k.
 //! - `PARLEY_SIM_STEPS=<n>` lengthens (or shortens) the faulty phase of every run.
+//! - The fixed seeds' trace digests are kept in `digests.txt`: a change that moves any
+//!   seed's path fails `fixed_seeds_keep_every_invariant` and names the seeds. Where the
+//!   change of behaviour is meant, `PARLEY_SIM_BLESS=1` writes the new digests (say why in
+//!   the commit); a refactoring must leave them as they are.
 //!
 //! A failure prints the seed, the violation and the end of the trace; running that seed
 //! again reproduces it exactly.
@@ -33,7 +37,7 @@ const FIXED_SEEDS: u64 = 100;
 
 /// Run one seed on this thread; a violation or a panic is returned with a report.
 fn run_seed(seed: u64, verbose: bool) -> Result<(Stats, u64), String> {
-    parley_router::fast::fix_seeds_on_this_thread();
+    parley_router::seeded_map::fix_seeds_on_this_thread();
     let steps = steps();
     let mut world = World::new(seed, steps);
     world.verbose = verbose;
@@ -71,11 +75,18 @@ fn env_u64(name: &str) -> Option<u64> {
 #[test]
 fn fixed_seeds_keep_every_invariant() {
     let mut totals = Stats::default();
+    let mut digests = Vec::new();
     for seed in 1..=FIXED_SEEDS {
         match run_seed(seed, false) {
-            Ok((stats, _)) => totals.add(&stats),
+            Ok((stats, digest)) => {
+                totals.add(&stats);
+                digests.push((seed, digest));
+            }
             Err(report) => panic!("{report}"),
         }
+    }
+    if steps() == STEPS {
+        check_digests(&digests);
     }
     // The faults must actually happen, or the seeds prove little.
     assert!(
@@ -106,6 +117,40 @@ fn fixed_seeds_keep_every_invariant() {
     eprintln!("{FIXED_SEEDS} seeds: {totals:?}");
 }
 
+/// The digests of the fixed seeds, as `seed digest` lines (digest in hex).
+const DIGESTS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/simulator/digests.txt");
+
+/// Every fixed seed took the path it took when `digests.txt` was written, or
+/// `PARLEY_SIM_BLESS=1` writes the new paths down.
+fn check_digests(digests: &[(u64, u64)]) {
+    let text: String = digests
+        .iter()
+        .map(|(seed, digest)| format!("{seed} {digest:016x}\n"))
+        .collect();
+    if std::env::var_os("PARLEY_SIM_BLESS").is_some() {
+        std::fs::write(DIGESTS_FILE, &text).expect("write digests.txt");
+        eprintln!("wrote {} digests to {DIGESTS_FILE}", digests.len());
+        return;
+    }
+    let kept = std::fs::read_to_string(DIGESTS_FILE)
+        .unwrap_or_else(|e| panic!("read {DIGESTS_FILE}: {e} (PARLEY_SIM_BLESS=1 writes it)"));
+    let moved: Vec<String> = kept
+        .lines()
+        .zip(text.lines())
+        .filter(|(was, is)| was != is)
+        .map(|(was, is)| format!("{was} -> {is}"))
+        .collect();
+    assert!(
+        moved.is_empty() && kept.lines().count() == digests.len(),
+        "{} of {} fixed seeds took another path than digests.txt records (seed was -> is): {}; \
+         a refactoring must not move them; a meant change of behaviour is blessed with \
+         PARLEY_SIM_BLESS=1",
+        moved.len(),
+        digests.len(),
+        moved.join(", ")
+    );
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let first = run_seed(7, false).expect("seed 7 passes");
@@ -119,7 +164,7 @@ fn a_seed_replays_exactly() {
 /// some seed must report acknowledged messages lost.
 #[test]
 fn a_disk_that_lies_about_fsync_is_caught() {
-    parley_router::fast::fix_seeds_on_this_thread();
+    parley_router::seeded_map::fix_seeds_on_this_thread();
     for seed in 1..=FIXED_SEEDS {
         let mut world = World::new(seed, STEPS);
         world.lying_disks();

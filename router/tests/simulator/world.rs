@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_router::auth::{Claims, JwtKey};
+use parley_router::clock::Now;
 use parley_router::limits::ChatLimits;
-use parley_router::session::{Action, Now, Session, SessionConfig, SessionLimits};
+use parley_router::session::{Action, Session, SessionConfig, SessionLimits};
 use parley_router::shard::{MeshEntry, ShardCore};
 
 use crate::client::{Client, Phase};

@@ -3,7 +3,7 @@
 //! a fan-out goes only to the shards that need it. On a user's home shard the same copy
 //! decides presence: online while any shard holds a session, offline when the last ends.
 
-use crate::fast::FastMap;
+use crate::seeded_map::FastMap;
 use std::sync::Arc;
 
 /// Shards a directory can name: one bit each.
