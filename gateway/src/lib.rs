@@ -6,8 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod quic;
-pub mod quic_cert;
-pub mod quic_conn;
+
 pub mod runtime;
 pub mod uring;
 pub mod wheel;

@@ -43,10 +43,10 @@ use parley_wal::{Wal, WalOptions};
 use crate::metrics::{dec, inc, ShardMetrics};
 use crate::ws::{WsConnection, WsLimits};
 
-mod engine;
-mod quic;
-pub use engine::EnginePlan;
-pub use quic::{ForwardedDatagram, QuicPlan};
+mod quic_tasks;
+mod uring_engine;
+pub use quic_tasks::{ForwardedDatagram, QuicPlan};
+pub use uring_engine::EnginePlan;
 
 /// Bytes read from a socket in one go; one buffer per shard, shared by its connections.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -216,7 +216,7 @@ struct Shard {
     /// Woken when the last connection ends during a drain.
     idle_waker: Cell<Option<Waker>>,
     /// The shard's QUIC side, for the drain.
-    quic: RefCell<Option<Rc<quic::QuicShard>>>,
+    quic: RefCell<Option<Rc<quic_tasks::QuicShard>>>,
     /// The io_uring socket engine's notice, when the shard runs it (for the drain).
     engine_notice: RefCell<Option<Rc<MailNotice>>>,
 }
@@ -328,13 +328,13 @@ async fn run_shard(plan: ShardPlan) {
         plan.snapshot_every_records,
     ))
     .detach();
-    if let Err(reason) = quic::spawn(&shard, plan.quic) {
+    if let Err(reason) = quic_tasks::spawn(&shard, plan.quic) {
         let _ = plan.lifecycle.send(ShardEvent::Failed(plan.index, reason));
         return;
     }
     let listener = match plan.socket_engine {
         Some(engine_plan) => {
-            match engine::Engine::new(
+            match uring_engine::Engine::new(
                 shard.clone(),
                 plan.ws_listener,
                 plan.max_connections,

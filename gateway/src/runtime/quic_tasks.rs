@@ -23,8 +23,8 @@ use parley_router::mesh::MeshEnds;
 
 use super::{MailNotice, Mailbox, Shard};
 use crate::metrics::inc;
+use crate::quic::cert::TlsFiles;
 use crate::quic::{QuicEndpoint, QuicKeys, QuicSettings, Route, SessionUpdate};
-use crate::quic_cert::TlsFiles;
 
 /// Largest datagram read (a GSO-less peer never sends more than its path MTU).
 const RECV_BUFFER_BYTES: usize = 64 * 1024;
