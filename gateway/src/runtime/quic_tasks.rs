@@ -21,7 +21,10 @@ use glommio::timer::Timer;
 use parley_router::clock::Now;
 use parley_router::mesh::MeshEnds;
 
-use super::{MailNotice, Mailbox, Shard};
+use super::deadline::DeadlineTimer;
+use super::sessions::MailNotice;
+use super::throttled::Throttled;
+use super::Shard;
 use crate::metrics::inc;
 use crate::quic::cert::TlsFiles;
 use crate::quic::{QuicEndpoint, QuicKeys, QuicSettings, Route, SessionUpdate};
@@ -120,16 +123,15 @@ pub(super) fn spawn(shard: &Rc<Shard>, plan: QuicPlan) -> Result<(), String> {
 
 async fn receive(shard: Rc<Shard>, quic: Rc<QuicShard>) {
     let mut buffer = vec![0u8; RECV_BUFFER_BYTES];
-    let mut last_error_log: Option<Instant> = None;
+    let mut errors = Throttled::default();
     loop {
         let received = quic.socket.recv_from(&mut buffer).await;
         let (len, from) = match received {
             Ok(received) => received,
             Err(error) => {
                 // ICMP errors surface on UDP reads; none ends the listener.
-                if last_error_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                if errors.may_log() {
                     tracing::warn!(shard = shard.index, %error, "QUIC receive failed");
-                    last_error_log = Some(Instant::now());
                 }
                 Timer::new(RECV_ERROR_BACKOFF).await;
                 continue;
@@ -165,7 +167,7 @@ async fn receive(shard: Rc<Shard>, quic: Rc<QuicShard>) {
 
 /// The driver's bookkeeping between wake-ups.
 struct Driver {
-    timer: Option<(Instant, Timer)>,
+    timer: DeadlineTimer,
     drained: bool,
     /// The backpressure episode whose end this task waits for.
     parked_in: Option<u64>,
@@ -173,7 +175,7 @@ struct Driver {
 
 async fn drive(shard: Rc<Shard>, quic: Rc<QuicShard>) {
     let mut driver = Driver {
-        timer: None,
+        timer: DeadlineTimer::default(),
         drained: false,
         parked_in: None,
     };
@@ -224,13 +226,7 @@ fn poll_drive(
             endpoint.drain(now);
         }
         // Backpressure: wait for its end, then read what was left unread.
-        if shard.backpressure.get() {
-            let epoch = shard.blocked_epoch.get();
-            if driver.parked_in != Some(epoch) {
-                driver.parked_in = Some(epoch);
-                shard.blocked.borrow_mut().push(cx.waker().clone());
-            }
-        } else if driver.parked_in.take().is_some() {
+        if !shard.held_back(cx, &mut driver.parked_in) && driver.parked_in.take().is_some() {
             endpoint.resume_reading(now);
         }
         endpoint.on_timers(now);
@@ -239,17 +235,9 @@ fn poll_drive(
 
     let next = quic.endpoint.borrow().next_timer();
     quic.timer_armed.set(next);
-    if let Some(deadline) = next {
-        if driver.timer.as_ref().is_none_or(|(at, _)| *at != deadline) {
-            let wait = deadline.saturating_duration_since(now.instant);
-            driver.timer = Some((deadline, Timer::new(wait)));
-        }
-        if let Some((_, armed)) = &mut driver.timer {
-            if Pin::new(armed).poll(cx).is_ready() {
-                driver.timer = None;
-                progress = true;
-            }
-        }
+    match next {
+        Some(deadline) => progress |= driver.timer.poll_fired(cx, deadline, now.instant),
+        None => driver.timer.disarm(),
     }
     if progress || quic.mesh.borrow().poll_ready(cx).is_ready() {
         cx.waker().wake_by_ref();
@@ -272,29 +260,14 @@ fn finish_turn(shard: &Shard, quic: &QuicShard, now: Now) {
                 device,
                 requests,
             } => {
-                let mut core = shard.core.borrow_mut();
                 if first {
-                    let mailbox = Mailbox {
-                        notice: Some((id, quic.notice.clone())),
-                        ..Mailbox::default()
-                    };
-                    shard.connections.borrow_mut().insert(id, Rc::new(mailbox));
-                    core.session_opened(id, &user, now);
+                    shard.new_mailbox(id, Some((id, quic.notice.clone())));
                 }
-                for request in requests {
-                    core.on_request(id, request.re, &user, &device, request.command, now);
-                }
+                shard.to_core(id, first, (&user, &device), requests, now);
             }
             SessionUpdate::Closed { id, opened } => {
-                if opened {
-                    shard.connections.borrow_mut().remove(&id);
-                    shard.core.borrow_mut().session_closed(id, now);
-                }
-                if shard.draining.get() && shard.connections.borrow().is_empty() {
-                    if let Some(waker) = shard.idle_waker.take() {
-                        waker.wake();
-                    }
-                }
+                // The endpoint reports each session's end once.
+                shard.end_session(id, &mut false, opened, now);
             }
         }
     }
@@ -315,7 +288,7 @@ fn finish_turn(shard: &Shard, quic: &QuicShard, now: Now) {
 }
 
 async fn send(shard: Rc<Shard>, quic: Rc<QuicShard>) {
-    let mut last_error_log: Option<Instant> = None;
+    let mut errors = Throttled::default();
     let mut pacing: Option<(Instant, Timer)> = None;
     loop {
         let due = quic.endpoint.borrow_mut().take_due(Instant::now());
@@ -324,9 +297,8 @@ async fn send(shard: Rc<Shard>, quic: Rc<QuicShard>) {
                 // A full socket buffer or an unreachable peer: the datagram is lost, and
                 // QUIC's loss recovery resends what mattered.
                 inc(&shard.metrics.quic_dropped);
-                if last_error_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                if errors.may_log() {
                     tracing::debug!(shard = shard.index, %error, to = %transmit.to, "QUIC send failed");
-                    last_error_log = Some(Instant::now());
                 }
             }
             glommio::yield_if_needed().await;

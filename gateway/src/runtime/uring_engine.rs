@@ -25,12 +25,14 @@ use std::time::{Duration, Instant};
 
 use futures::Future;
 use glommio::io::BufferedFile;
-use glommio::timer::Timer;
 use io_uring::{opcode, squeue, types};
 use parley_router::clock::Now;
 
-use super::{end_session, forward_to_core, MailNotice, Mailbox, Shard};
-use crate::metrics::{dec, inc};
+use super::deadline::DeadlineTimer;
+use super::sessions::{forward_ws_requests, MailNotice, Mailbox};
+use super::throttled::Throttled;
+use super::Shard;
+use crate::metrics::inc;
 use crate::uring::{Completion, RingSizes, SocketRing, BUFFER_GROUP};
 use crate::wheel::TimerWheel;
 use crate::ws::WsConnection;
@@ -192,7 +194,7 @@ pub(super) struct Engine {
     send_pool: Vec<Vec<u8>>,
     sends_in_flight: u64,
     drain_seen: bool,
-    last_accept_error_log: Option<Instant>,
+    accept_errors: Throttled,
 }
 
 impl Engine {
@@ -239,7 +241,7 @@ impl Engine {
             send_pool: Vec::new(),
             sends_in_flight: 0,
             drain_seen: false,
-            last_accept_error_log: None,
+            accept_errors: Throttled::default(),
         })
     }
 
@@ -255,7 +257,7 @@ impl Engine {
         };
         type Wakeup = Pin<Box<dyn Future<Output = ()>>>;
         let mut completions_ready: Option<Wakeup> = None;
-        let mut timer: Option<(Instant, Timer)> = None;
+        let mut timer = DeadlineTimer::default();
         let mut parked_in: Option<u64> = None;
         loop {
             if self.turn(Now::system()) {
@@ -281,26 +283,13 @@ impl Engine {
                     return Poll::Ready(());
                 }
                 if let Some(at) = self.wheel.next_expiry() {
-                    if timer.as_ref().is_none_or(|(armed, _)| *armed > at) {
-                        let wait = at.saturating_duration_since(Instant::now());
-                        timer = Some((at, Timer::new(wait)));
-                    }
-                    if let Some((_, armed)) = &mut timer {
-                        if Pin::new(armed).poll(cx).is_ready() {
-                            timer = None;
-                            return Poll::Ready(());
-                        }
-                    }
-                }
-                if !self.inputs.is_empty() {
-                    if !self.shard.backpressure.get() {
+                    if timer.poll_fired(cx, at, Instant::now()) {
                         return Poll::Ready(());
                     }
-                    let epoch = self.shard.blocked_epoch.get();
-                    if parked_in != Some(epoch) {
-                        parked_in = Some(epoch);
-                        self.shard.blocked.borrow_mut().push(cx.waker().clone());
-                    }
+                }
+                // Input held back by backpressure is fed once it ends.
+                if !self.inputs.is_empty() && !self.shard.held_back(cx, &mut parked_in) {
+                    return Poll::Ready(());
                 }
                 Poll::Pending
             })
@@ -400,12 +389,7 @@ impl Engine {
         }
         if completion.result < 0 {
             let error = io::Error::from_raw_os_error(-completion.result);
-            if completion.result != -libc::ECANCELED
-                && self
-                    .last_accept_error_log
-                    .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
-            {
-                self.last_accept_error_log = Some(Instant::now());
+            if completion.result != -libc::ECANCELED && self.accept_errors.may_log() {
                 tracing::warn!(shard = self.shard.index, ring, %error, "accept failed");
             }
             return;
@@ -416,19 +400,13 @@ impl Engine {
             self.move_accepting_off(ring);
         }
         let shard = self.shard.clone();
-        if shard.open_sockets.get() >= self.max_connections || self.drain_seen {
-            inc(&shard.metrics.connections_refused);
+        let Some(id) = shard.admit(self.max_connections, self.drain_seen) else {
             let close = opcode::Close::new(types::Fixed(slot))
                 .build()
                 .user_data(Op::CloseRefused.user_data(0));
             self.push(ring, close);
             return;
-        }
-        inc(&shard.metrics.connections_accepted);
-        inc(&shard.metrics.connections_open);
-        shard.open_sockets.set(shard.open_sockets.get() + 1);
-        let id = shard.next_connection.get();
-        shard.next_connection.set(id + 1);
+        };
 
         let index = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
@@ -438,11 +416,7 @@ impl Engine {
         let generation = &mut self.generations[index as usize];
         *generation = generation.wrapping_add(1);
         let token = token(index, *generation);
-        let mailbox = Rc::new(Mailbox {
-            notice: Some((token, self.notice.clone())),
-            ..Mailbox::default()
-        });
-        shard.connections.borrow_mut().insert(id, mailbox.clone());
+        let mailbox = shard.new_mailbox(id, Some((token, self.notice.clone())));
         let ws = WsConnection::new(
             shard.ws_limits.clone(),
             shard.session_config.clone(),
@@ -566,13 +540,12 @@ impl Engine {
             return;
         };
         let mut ended = conn.ended;
-        end_session(&self.shard, conn.id, &mut ended, conn.opened, Now::system());
+        self.shard
+            .end_session(conn.id, &mut ended, conn.opened, Now::system());
         self.rings[usize::from(conn.ring)].slots_in_use -= 1;
         self.free.push(index as u32);
         self.live -= 1;
-        let shard = &self.shard;
-        shard.open_sockets.set(shard.open_sockets.get() - 1);
-        dec(&shard.metrics.connections_open);
+        self.shard.socket_closed();
     }
 
     /// Bring a connection up to date: drain, mail, output, close, receive, timer.
@@ -604,7 +577,7 @@ impl Engine {
                 self.sends_in_flight += 1;
             }
             if conn.ws.is_finished() && conn.ws.output().is_empty() && conn.sending.is_none() {
-                end_session(&shard, conn.id, &mut conn.ended, conn.opened, now);
+                shard.end_session(conn.id, &mut conn.ended, conn.opened, now);
                 if conn.eof {
                     conn.phase = Phase::Closing {
                         close_submitted: false,
@@ -746,11 +719,7 @@ impl Engine {
                         self.rings.len() - 1
                     }
                     Err(error) => {
-                        if self
-                            .last_accept_error_log
-                            .is_none_or(|at| at.elapsed() > Duration::from_secs(1))
-                        {
-                            self.last_accept_error_log = Some(Instant::now());
+                        if self.accept_errors.may_log() {
                             tracing::warn!(shard = self.shard.index, %error, "cannot make another socket ring");
                         }
                         return;
@@ -821,7 +790,7 @@ fn feed_session(shard: &Shard, conn: &mut Conn, budget: usize) {
     if conn.phase == Phase::Open && !input.is_empty() {
         let now = Now::system();
         conn.ws.on_bytes(now, &input);
-        forward_to_core(shard, &mut conn.ws, conn.id, &mut conn.opened, now);
+        forward_ws_requests(shard, &mut conn.ws, conn.id, &mut conn.opened, now);
     }
 }
 
