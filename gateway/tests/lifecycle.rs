@@ -65,8 +65,9 @@ fn drain_outcomes(log: &[String]) -> (Vec<&str>, Vec<&str>) {
             .collect()
     }
     (
-        shards(log, "runtime: drained "),
-        shards(log, "runtime: drain_timeout reached"),
+        // By message, not by the module that logs it.
+        shards(log, ": drained "),
+        shards(log, ": drain_timeout reached"),
     )
 }
 
