@@ -307,8 +307,23 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Every setting within its range, and the settings that depend on each other
+    /// consistent; the first that is not is named.
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 30] = [
+        for (name, value) in self.must_be_positive() {
+            if value == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        self.validate_choices()?;
+        self.validate_ranges()?;
+        self.validate_timing_and_frames()?;
+        self.validate_queue_fits()
+    }
+
+    /// The settings for which 0 is meaningless.
+    fn must_be_positive(&self) -> [(&'static str, u64); 30] {
+        [
             ("socket_ring_entries", u64::from(self.socket_ring_entries)),
             ("socket_ring_files", u64::from(self.socket_ring_files)),
             (
@@ -354,7 +369,10 @@ impl Settings {
                 "quic_datagram_queue_len",
                 self.quic_datagram_queue_len as u64,
             ),
-        ];
+        ]
+    }
+
+    fn validate_choices(&self) -> Result<(), ConfigError> {
         if !["auto", "io_uring", "descriptors"].contains(&self.socket_engine.as_str()) {
             return Err(invalid(
                 "socket_engine",
@@ -370,29 +388,10 @@ impl Settings {
                 "must be a power of two from 1 to 32768",
             ));
         }
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(invalid(name, "must be greater than 0"));
-            }
-        }
-        if self.idle_timeout_ms <= self.heartbeat_interval_ms {
-            return Err(invalid(
-                "idle_timeout_ms",
-                format!(
-                    "must exceed heartbeat_interval_ms ({}), or no ping is ever answered in time",
-                    self.heartbeat_interval_ms
-                ),
-            ));
-        }
-        if self.max_frame_hard_bytes < self.max_frame_bytes {
-            return Err(invalid(
-                "max_frame_hard_bytes",
-                format!(
-                    "must be at least max_frame_bytes ({})",
-                    self.max_frame_bytes
-                ),
-            ));
-        }
+        Ok(())
+    }
+
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
         if !(3..=64).contains(&self.quic_max_client_addresses) {
             return Err(invalid("quic_max_client_addresses", "must be 3-64"));
         }
@@ -412,6 +411,51 @@ impl Settings {
                 ),
             ));
         }
+        if !(2..=MAX_GROUP_MEMBERS_CEILING).contains(&self.max_group_members) {
+            return Err(invalid(
+                "max_group_members",
+                format!("must be 2-{MAX_GROUP_MEMBERS_CEILING}"),
+            ));
+        }
+        if self.shard_count() > MAX_SHARDS {
+            return Err(invalid("shards", format!("at most {MAX_SHARDS}")));
+        }
+        if self.wal_segment_bytes < 1 << 20 {
+            return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
+        }
+        if !parley_router::auth::is_valid_id(&self.node_name) {
+            return Err(invalid(
+                "node_name",
+                "must be 1-64 bytes of [A-Za-z0-9._@-]",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_timing_and_frames(&self) -> Result<(), ConfigError> {
+        if self.idle_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(invalid(
+                "idle_timeout_ms",
+                format!(
+                    "must exceed heartbeat_interval_ms ({}), or no ping is ever answered in time",
+                    self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.max_frame_hard_bytes < self.max_frame_bytes {
+            return Err(invalid(
+                "max_frame_hard_bytes",
+                format!(
+                    "must be at least max_frame_bytes ({})",
+                    self.max_frame_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What one frame or one sync makes the server send must fit a prompt reader's queue.
+    fn validate_queue_fits(&self) -> Result<(), ConfigError> {
         // One frame's replies (every token of the burst, the welcome's `synced`, and the
         // rejections up to the abuse close) must fit the queue, or a client that reads
         // promptly could still be closed as too slow.
@@ -425,12 +469,6 @@ impl Settings {
                 ),
             ));
         }
-        if !(2..=MAX_GROUP_MEMBERS_CEILING).contains(&self.max_group_members) {
-            return Err(invalid(
-                "max_group_members",
-                format!("must be 2-{MAX_GROUP_MEMBERS_CEILING}"),
-            ));
-        }
         // A replay (every named conversation gets at least one message) and its reply and
         // `synced` must fit the queue of a client that reads promptly.
         let replay = self.sync_max_messages.max(self.sync_max_convs) as u64 + 2;
@@ -440,18 +478,6 @@ impl Settings {
                 format!(
                     "must be at least the larger of sync_max_messages and sync_max_convs, plus 2 ({replay}), so one sync's replay fits"
                 ),
-            ));
-        }
-        if self.shard_count() > MAX_SHARDS {
-            return Err(invalid("shards", format!("at most {MAX_SHARDS}")));
-        }
-        if self.wal_segment_bytes < 1 << 20 {
-            return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
-        }
-        if !parley_router::auth::is_valid_id(&self.node_name) {
-            return Err(invalid(
-                "node_name",
-                "must be 1-64 bytes of [A-Za-z0-9._@-]",
             ));
         }
         Ok(())

@@ -160,6 +160,128 @@ struct Conn {
     ended: bool,
 }
 
+/// What a connection's timer needs after a turn.
+enum Timer {
+    /// A deadline has passed: service the connection again now.
+    Due,
+    /// Put an entry for this instant in the wheel.
+    Arm(Instant),
+    /// The wheel already holds an entry early enough, or nothing is due.
+    Armed,
+}
+
+impl Conn {
+    /// The drain and the core's documents reach the session.
+    fn take_mail(&mut self, draining: bool, now: Now) {
+        if draining && !self.drained {
+            self.drained = true;
+            self.ws.drain(now);
+        }
+        if !self.mailbox.documents.borrow().is_empty() {
+            let documents = std::mem::take(&mut *self.mailbox.documents.borrow_mut());
+            self.ws.push_documents(now, documents.into_iter());
+        }
+    }
+
+    /// Move the session's pending output into `buffer` (pooled) and send it.
+    fn start_send(&mut self, mut buffer: Vec<u8>, now: Now) -> squeue::Entry {
+        debug_assert!(self.sending.is_none(), "one send in flight per connection");
+        buffer.extend_from_slice(self.ws.output());
+        self.ws.consume_output(buffer.len(), now);
+        send_entry(self, buffer, 0)
+    }
+
+    /// The session is over and its output sent: close at once after the peer's EOF,
+    /// else send FIN and linger until `linger_until`, reading until the peer's EOF
+    /// (closing with unread input sends RST, which can destroy the close frame not yet
+    /// read). Returns the shutdown to submit.
+    fn begin_close(&mut self, linger_until: Instant) -> Option<squeue::Entry> {
+        if self.eof {
+            self.phase = Phase::Closing {
+                close_submitted: false,
+            };
+            return None;
+        }
+        self.phase = Phase::Lingering {
+            until: linger_until,
+        };
+        self.shutting_down = true;
+        Some(
+            opcode::Shutdown::new(types::Fixed(self.slot), libc::SHUT_WR)
+                .build()
+                .user_data(Op::Shutdown.user_data(self.token)),
+        )
+    }
+
+    /// Lingering ends with the peer's EOF, the receive's end, or the deadline.
+    fn end_lingering_when_over(&mut self, now: Instant) {
+        if let Phase::Lingering { until } = self.phase {
+            if self.eof || self.recv == Recv::Off || now >= until {
+                self.phase = Phase::Closing {
+                    close_submitted: false,
+                };
+            }
+        }
+    }
+
+    fn arm_receive(&mut self) -> squeue::Entry {
+        self.recv = Recv::Armed;
+        opcode::RecvMulti::new(types::Fixed(self.slot), BUFFER_GROUP)
+            .build()
+            .user_data(Op::Recv.user_data(self.token))
+    }
+
+    /// The session's next deadline (or the linger's): tick it if due, else say whether
+    /// the wheel needs an earlier entry.
+    fn next_timer(&mut self, now: Now) -> Timer {
+        let deadline = match self.phase {
+            Phase::Lingering { until } => Some(until),
+            _ => self.ws.next_deadline(),
+        };
+        let Some(deadline) = deadline else {
+            return Timer::Armed;
+        };
+        if deadline <= now.instant {
+            if self.phase == Phase::Open {
+                self.ws.on_tick(now);
+            }
+            return Timer::Due;
+        }
+        if self.timer_at.is_none_or(|at| at > deadline) {
+            self.timer_at = Some(deadline);
+            return Timer::Arm(deadline);
+        }
+        Timer::Armed
+    }
+
+    /// Nothing may complete for this connection after its slot is closed: cancel what is
+    /// in flight (its final completion brings the connection back here), then close.
+    fn closing_entries(&mut self) -> [Option<squeue::Entry>; 3] {
+        let mut entries = [None, None, None];
+        if self.recv == Recv::Armed {
+            self.recv = Recv::Cancelling;
+            entries[0] = Some(cancel(Op::Recv.user_data(self.token)));
+        }
+        if self.sending.is_some() && !self.send_cancelled {
+            self.send_cancelled = true;
+            entries[1] = Some(cancel(Op::Send.user_data(self.token)));
+        }
+        let in_flight =
+            self.recv == Recv::Cancelling || self.sending.is_some() || self.shutting_down;
+        if !in_flight {
+            self.phase = Phase::Closing {
+                close_submitted: true,
+            };
+            entries[2] = Some(
+                opcode::Close::new(types::Fixed(self.slot))
+                    .build()
+                    .user_data(Op::Close.user_data(self.token)),
+            );
+        }
+        entries
+    }
+}
+
 /// The sizes the engine runs with.
 #[derive(Debug, Clone, Copy)]
 pub struct EnginePlan {
@@ -561,49 +683,18 @@ impl Engine {
         // (or two cancels, or the close).
         let mut entries: [Option<squeue::Entry>; 3] = [None, None, None];
         if conn.phase == Phase::Open {
-            if draining && !conn.drained {
-                conn.drained = true;
-                conn.ws.drain(now);
-            }
-            if !conn.mailbox.documents.borrow().is_empty() {
-                let documents = std::mem::take(&mut *conn.mailbox.documents.borrow_mut());
-                conn.ws.push_documents(now, documents.into_iter());
-            }
+            conn.take_mail(draining, now);
             if conn.sending.is_none() && !conn.ws.output().is_empty() {
-                let mut buffer = self.send_pool.pop().unwrap_or_default();
-                buffer.extend_from_slice(conn.ws.output());
-                conn.ws.consume_output(buffer.len(), now);
-                entries[0] = Some(send_entry(conn, buffer, 0));
+                let buffer = self.send_pool.pop().unwrap_or_default();
+                entries[0] = Some(conn.start_send(buffer, now));
                 self.sends_in_flight += 1;
             }
             if conn.ws.is_finished() && conn.ws.output().is_empty() && conn.sending.is_none() {
                 shard.end_session(conn.id, &mut conn.ended, conn.opened, now);
-                if conn.eof {
-                    conn.phase = Phase::Closing {
-                        close_submitted: false,
-                    };
-                } else {
-                    // FIN, then read until the peer's EOF: closing with unread input
-                    // sends RST, which can destroy the close frame not yet read.
-                    conn.phase = Phase::Lingering {
-                        until: now.instant + shard.ws_limits.close_linger,
-                    };
-                    conn.shutting_down = true;
-                    entries[1] = Some(
-                        opcode::Shutdown::new(types::Fixed(conn.slot), libc::SHUT_WR)
-                            .build()
-                            .user_data(Op::Shutdown.user_data(token)),
-                    );
-                }
+                entries[1] = conn.begin_close(now.instant + shard.ws_limits.close_linger);
             }
         }
-        if let Phase::Lingering { until } = conn.phase {
-            if conn.eof || conn.recv == Recv::Off || now.instant >= until {
-                conn.phase = Phase::Closing {
-                    close_submitted: false,
-                };
-            }
-        }
+        conn.end_lingering_when_over(now.instant);
         match conn.phase {
             Phase::Open | Phase::Lingering { .. } => {
                 let held_back = conn.phase == Phase::Open
@@ -613,27 +704,12 @@ impl Engine {
                     self.inputs.push(token);
                 }
                 if conn.recv == Recv::Rearm && !held_back {
-                    conn.recv = Recv::Armed;
-                    entries[2] = Some(
-                        opcode::RecvMulti::new(types::Fixed(conn.slot), BUFFER_GROUP)
-                            .build()
-                            .user_data(Op::Recv.user_data(token)),
-                    );
+                    entries[2] = Some(conn.arm_receive());
                 }
-                let deadline = match conn.phase {
-                    Phase::Lingering { until } => Some(until),
-                    _ => conn.ws.next_deadline(),
-                };
-                if let Some(deadline) = deadline {
-                    if deadline <= now.instant {
-                        if conn.phase == Phase::Open {
-                            conn.ws.on_tick(now);
-                        }
-                        self.dirty.push(token);
-                    } else if conn.timer_at.is_none_or(|at| at > deadline) {
-                        conn.timer_at = Some(deadline);
-                        self.wheel.insert(deadline, token);
-                    }
+                match conn.next_timer(now) {
+                    Timer::Due => self.dirty.push(token),
+                    Timer::Arm(deadline) => self.wheel.insert(deadline, token),
+                    Timer::Armed => {}
                 }
             }
             Phase::Closing {
@@ -642,27 +718,12 @@ impl Engine {
             Phase::Closing {
                 close_submitted: false,
             } => {
-                // Nothing may complete for this connection after its slot is closed:
-                // cancel what is in flight; its final completion brings us back here.
-                if conn.recv == Recv::Armed {
-                    conn.recv = Recv::Cancelling;
-                    entries[0] = Some(cancel(Op::Recv.user_data(token)));
-                }
-                if conn.sending.is_some() && !conn.send_cancelled {
-                    conn.send_cancelled = true;
-                    entries[1] = Some(cancel(Op::Send.user_data(token)));
-                }
-                let in_flight =
-                    conn.recv == Recv::Cancelling || conn.sending.is_some() || conn.shutting_down;
-                if !in_flight {
-                    conn.phase = Phase::Closing {
-                        close_submitted: true,
-                    };
-                    entries[2] = Some(
-                        opcode::Close::new(types::Fixed(conn.slot))
-                            .build()
-                            .user_data(Op::Close.user_data(token)),
-                    );
+                // Beside this turn's shutdown, if the connection stopped lingering at once.
+                let closing = conn.closing_entries();
+                for (slot, entry) in entries.iter_mut().zip(closing) {
+                    if entry.is_some() {
+                        *slot = entry;
+                    }
                 }
             }
         }
