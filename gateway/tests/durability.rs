@@ -2266,23 +2266,9 @@ fn direct_conversation_ids_are_the_documented_ones() {
 
 /// `--data-dir` and the other flags of a start expected to fail, on free ports.
 fn failing_args(data_dir: &Path, shards: &str) -> Vec<String> {
-    [
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--ws-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--quic-listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--shards",
-        shards,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = common::local_args(data_dir);
+    args.extend(["--jwt-secret", SECRET, "--shards", shards].map(String::from));
+    args
 }
 
 /// The one `parleyd: error:` line of a failed start, which must also be its last line.

@@ -288,19 +288,8 @@ fn bad_config_values_are_one_clear_line() {
 fn generated_secret_is_reused_and_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().to_str().unwrap().to_string();
-    let args = [
-        "--data-dir",
-        &data_dir,
-        "--ws-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--quic-listen",
-        "127.0.0.1:0",
-    ];
-    let run = |args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let args = common::local_args(dir.path());
+    let run = |args: &[String]| {
         // parleyd says it is listening only after the secret is in place.
         let mut launched = common::launch(&args);
         let secret = std::fs::read_to_string(dir.path().join("jwt-secret")).unwrap();
@@ -337,22 +326,8 @@ fn start_with_stderr_gone(dir: &std::path::Path, flags: &[&str]) -> (std::proces
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_parleyd"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--jwt-secret",
-        ])
-        .arg(common::SECRET)
+        .args(common::local_args(dir))
+        .args(["--shards", "2", "--jwt-secret", common::SECRET])
         .args(flags)
         .env_remove("PARLEY_LOG")
         .stdin(Stdio::null())

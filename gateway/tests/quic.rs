@@ -404,17 +404,11 @@ fn without_retry_a_client_connects_in_one_round_trip() {
 /// to start: its exit status and stderr.
 fn refused_start(quic_listen: &str, extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--ws-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--quic-listen",
-        quic_listen,
-    ];
-    args.extend_from_slice(extra);
+    let mut args = common::local_args(dir.path());
+    let quic_flag = args.iter().position(|a| a == "--quic-listen").unwrap();
+    args[quic_flag + 1] = quic_listen.to_string();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, stderr) = run_to_exit(&args, &[]);
     (status.code(), stderr)
 }

@@ -142,6 +142,17 @@ pub fn launch(args: &[String]) -> Launched {
     }
 }
 
+/// A start in `data_dir` on free loopback ports (WebSocket, admin, QUIC); callers add
+/// the flags they test.
+pub fn local_args(data_dir: &std::path::Path) -> Vec<String> {
+    let data_dir = data_dir.display().to_string();
+    let mut args = vec!["--data-dir".to_string(), data_dir];
+    for flag in ["--ws-listen", "--admin-listen", "--quic-listen"] {
+        args.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+    }
+    args
+}
+
 impl Daemon {
     /// Start on free ports with two shards and the test secret, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Daemon {
@@ -149,20 +160,8 @@ impl Daemon {
     }
 
     pub fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
-        let mut args = vec![
-            "--data-dir".to_string(),
-            data_dir.path().display().to_string(),
-            "--ws-listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--quic-listen".into(),
-            "127.0.0.1:0".into(),
-            "--jwt-secret".into(),
-            SECRET.into(),
-            "--shards".into(),
-            "2".into(),
-        ];
+        let mut args = local_args(data_dir.path());
+        args.extend(["--jwt-secret", SECRET, "--shards", "2"].map(String::from));
         args.extend(extra.iter().map(|s| s.to_string()));
         let Launched {
             child,
