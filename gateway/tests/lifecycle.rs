@@ -291,7 +291,7 @@ fn generated_secret_is_reused_and_private() {
     let args = common::local_args(dir.path());
     let run = |args: &[String]| {
         // parleyd says it is listening only after the secret is in place.
-        let mut launched = common::launch(&args);
+        let mut launched = common::launch(args);
         let secret = std::fs::read_to_string(dir.path().join("jwt-secret")).unwrap();
         launched.child.kill().unwrap();
         common::wait_exit(launched.child, "parleyd");
