@@ -12,24 +12,81 @@
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use crate::durable::Durable;
 pub use crate::read::{Follower, RecordIter};
 pub use crate::retention::Retention;
 
-use crate::durable::Waiters;
 use crate::error::WalError;
 use crate::format::{stored_len, Lsn, RecordHeader, FLAG_BATCH_END, SEGMENT_HEADER};
 use crate::io::{LogIo, SyncIo, UringIo};
 use crate::read::SegmentIndex;
 use crate::recovery::{analyze, repair, Progress};
-use crate::replication::{persist_epoch, persisted_epoch};
+use crate::replication::{persisted_epoch, Replicated};
 use crate::shared::{Shared, State};
-use crate::writer::{create_segment, ActiveSegment, Batch, Writer};
+use crate::writer::{create_segment, ActiveSegment, Writer};
 
 const LOCK_FILE: &str = "LOCK";
+
+/// Create `dir` if need be and take its lock: one process opens a log at a time.
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    std::fs::create_dir_all(dir).map_err(|e| WalError::io("create directory", dir, e))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| WalError::io("open", dir.join(LOCK_FILE), e))?;
+    lock.try_lock()
+        .map_err(|_| WalError::Locked(dir.to_path_buf()))?;
+    Ok(lock)
+}
+
+/// The segment appends go to: the last recovered one, or the first of a new log (added
+/// to `segments`). Returns it and whether it is open for direct I/O.
+fn open_active_segment(
+    dir: &Path,
+    options: &WalOptions,
+    segments: &mut Vec<SegmentIndex>,
+    next_lsn: Lsn,
+    io: &mut dyn LogIo,
+) -> Result<(ActiveSegment, bool), WalError> {
+    if let Some(last) = segments.last() {
+        return ActiveSegment::reopen(&last.path, last.end, options.direct_io);
+    }
+    let (active, index, direct) = create_segment(dir, next_lsn, options, options.direct_io, io)?;
+    segments.push(index);
+    Ok((active, direct))
+}
+
+/// Encode `entries` as one batch into the pending buffer, which has room, at the next
+/// LSNs; returns the last LSN.
+fn encode_batch(
+    state: &mut State,
+    entries: &[Entry<'_>],
+    replicated: Option<&Replicated<'_>>,
+) -> Lsn {
+    for (i, entry) in entries.iter().enumerate() {
+        let (epoch, flags, timestamp) = match replicated {
+            Some(replicated) => replicated.framing(i),
+            None if i + 1 == entries.len() => (state.epoch, FLAG_BATCH_END, entry.timestamp),
+            None => (state.epoch, 0, entry.timestamp),
+        };
+        let header = RecordHeader {
+            payload_len: entry.payload.len() as u32,
+            lsn: state.next_lsn,
+            epoch,
+            record_type: entry.record_type,
+            flags,
+            timestamp,
+        };
+        state.pending.push(&header, entry.payload);
+        state.next_lsn += 1;
+    }
+    state.next_lsn - 1
+}
 
 /// The log's limits. Each is a named setting of its owner.
 #[derive(Debug, Clone)]
@@ -122,40 +179,16 @@ impl Wal {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Wal, RecoveryReport), WalError> {
         let started = Instant::now();
-        std::fs::create_dir_all(dir).map_err(|e| WalError::io("create directory", dir, e))?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))
-            .map_err(|e| WalError::io("open", dir.join(LOCK_FILE), e))?;
-        lock.try_lock()
-            .map_err(|_| WalError::Locked(dir.to_path_buf()))?;
-
+        let lock = lock_dir(dir)?;
         let analysis = analyze(dir, progress)?;
         repair(dir, &analysis)?;
         let epoch = persisted_epoch(dir)?.max(analysis.max_epoch);
-
-        let mut direct_io = options.direct_io;
-        let mut segments = Vec::new();
-        for good in &analysis.segments {
-            segments.push(SegmentIndex::recovered(good)?);
-        }
+        let mut segments = (analysis.segments.iter())
+            .map(SegmentIndex::recovered)
+            .collect::<Result<Vec<_>, _>>()?;
         let next_lsn = analysis.next_lsn;
-        let active = match segments.last() {
-            Some(last) => {
-                let (active, direct) = ActiveSegment::reopen(&last.path, last.end, direct_io)?;
-                direct_io = direct;
-                active
-            }
-            None => {
-                let (active, index, direct) =
-                    create_segment(dir, next_lsn, &options, direct_io, io.as_mut())?;
-                direct_io = direct;
-                segments.push(index);
-                active
-            }
-        };
+        let (active, direct_io) =
+            open_active_segment(dir, &options, &mut segments, next_lsn, io.as_mut())?;
         let report = RecoveryReport {
             segments: segments.len(),
             last_lsn: next_lsn - 1,
@@ -165,43 +198,14 @@ impl Wal {
             io_path: io.name(),
             direct_io,
         };
-        let capacity = options.max_batch_bytes;
-        let shared = Arc::new(Shared {
-            dir: dir.to_path_buf(),
-            options,
-            state: Mutex::new(State {
-                pending: Batch::new(capacity),
-                spare: Some(Batch::new(capacity)),
-                next_lsn,
-                epoch,
-                closing: false,
-                flushing: false,
-                command: None,
-                command_result: None,
-            }),
-            work_ready: Condvar::new(),
-            room_ready: Condvar::new(),
-            durable_changed: Condvar::new(),
-            command_done: Condvar::new(),
-            durable_lsn: AtomicU64::new(next_lsn - 1),
-            poison: OnceLock::new(),
-            waiters: Mutex::new(Waiters::default()),
-            segments: RwLock::new(segments),
-            stats: WalStats::default(),
-        });
-        let mut writer = Writer::new(shared.clone(), io, active, direct_io);
-        let thread = std::thread::Builder::new()
-            .name("parley-wal".into())
-            .spawn(move || writer.run())
-            .map_err(|e| WalError::io("start writer thread for", dir, e))?;
-        Ok((
-            Wal {
-                shared,
-                writer: Some(thread),
-                _lock: lock,
-            },
-            report,
-        ))
+        let shared = Arc::new(Shared::new(dir, options, next_lsn, epoch, segments));
+        let writer = Writer::new(shared.clone(), io, active, direct_io).spawn()?;
+        let wal = Wal {
+            shared,
+            writer: Some(writer),
+            _lock: lock,
+        };
+        Ok((wal, report))
     }
 
     pub fn dir(&self) -> &Path {
@@ -230,10 +234,12 @@ impl Wal {
         self.append_inner(entries, None, false)
     }
 
+    /// Append `entries` as one batch at the next LSNs, local (framed with this log's
+    /// epoch) or `replicated` (framed as the leader framed them); returns the last LSN.
     pub(crate) fn append_inner(
         &self,
         entries: &[Entry<'_>],
-        replicated: Option<(Lsn, u32, &[RecordHeader])>,
+        replicated: Option<Replicated<'_>>,
         wait: bool,
     ) -> Result<Lsn, WalError> {
         let size: usize = entries.iter().map(|e| stored_len(e.payload.len())).sum();
@@ -241,6 +247,21 @@ impl Wal {
         if size > max {
             return Err(WalError::TooLarge { size, max });
         }
+        let mut state = self.lock_with_room(size, wait)?;
+        if let Some(replicated) = &replicated {
+            replicated.admit(&self.shared.dir, &mut state)?;
+        }
+        let was_empty = state.pending.buf.is_empty();
+        let last = encode_batch(&mut state, entries, replicated.as_ref());
+        if was_empty {
+            self.shared.work_ready.notify_one();
+        }
+        Ok(last)
+    }
+
+    /// The state, locked once the pending buffer has room for `size` bytes; waits for
+    /// the writer to make room, or fails with `Full` if `wait` is false.
+    fn lock_with_room(&self, size: usize, wait: bool) -> Result<MutexGuard<'_, State>, WalError> {
         let mut state = self.shared.lock();
         loop {
             if let Some(poisoned) = self.shared.poisoned() {
@@ -250,64 +271,13 @@ impl Wal {
                 return Err(WalError::Closed);
             }
             if state.pending.buf.remaining() >= size {
-                break;
+                return Ok(state);
             }
             if !wait {
                 return Err(WalError::Full);
             }
             state = self.shared.wait(&self.shared.room_ready, state);
         }
-        if let Some((lsn, epoch, _)) = replicated {
-            if epoch < state.epoch {
-                return Err(WalError::StaleEpoch {
-                    got: epoch,
-                    current: state.epoch,
-                });
-            }
-            if lsn != state.next_lsn {
-                return Err(WalError::LsnMismatch {
-                    expected: state.next_lsn,
-                    got: lsn,
-                });
-            }
-            if epoch > state.epoch {
-                persist_epoch(&self.shared.dir, epoch)?;
-                state.epoch = epoch;
-            }
-        }
-        let was_empty = state.pending.buf.is_empty();
-        let epoch = state.epoch;
-        for (i, entry) in entries.iter().enumerate() {
-            let (record_epoch, flags, timestamp) = match replicated {
-                Some((_, _, headers)) => {
-                    let h = &headers[i];
-                    (h.epoch, h.flags & FLAG_BATCH_END, h.timestamp)
-                }
-                None => {
-                    let last = i + 1 == entries.len();
-                    (
-                        epoch,
-                        if last { FLAG_BATCH_END } else { 0 },
-                        entry.timestamp,
-                    )
-                }
-            };
-            let header = RecordHeader {
-                payload_len: entry.payload.len() as u32,
-                lsn: state.next_lsn,
-                epoch: record_epoch,
-                record_type: entry.record_type,
-                flags,
-                timestamp,
-            };
-            state.pending.push(&header, entry.payload);
-            state.next_lsn += 1;
-        }
-        let last = state.next_lsn - 1;
-        if was_empty {
-            self.shared.work_ready.notify_one();
-        }
-        Ok(last)
     }
 
     /// The largest batch one append may carry.

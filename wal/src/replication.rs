@@ -6,12 +6,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::WalError;
-use crate::format::{decode_record, Decoded, Lsn, SEGMENT_HEADER};
+use crate::format::{decode_record, Decoded, Lsn, RecordHeader, FLAG_BATCH_END, SEGMENT_HEADER};
 use crate::log::{Entry, Wal};
 use crate::number_file::{read_number, write_number};
 use crate::recovery::sync_dir;
 use crate::scan::records_from;
-use crate::shared::{Command, Shared};
+use crate::shared::{Command, Shared, State};
 use crate::writer::ActiveSegment;
 
 /// The epoch, persisted beside the segments.
@@ -24,6 +24,53 @@ pub(crate) fn persisted_epoch(dir: &Path) -> Result<u32, WalError> {
 
 pub(crate) fn persist_epoch(dir: &Path, epoch: u32) -> Result<(), WalError> {
     write_number(&dir.join(EPOCH_FILE), u64::from(epoch))
+}
+
+/// How a follower appends the leader's records: at the leader's LSNs, each framed as
+/// the leader framed it.
+pub(crate) struct Replicated<'a> {
+    /// The LSN of the first record, which must be the log's next.
+    pub(crate) lsn: Lsn,
+    /// The leader's epoch; an older one than the log's is refused.
+    pub(crate) epoch: u32,
+    /// The leader's headers of the records, in order.
+    pub(crate) headers: &'a [RecordHeader],
+}
+
+impl Replicated<'_> {
+    /// Under the state lock, before anything is encoded: refuse a stale epoch or a wrong
+    /// position, and move to a newer epoch (persisted first).
+    pub(crate) fn admit(&self, dir: &Path, state: &mut State) -> Result<(), WalError> {
+        if self.epoch < state.epoch {
+            return Err(WalError::StaleEpoch {
+                got: self.epoch,
+                current: state.epoch,
+            });
+        }
+        if self.lsn != state.next_lsn {
+            return Err(WalError::LsnMismatch {
+                expected: state.next_lsn,
+                got: self.lsn,
+            });
+        }
+        if self.epoch > state.epoch {
+            persist_epoch(dir, self.epoch)?;
+            state.epoch = self.epoch;
+        }
+        Ok(())
+    }
+
+    /// The epoch, flags and timestamp of the `i`th record as the leader framed it. Only
+    /// the batch-end flag carries over: the flush-start flag describes the leader's file,
+    /// and the follower's writer sets its own.
+    pub(crate) fn framing(&self, i: usize) -> (u32, u8, u64) {
+        let leader = &self.headers[i];
+        (
+            leader.epoch,
+            leader.flags & FLAG_BATCH_END,
+            leader.timestamp,
+        )
+    }
 }
 
 impl Wal {
@@ -58,33 +105,7 @@ impl Wal {
                 current,
             });
         }
-        let bad = |at: Lsn, detail: &str| WalError::BadReplicatedRecords {
-            lsn: at,
-            detail: detail.to_string(),
-        };
-        let mut headers = Vec::new();
-        let mut payloads = Vec::new();
-        let mut offset = 0;
-        while offset < bytes.len() {
-            let expected = lsn + headers.len() as u64;
-            match decode_record(&bytes[offset..]) {
-                Decoded::Record(header, payload) if header.lsn == expected => {
-                    if header.epoch > epoch {
-                        return Err(bad(expected, "record epoch is newer than the append's"));
-                    }
-                    offset += header.stored_len();
-                    headers.push(header);
-                    payloads.push(payload);
-                }
-                Decoded::Record(header, _) => {
-                    return Err(bad(expected, &format!("found LSN {}", header.lsn)))
-                }
-                _ => return Err(bad(expected, "not a valid record")),
-            }
-        }
-        if !headers.last().is_some_and(|h| h.batch_end()) {
-            return Err(bad(lsn, "bytes must end with a complete batch"));
-        }
+        let (headers, payloads) = decode_replicated(lsn, epoch, bytes)?;
         let entries: Vec<Entry<'_>> = headers
             .iter()
             .zip(&payloads)
@@ -94,7 +115,12 @@ impl Wal {
                 payload,
             })
             .collect();
-        self.append_inner(&entries, Some((lsn, epoch, &headers)), true)
+        let replicated = Replicated {
+            lsn,
+            epoch,
+            headers: &headers,
+        };
+        self.append_inner(&entries, Some(replicated), true)
     }
 
     /// Remove every record after `lsn` (a follower's divergent tail), which must end a
@@ -119,6 +145,43 @@ impl Wal {
             state = self.shared.wait(&self.shared.command_done, state);
         }
     }
+}
+
+/// The records in `bytes`, shipped by a leader at `epoch` from `lsn` on: whole records
+/// at consecutive LSNs, none of a newer epoch, ending with a complete batch.
+fn decode_replicated(
+    lsn: Lsn,
+    epoch: u32,
+    bytes: &[u8],
+) -> Result<(Vec<RecordHeader>, Vec<&[u8]>), WalError> {
+    let bad = |at: Lsn, detail: &str| WalError::BadReplicatedRecords {
+        lsn: at,
+        detail: detail.to_string(),
+    };
+    let mut headers = Vec::new();
+    let mut payloads = Vec::new();
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let expected = lsn + headers.len() as u64;
+        match decode_record(&bytes[offset..]) {
+            Decoded::Record(header, payload) if header.lsn == expected => {
+                if header.epoch > epoch {
+                    return Err(bad(expected, "record epoch is newer than the append's"));
+                }
+                offset += header.stored_len();
+                headers.push(header);
+                payloads.push(payload);
+            }
+            Decoded::Record(header, _) => {
+                return Err(bad(expected, &format!("found LSN {}", header.lsn)))
+            }
+            _ => return Err(bad(expected, "not a valid record")),
+        }
+    }
+    if !headers.last().is_some_and(|h| h.batch_end()) {
+        return Err(bad(lsn, "bytes must end with a complete batch"));
+    }
+    Ok((headers, payloads))
 }
 
 /// Cut every record after `lsn` from the segments and their index. Runs on the writer

@@ -2,9 +2,11 @@
 //! the LSN counter under one lock, the durable LSN, the poison, the waiters and the
 //! readers' segment index, with the condition variables that hand work across.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 use crate::durable::Waiters;
 use crate::error::WalError;
@@ -49,7 +51,7 @@ pub(crate) struct Shared {
     /// Every LSN up to this one is durable.
     pub(crate) durable_lsn: AtomicU64,
     /// Set once, by the first I/O failure; nothing is acknowledged after it.
-    pub(crate) poison: OnceLock<std::sync::Arc<str>>,
+    pub(crate) poison: OnceLock<Arc<str>>,
     /// Who waits for which LSN; the writer wakes only those a flush covers.
     pub(crate) waiters: Mutex<Waiters>,
     pub(crate) segments: RwLock<Vec<SegmentIndex>>,
@@ -57,6 +59,41 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A log that recovered `segments`, whose next record gets `next_lsn`, all of it
+    /// durable, at `epoch`.
+    pub(crate) fn new(
+        dir: &Path,
+        options: WalOptions,
+        next_lsn: Lsn,
+        epoch: u32,
+        segments: Vec<SegmentIndex>,
+    ) -> Self {
+        let capacity = options.max_batch_bytes;
+        Shared {
+            dir: dir.to_path_buf(),
+            options,
+            state: Mutex::new(State {
+                pending: Batch::new(capacity),
+                spare: Some(Batch::new(capacity)),
+                next_lsn,
+                epoch,
+                closing: false,
+                flushing: false,
+                command: None,
+                command_result: None,
+            }),
+            work_ready: Condvar::new(),
+            room_ready: Condvar::new(),
+            durable_changed: Condvar::new(),
+            command_done: Condvar::new(),
+            durable_lsn: AtomicU64::new(next_lsn - 1),
+            poison: OnceLock::new(),
+            waiters: Mutex::new(Waiters::default()),
+            segments: RwLock::new(segments),
+            stats: WalStats::default(),
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug in this crate; the state is still
         // consistent enough to report errors, so do not propagate the poison.

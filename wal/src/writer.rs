@@ -99,59 +99,82 @@ impl Writer {
         }
     }
 
-    pub(crate) fn run(&mut self) {
-        let shared = self.shared.clone();
-        loop {
-            let mut state = shared.lock();
-            loop {
-                if let Some(Command::TruncateAfter(lsn)) = state.command.take() {
-                    let result = self.truncate_after(lsn, &mut state);
-                    state.command_result = Some(result);
-                    self.shared.command_done.notify_all();
-                    continue;
-                }
-                if !state.pending.buf.is_empty() {
-                    break;
-                }
-                if state.closing {
-                    return;
-                }
-                state = shared.wait(&shared.work_ready, state);
-            }
-            let spare = state
-                .spare
-                .take()
-                .expect("the writer returns the spare after each flush");
-            let mut batch = std::mem::replace(&mut state.pending, spare);
-            state.flushing = true;
-            drop(state);
-            self.shared.room_ready.notify_all();
+    /// Start the writer thread.
+    pub(crate) fn spawn(mut self) -> Result<std::thread::JoinHandle<()>, WalError> {
+        let dir = self.shared.dir.clone();
+        std::thread::Builder::new()
+            .name("parley-wal".into())
+            .spawn(move || self.run())
+            .map_err(|e| WalError::io("start writer thread for", dir, e))
+    }
 
+    fn run(&mut self) {
+        while let Some(mut batch) = self.next_batch() {
             let result = self.flush(&mut batch);
-
-            let mut state = self.shared.lock();
-            state.flushing = false;
-            batch.clear();
-            state.spare = Some(batch);
-            if let Err(error) = result {
-                let _first_failure_wins = self.shared.poison.set(error.to_string().into());
-            }
-            drop(state);
-            self.shared.room_ready.notify_all();
+            self.return_spare(batch, result);
             if self.shared.poison.get().is_some() {
-                // Wake every waiter to see the poison; nothing is flushed after it.
-                self.shared
-                    .publish_durable(self.shared.durable_lsn.load(Ordering::Acquire));
-                let mut state = self.shared.lock();
-                while !state.closing {
-                    if state.command.take().is_some() {
-                        state.command_result = self.shared.poisoned().map(Err);
-                        self.shared.command_done.notify_all();
-                    }
-                    state = shared.wait(&shared.work_ready, state);
-                }
+                self.refuse_work_until_closed();
                 return;
             }
+        }
+    }
+
+    /// Wait for pending records and take them, swapping in the spare; run commands
+    /// meanwhile. `None` once the log is closing and nothing is pending.
+    fn next_batch(&mut self) -> Option<Batch> {
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        loop {
+            if let Some(Command::TruncateAfter(lsn)) = state.command.take() {
+                let result = self.truncate_after(lsn, &mut state);
+                state.command_result = Some(result);
+                shared.command_done.notify_all();
+                continue;
+            }
+            if !state.pending.buf.is_empty() {
+                break;
+            }
+            if state.closing {
+                return None;
+            }
+            state = shared.wait(&shared.work_ready, state);
+        }
+        let spare = state
+            .spare
+            .take()
+            .expect("the writer returns the spare after each flush");
+        let batch = std::mem::replace(&mut state.pending, spare);
+        state.flushing = true;
+        drop(state);
+        shared.room_ready.notify_all();
+        Some(batch)
+    }
+
+    /// Hand the flushed buffer back as the spare; a failed flush poisons the log.
+    fn return_spare(&mut self, mut batch: Batch, flushed: Result<(), WalError>) {
+        let mut state = self.shared.lock();
+        state.flushing = false;
+        batch.clear();
+        state.spare = Some(batch);
+        if let Err(error) = flushed {
+            let _first_failure_wins = self.shared.poison.set(error.to_string().into());
+        }
+        drop(state);
+        self.shared.room_ready.notify_all();
+    }
+
+    /// After a poison: wake every waiter to see it, and answer commands with it until
+    /// the log closes. Nothing is flushed after it.
+    fn refuse_work_until_closed(&mut self) {
+        let shared = self.shared.clone();
+        shared.publish_durable(shared.durable_lsn.load(Ordering::Acquire));
+        let mut state = shared.lock();
+        while !state.closing {
+            if state.command.take().is_some() {
+                state.command_result = shared.poisoned().map(Err);
+                shared.command_done.notify_all();
+            }
+            state = shared.wait(&shared.work_ready, state);
         }
     }
 
