@@ -124,72 +124,86 @@ impl UringIo {
     }
 }
 
+impl UringIo {
+    /// Submit a write of `rest` at `offset` linked to an fdatasync, and collect both
+    /// completions: (the write's result, the fdatasync's result), raw as the kernel gave
+    /// them. Returns only once neither operation is in flight, so `rest` may be reused.
+    fn write_then_sync(
+        &mut self,
+        fd: io_uring::types::Fd,
+        rest: &[u8],
+        offset: u64,
+    ) -> io::Result<(i32, i32)> {
+        use io_uring::{opcode, squeue, types};
+        let write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+            .offset(offset)
+            .build()
+            .user_data(WRITE)
+            .flags(squeue::Flags::IO_LINK);
+        let fsync = opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(FSYNC);
+        // SAFETY: `rest` outlives the submission: both completions are collected below
+        // before this function returns.
+        unsafe {
+            let mut queue = self.ring.submission();
+            queue
+                .push(&write)
+                .map_err(|_| io::Error::other("submission queue full"))?;
+            queue
+                .push(&fsync)
+                .map_err(|_| io::Error::other("submission queue full"))?;
+        }
+        self.collect_write_and_sync()
+    }
+
+    /// Wait for the completions of the linked write and fdatasync. A signal can end a wait
+    /// early (EINTR, or a return with only the write's completion), so wait again for
+    /// what is missing.
+    fn collect_write_and_sync(&mut self) -> io::Result<(i32, i32)> {
+        let mut write_result = None;
+        let mut fsync_result = None;
+        while write_result.is_none() || fsync_result.is_none() {
+            let missing = usize::from(write_result.is_none()) + usize::from(fsync_result.is_none());
+            match self.ring.submit_and_wait(missing) {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+            for cqe in self.ring.completion() {
+                match cqe.user_data() {
+                    WRITE => write_result = Some(cqe.result()),
+                    _ => fsync_result = Some(cqe.result()),
+                }
+            }
+        }
+        match (write_result, fsync_result) {
+            (Some(write), Some(fsync)) => Ok((write, fsync)),
+            _ => Err(io::Error::other("io_uring lost a completion")),
+        }
+    }
+}
+
+/// `user_data` of the write and of the fdatasync linked behind it.
+const WRITE: u64 = 1;
+const FSYNC: u64 = 2;
+
 impl LogIo for UringIo {
     fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
-        use io_uring::{opcode, squeue, types};
-        let fd = types::Fd(file.as_raw_fd());
+        let fd = io_uring::types::Fd(file.as_raw_fd());
         let mut written = 0usize;
         let mut transient_retries = 0u32;
         // A short write is legal; finish it before the fsync is linked behind it.
         while written < buf.len() {
-            let rest = &buf[written..];
-            let write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
-                .offset(offset + written as u64)
-                .build()
-                .user_data(1)
-                .flags(squeue::Flags::IO_LINK);
-            let fsync = opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .user_data(2);
-            // SAFETY: `rest` outlives the submission: we wait for both completions below.
-            unsafe {
-                let mut queue = self.ring.submission();
-                queue
-                    .push(&write)
-                    .map_err(|_| io::Error::other("submission queue full"))?;
-                queue
-                    .push(&fsync)
-                    .map_err(|_| io::Error::other("submission queue full"))?;
-            }
-            // Both completions must be collected before `rest` may be reused: a signal can
-            // end the wait early (EINTR, or a return with only the write's completion),
-            // so wait again for what is missing.
-            let mut write_result = None;
-            let mut fsync_result = None;
-            while write_result.is_none() || fsync_result.is_none() {
-                let missing =
-                    usize::from(write_result.is_none()) + usize::from(fsync_result.is_none());
-                match self.ring.submit_and_wait(missing) {
-                    Ok(_) => {}
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Err(error) => return Err(error),
-                }
-                for cqe in self.ring.completion() {
-                    match cqe.user_data() {
-                        1 => write_result = Some(cqe.result()),
-                        _ => fsync_result = Some(cqe.result()),
-                    }
-                }
-            }
-            let (Some(write_result), Some(fsync_result)) = (write_result, fsync_result) else {
-                return Err(io::Error::other("io_uring lost a completion"));
-            };
+            let (write_result, fsync_result) =
+                self.write_then_sync(fd, &buf[written..], offset + written as u64)?;
             if is_transient(write_result) && transient_retries < MAX_TRANSIENT_RETRIES {
                 // Nothing was written and the linked fsync was cancelled: submit again.
                 transient_retries += 1;
                 continue;
             }
-            if write_result < 0 {
-                return Err(io::Error::from_raw_os_error(-write_result));
-            }
-            if write_result == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "write wrote nothing",
-                ));
-            }
-            written += write_result as usize;
+            written += bytes_written(write_result)?;
             // A short write cancels the linked fsync (-ECANCELED); loop to finish and sync.
             if written == buf.len() && fsync_result < 0 {
                 if is_transient(fsync_result) {
@@ -204,6 +218,18 @@ impl LogIo for UringIo {
 
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+}
+
+/// The bytes a write's completion reports, or its error (a write of nothing is one).
+fn bytes_written(completion: i32) -> io::Result<usize> {
+    match completion {
+        error if error < 0 => Err(io::Error::from_raw_os_error(-error)),
+        0 => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "write wrote nothing",
+        )),
+        written => Ok(written as usize),
     }
 }
 

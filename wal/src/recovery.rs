@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::WalError;
 use crate::format::{Lsn, SEGMENT_HEADER};
-use crate::scan::{has_any_record, scan_segment, SegmentEnd};
+use crate::scan::{has_any_record, scan_segment, SegmentEnd, SegmentScan};
 
 pub const SEGMENT_SUFFIX: &str = ".seg";
 
@@ -107,83 +107,116 @@ pub fn analyze(dir: &Path, progress: &mut dyn FnMut(Progress)) -> Result<Analysi
             bytes_total,
         });
         let later = &files[i + 1..];
-        let later_hold_records = || -> Result<bool, WalError> {
-            for (_, path) in later {
-                let data = std::fs::read(path).map_err(|e| WalError::io("read", path, e))?;
-                if has_any_record(&data) {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
+        let log_ends_at = match analyze_segment(&mut analysis, path, *first_lsn, &data, later)? {
+            SegmentVerdict::Good => continue,
+            SegmentVerdict::Headerless => &files[i..],
+            SegmentVerdict::TornTail => later,
         };
-        let corruption = |offset: u64, detail: &str| WalError::Corruption {
-            path: path.clone(),
-            offset,
-            detail: detail.to_string(),
-        };
-        let scan = match scan_segment(&data, *first_lsn) {
-            Ok(scan) => scan,
-            // A segment created just before a crash may lack its header; only at the end.
-            Err(_) if !has_any_record(&data) && !later_hold_records()? => {
-                analysis
-                    .removable
-                    .extend(files[i..].iter().map(|(_, p)| p.clone()));
-                break;
-            }
-            Err(error) => return Err(corruption(0, &format!("bad segment: {error:?}"))),
-        };
-        if !analysis.segments.is_empty() && scan.first_lsn != analysis.next_lsn {
-            let detail = format!(
-                "segment starts at LSN {}, but the previous one ends before LSN {}",
-                scan.first_lsn, analysis.next_lsn
-            );
-            return Err(corruption(0, &detail));
-        }
-        let tail_end = match scan.end {
-            SegmentEnd::Corrupt { offset } => {
-                return Err(corruption(
-                    offset as u64,
-                    "damaged record before a later flush",
-                ))
-            }
-            SegmentEnd::Stopped {
-                offset,
-                nonzero_bytes,
-            } => Some((offset, nonzero_bytes)),
-            SegmentEnd::Clean if scan.incomplete_batch_bytes > 0 => {
-                Some((scan.committed_end + scan.incomplete_batch_bytes, 0))
-            }
-            SegmentEnd::Clean => None,
-        };
-        analysis.max_epoch = analysis.max_epoch.max(scan.last_epoch.unwrap_or(0));
-        analysis.next_lsn = scan.next_lsn;
-        analysis.segments.push(GoodSegment {
-            first_lsn: scan.first_lsn,
-            path: path.clone(),
-            next_lsn: scan.next_lsn,
-            end: scan.committed_end as u64,
-            index: scan.index.iter().map(|&(l, o)| (l, o as u64)).collect(),
-        });
-        if let Some((stop, damaged_bytes)) = tail_end {
-            if later_hold_records()? {
-                return Err(corruption(
-                    stop as u64,
-                    "damaged record followed by later segments",
-                ));
-            }
-            analysis.torn_tail = Some(TornTail {
-                path: path.clone(),
-                offset: scan.committed_end as u64,
-                bytes: (scan.incomplete_batch_bytes + damaged_bytes) as u64,
-                zero_to: (stop + damaged_bytes) as u64,
-            });
-            analysis
-                .removable
-                .extend(later.iter().map(|(_, p)| p.clone()));
-            break;
-        }
+        let removable = log_ends_at.iter().map(|(_, p)| p.clone());
+        analysis.removable.extend(removable);
+        break;
     }
     Ok(analysis)
+}
+
+/// What one segment means for the log.
+enum SegmentVerdict {
+    /// Its records are kept whole; the log may go on in the next segment.
+    Good,
+    /// It has no valid header and nothing after it holds records: created just before a
+    /// crash. It and every later segment go.
+    Headerless,
+    /// Its kept records end at a torn tail; every later segment goes.
+    TornTail,
+}
+
+/// Add the segment at `path` (whose bytes are `data`) to `analysis`; `later` are the
+/// segment files after it.
+fn analyze_segment(
+    analysis: &mut Analysis,
+    path: &Path,
+    first_lsn: Lsn,
+    data: &[u8],
+    later: &[(Lsn, PathBuf)],
+) -> Result<SegmentVerdict, WalError> {
+    let scan = match scan_segment(data, first_lsn) {
+        Ok(scan) => scan,
+        // A segment created just before a crash may lack its header; only at the end.
+        Err(_) if !has_any_record(data) && !any_holds_records(later)? => {
+            return Ok(SegmentVerdict::Headerless)
+        }
+        Err(error) => return Err(corruption(path, 0, format!("bad segment: {error:?}"))),
+    };
+    if !analysis.segments.is_empty() && scan.first_lsn != analysis.next_lsn {
+        let detail = format!(
+            "segment starts at LSN {}, but the previous one ends before LSN {}",
+            scan.first_lsn, analysis.next_lsn
+        );
+        return Err(corruption(path, 0, detail));
+    }
+    let tail = damaged_tail(&scan).map_err(|offset| {
+        let detail = "damaged record before a later flush";
+        corruption(path, offset as u64, detail.to_string())
+    })?;
+    analysis.max_epoch = analysis.max_epoch.max(scan.last_epoch.unwrap_or(0));
+    analysis.next_lsn = scan.next_lsn;
+    analysis.segments.push(GoodSegment {
+        first_lsn: scan.first_lsn,
+        path: path.to_path_buf(),
+        next_lsn: scan.next_lsn,
+        end: scan.committed_end as u64,
+        index: scan.index.iter().map(|&(l, o)| (l, o as u64)).collect(),
+    });
+    let Some((stop, damaged_bytes)) = tail else {
+        return Ok(SegmentVerdict::Good);
+    };
+    if any_holds_records(later)? {
+        let detail = "damaged record followed by later segments";
+        return Err(corruption(path, stop as u64, detail.to_string()));
+    }
+    analysis.torn_tail = Some(TornTail {
+        path: path.to_path_buf(),
+        offset: scan.committed_end as u64,
+        bytes: (scan.incomplete_batch_bytes + damaged_bytes) as u64,
+        zero_to: (stop + damaged_bytes) as u64,
+    });
+    Ok(SegmentVerdict::TornTail)
+}
+
+/// Where a scanned segment's tail must be cut: `Some((stop, damaged nonzero bytes))` for
+/// damage or an incomplete batch at its end, `None` for a clean end, `Err(offset)` for
+/// damage before a later flush (corruption).
+fn damaged_tail(scan: &SegmentScan) -> Result<Option<(usize, usize)>, usize> {
+    match scan.end {
+        SegmentEnd::Corrupt { offset } => Err(offset),
+        SegmentEnd::Stopped {
+            offset,
+            nonzero_bytes,
+        } => Ok(Some((offset, nonzero_bytes))),
+        SegmentEnd::Clean if scan.incomplete_batch_bytes > 0 => {
+            Ok(Some((scan.committed_end + scan.incomplete_batch_bytes, 0)))
+        }
+        SegmentEnd::Clean => Ok(None),
+    }
+}
+
+/// Whether any of these segment files holds a valid record.
+fn any_holds_records(files: &[(Lsn, PathBuf)]) -> Result<bool, WalError> {
+    for (_, path) in files {
+        let data = std::fs::read(path).map_err(|e| WalError::io("read", path, e))?;
+        if has_any_record(&data) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn corruption(path: &Path, offset: u64, detail: String) -> WalError {
+    WalError::Corruption {
+        path: path.to_path_buf(),
+        offset,
+        detail,
+    }
 }
 
 /// Cut the torn tail (zero it, so the next flush cannot be mistaken for a later flush

@@ -1,0 +1,339 @@
+//! The group-commit writer thread. It swaps the pending batch for the spare and makes it
+//! durable with one write and one fdatasync per segment it touches, while appenders fill
+//! the spare; it rolls to a new segment (created, preallocated, headed) when the next
+//! batch does not fit, and runs the commands appenders hand it (a truncation).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::WalError;
+use crate::format::{
+    align_up, decode_record, encode_record_into, encode_segment_header, set_flush_start, Decoded,
+    Lsn, RecordHeader, SegmentHeader, BLOCK, SEGMENT_HEADER,
+};
+use crate::io::{AlignedBuf, LogIo};
+use crate::log::WalOptions;
+use crate::read::SegmentIndex;
+use crate::recovery::{segment_name, sync_dir};
+use crate::replication::cut_after;
+use crate::shared::{Command, Shared, State};
+
+/// Records encoded but not yet durable, with where their batches end.
+pub(crate) struct Batch {
+    pub(crate) buf: AlignedBuf,
+    /// (offset just past the batch, its last LSN), in order.
+    batch_ends: Vec<(usize, Lsn)>,
+}
+
+impl Batch {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            buf: AlignedBuf::new(capacity),
+            batch_ends: Vec::new(),
+        }
+    }
+
+    /// Encode one record after the others; the caller has checked that it fits.
+    pub(crate) fn push(&mut self, header: &RecordHeader, payload: &[u8]) {
+        let at = self.buf.len();
+        let used = encode_record_into(&mut self.buf.full_mut()[at..], header, payload);
+        self.buf.commit(used);
+        if header.batch_end() {
+            self.batch_ends.push((self.buf.len(), header.lsn));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.batch_ends.clear();
+    }
+}
+
+/// The segment the writer appends to.
+pub(crate) struct ActiveSegment {
+    file: File,
+    path: PathBuf,
+    /// Block-aligned offset of the next flush.
+    write_pos: u64,
+}
+
+impl ActiveSegment {
+    /// Reopen an existing segment for appending after its last record, at `end`.
+    pub(crate) fn reopen(path: &Path, end: u64, direct: bool) -> Result<(Self, bool), WalError> {
+        let (file, direct) = open_write(path, direct)?;
+        let active = ActiveSegment {
+            file,
+            path: path.to_path_buf(),
+            write_pos: align_up(end as usize, BLOCK) as u64,
+        };
+        Ok((active, direct))
+    }
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    io: Box<dyn LogIo>,
+    active: ActiveSegment,
+    direct_io: bool,
+    /// For parts of a batch that do not start at the buffer's start (segment roll-over).
+    scratch: AlignedBuf,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        io: Box<dyn LogIo>,
+        active: ActiveSegment,
+        direct_io: bool,
+    ) -> Self {
+        let scratch = AlignedBuf::new(shared.options.max_batch_bytes);
+        Self {
+            shared,
+            io,
+            active,
+            direct_io,
+            scratch,
+        }
+    }
+
+    /// Start the writer thread.
+    pub(crate) fn spawn(mut self) -> Result<std::thread::JoinHandle<()>, WalError> {
+        let dir = self.shared.dir.clone();
+        std::thread::Builder::new()
+            .name("parley-wal".into())
+            .spawn(move || self.run())
+            .map_err(|e| WalError::io("start writer thread for", dir, e))
+    }
+
+    fn run(&mut self) {
+        while let Some(mut batch) = self.next_batch() {
+            let result = self.flush(&mut batch);
+            self.return_spare(batch, result);
+            if self.shared.poison.get().is_some() {
+                self.refuse_work_until_closed();
+                return;
+            }
+        }
+    }
+
+    /// Wait for pending records and take them, swapping in the spare; run commands
+    /// meanwhile. `None` once the log is closing and nothing is pending.
+    fn next_batch(&mut self) -> Option<Batch> {
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        loop {
+            if let Some(Command::TruncateAfter(lsn)) = state.command.take() {
+                let result = self.truncate_after(lsn, &mut state);
+                state.command_result = Some(result);
+                shared.command_done.notify_all();
+                continue;
+            }
+            if !state.pending.buf.is_empty() {
+                break;
+            }
+            if state.closing {
+                return None;
+            }
+            state = shared.wait(&shared.work_ready, state);
+        }
+        let spare = state
+            .spare
+            .take()
+            .expect("the writer returns the spare after each flush");
+        let batch = std::mem::replace(&mut state.pending, spare);
+        state.flushing = true;
+        drop(state);
+        shared.room_ready.notify_all();
+        Some(batch)
+    }
+
+    /// Hand the flushed buffer back as the spare; a failed flush poisons the log.
+    fn return_spare(&mut self, mut batch: Batch, flushed: Result<(), WalError>) {
+        let mut state = self.shared.lock();
+        state.flushing = false;
+        batch.clear();
+        state.spare = Some(batch);
+        if let Err(error) = flushed {
+            let _first_failure_wins = self.shared.poison.set(error.to_string().into());
+        }
+        drop(state);
+        self.shared.room_ready.notify_all();
+    }
+
+    /// After a poison: wake every waiter to see it, and answer commands with it until
+    /// the log closes. Nothing is flushed after it.
+    fn refuse_work_until_closed(&mut self) {
+        let shared = self.shared.clone();
+        shared.publish_durable(shared.durable_lsn.load(Ordering::Acquire));
+        let mut state = shared.lock();
+        while !state.closing {
+            if state.command.take().is_some() {
+                state.command_result = shared.poisoned().map(Err);
+                shared.command_done.notify_all();
+            }
+            state = shared.wait(&shared.work_ready, state);
+        }
+    }
+
+    /// Make one batch durable: one write + fdatasync per segment it touches.
+    fn flush(&mut self, batch: &mut Batch) -> Result<(), WalError> {
+        let segment_size = self.shared.options.segment_size;
+        let len = batch.buf.len();
+        let mut start = 0usize;
+        let mut ends = batch.batch_ends.iter().copied().peekable();
+        while start < len {
+            let room = (segment_size - self.active.write_pos) as usize;
+            // The longest run of whole batches from `start` that fits the segment.
+            let mut chunk_end = None;
+            while let Some(&(end, last_lsn)) = ends.peek() {
+                if align_up(end - start, BLOCK) > room {
+                    break;
+                }
+                chunk_end = Some((end, last_lsn));
+                ends.next();
+            }
+            let Some((end, last_lsn)) = chunk_end else {
+                let first_lsn = first_lsn_at(batch.buf.as_slice(), start);
+                self.roll(first_lsn)?;
+                continue;
+            };
+            let whole = start == 0 && end == len;
+            let data: &mut AlignedBuf = if whole {
+                &mut batch.buf
+            } else {
+                self.scratch.clear();
+                self.scratch.full_mut()[..end - start]
+                    .copy_from_slice(&batch.buf.as_slice()[start..end]);
+                self.scratch.commit(end - start);
+                &mut self.scratch
+            };
+            set_flush_start(&mut data.full_mut()[..end - start]);
+            let offset = self.active.write_pos;
+            let blocks = data.padded_blocks();
+            self.io
+                .write_durable(&self.active.file, offset, blocks)
+                .map_err(|e| WalError::io("write and fdatasync", &self.active.path, e))?;
+            self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .bytes_written
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            self.active.write_pos += blocks.len() as u64;
+            let written = &data.as_slice()[..end - start];
+            if let Some(segment) = self.shared.segments_mut().last_mut() {
+                segment.index_written(written, offset);
+            }
+            self.shared.publish_durable(last_lsn);
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self, first_lsn: Lsn) -> Result<(), WalError> {
+        let (active, index, direct) = create_segment(
+            &self.shared.dir,
+            first_lsn,
+            &self.shared.options,
+            self.direct_io,
+            self.io.as_mut(),
+        )?;
+        self.direct_io = direct;
+        self.active = active;
+        self.shared.segments_mut().push(index);
+        Ok(())
+    }
+
+    /// Cut every record after `lsn`. Runs with nothing pending or in flight.
+    fn truncate_after(&mut self, lsn: Lsn, state: &mut State) -> Result<(), WalError> {
+        let (active, direct) = cut_after(&self.shared, lsn, self.direct_io)?;
+        self.direct_io = direct;
+        self.active = active;
+        state.next_lsn = lsn + 1;
+        self.shared.durable_lsn.store(lsn, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn first_lsn_at(buf: &[u8], offset: usize) -> Lsn {
+    match decode_record(&buf[offset..]) {
+        Decoded::Record(header, _) => header.lsn,
+        _ => unreachable!("the pending buffer holds only records this crate encoded"),
+    }
+}
+
+pub(crate) fn open_read(path: &Path) -> Result<File, WalError> {
+    File::open(path).map_err(|e| WalError::io("open", path, e))
+}
+
+/// Open a segment for writing, direct when asked and allowed. Returns whether it is direct.
+fn open_write(path: &Path, direct: bool) -> Result<(File, bool), WalError> {
+    if direct {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(file) => return Ok((file, true)),
+            // The filesystem refuses O_DIRECT (tmpfs on older kernels): buffered + fdatasync.
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(error) => return Err(WalError::io("open", path, error)),
+        }
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| WalError::io("open", path, e))?;
+    Ok((file, false))
+}
+
+/// Create, preallocate and header a new segment; make its name durable.
+pub(crate) fn create_segment(
+    dir: &Path,
+    first_lsn: Lsn,
+    options: &WalOptions,
+    direct: bool,
+    io: &mut dyn LogIo,
+) -> Result<(ActiveSegment, SegmentIndex, bool), WalError> {
+    let path = dir.join(segment_name(first_lsn));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| WalError::io("create", &path, e))?;
+    let (file, direct) = open_write(&path, direct)?;
+    preallocate(&file, options.segment_size).map_err(|e| WalError::io("preallocate", &path, e))?;
+    let mut header = AlignedBuf::new(SEGMENT_HEADER);
+    let bytes = encode_segment_header(&SegmentHeader {
+        first_lsn,
+        segment_size: options.segment_size,
+    });
+    header.full_mut()[..bytes.len()].copy_from_slice(&bytes);
+    header.commit(bytes.len());
+    io.write_durable(&file, 0, header.padded_blocks())
+        .map_err(|e| WalError::io("write header of", &path, e))?;
+    sync_dir(dir)?;
+    let index = SegmentIndex::empty(first_lsn, &path)?;
+    let active = ActiveSegment {
+        file,
+        path,
+        write_pos: SEGMENT_HEADER as u64,
+    };
+    Ok((active, index, direct))
+}
+
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a valid descriptor we own.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return file.set_len(size);
+    }
+    Err(error)
+}
