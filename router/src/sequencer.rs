@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use crate::chat_log::{ChatLog, LogError};
 use crate::clock::Now;
 use crate::command::{too_large_group, ChatCommand, Cursor, Page, Refusal, SendArgs};
-use crate::conversation::{Conversation, Role, Window};
+use crate::conversation::{Conversation, MessageKeep, Role, Window};
 use crate::event::{self, MoreAfter, ReceiptKind};
 use crate::limits::{ChatLimits, TYPING_TTL};
 use crate::output::{ConvSummary, Delivery, Origin, Output, Part};
@@ -264,19 +264,12 @@ impl Sequencer {
                         message.conv, message.seq, conversation.last_seq
                     )));
                 }
-                let sender = conversation
-                    .members
-                    .get_key_value(message.from.as_str())
-                    .map_or_else(|| Arc::from(message.from.as_str()), |(k, _)| k.clone());
-                conversation.push_message(
-                    message,
-                    lsn,
-                    event::msg(message),
-                    sender,
-                    self.window,
-                    self.limits.message_cache_per_conv,
-                    self.durable_lsn,
-                );
+                let keep = MessageKeep {
+                    dedupe: self.window,
+                    cache: self.limits.message_cache_per_conv,
+                    durable_lsn: self.durable_lsn,
+                };
+                conversation.push_message(message, lsn, event::msg(message), keep);
             }
             ChatRecord::Cursors(advances) => {
                 for advance in advances {
