@@ -233,7 +233,10 @@ impl Conversation {
         self.recent.push_back(event);
         while self.recent.len() > keep.cache {
             let oldest_seq = self.last_seq + 1 - self.recent.len() as u64;
-            if self.lsn_of(oldest_seq).is_none_or(|lsn| lsn > keep.durable_lsn) {
+            if self
+                .lsn_of(oldest_seq)
+                .is_none_or(|lsn| lsn > keep.durable_lsn)
+            {
                 break;
             }
             self.recent.pop_front();
@@ -243,13 +246,8 @@ impl Conversation {
             .members
             .get_key_value(message.from.as_str())
             .map_or_else(|| Arc::from(message.from.as_str()), |(k, _)| k.clone());
-        self.dedupe.insert(
-            sender,
-            &message.cmid,
-            message.seq,
-            message.ts,
-            keep.dedupe,
-        );
+        self.dedupe
+            .insert(sender, &message.cmid, message.seq, message.ts, keep.dedupe);
     }
 
     /// The cached encoded event of `seq`, if it is recent enough.

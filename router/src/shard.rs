@@ -28,7 +28,7 @@ use crate::output::{ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
 use crate::ownership::{conversation_home, user_home};
 use crate::protocol::{encode_ok, Doc};
 use crate::record::ConvKind;
-use crate::sequencer::{ApplyError, HomeCommand, Sequencer};
+use crate::sequencer::{ApplyError, HomeCommand, Sequencer, SyncShare};
 
 /// What crosses a ring between shards.
 #[derive(Debug)]
@@ -479,17 +479,16 @@ impl ShardCore {
                 list_unnamed,
                 per_conv,
             } => {
-                let result = self.sequencer.sync(
-                    origin,
+                let share = SyncShare {
+                    to: origin,
                     gather,
-                    &user,
-                    &device,
-                    &cursors,
+                    user: &user,
+                    device: &device,
+                    cursors: &cursors,
                     list_unnamed,
                     per_conv,
-                    &mut self.log,
-                    &mut self.turn,
-                );
+                };
+                let result = self.sequencer.sync(&share, &mut self.log, &mut self.turn);
                 if let Err(error) = result {
                     self.failed.get_or_insert(error);
                 }
