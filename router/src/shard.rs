@@ -85,6 +85,14 @@ enum GatherKind {
     Presence { order: Vec<String> },
 }
 
+/// A local session's command: where the reply goes and whose identity it carries.
+struct Asker {
+    origin: Origin,
+    re: u64,
+    user: Arc<str>,
+    device: Arc<str>,
+}
+
 #[derive(Debug)]
 struct Gather {
     conn: u64,
@@ -305,92 +313,84 @@ impl ShardCore {
         command: ChatCommand,
         now: Now,
     ) {
-        let origin = Origin {
-            shard: self.shard,
-            conn,
+        let asker = Asker {
+            origin: Origin {
+                shard: self.shard,
+                conn,
+            },
+            re,
+            user: self.intern(user),
+            device: Arc::from(device),
         };
-        let user = self.intern(user);
-        let device: Arc<str> = Arc::from(device);
         match command {
             ChatCommand::ConvList => {
                 let shards: Vec<usize> = (0..self.shards).collect();
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    GatherKind::List,
-                    &shards,
-                    |_| Query::List,
-                    now,
-                );
+                self.scatter(&asker, GatherKind::List, &shards, |_| Query::List, now);
             }
             ChatCommand::Sync { cursors } => {
-                self.start_replay(origin, re, &user, &device, GatherKind::Sync, &cursors, now)
+                self.start_replay(&asker, GatherKind::Sync, &cursors, now)
             }
-            ChatCommand::Resume { cursors } => self.start_replay(
-                origin,
-                re,
-                &user,
-                &device,
-                GatherKind::Resume,
-                &cursors,
-                now,
-            ),
-            ChatCommand::PresenceGet { users } => {
-                let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
-                for user in &users {
-                    by_home
-                        .entry(user_home(user, self.shards as u32) as usize)
-                        .or_default()
-                        .push(user.clone());
-                }
-                let mut shards: Vec<usize> = by_home.keys().copied().collect();
-                shards.sort_unstable();
-                let kind = GatherKind::Presence { order: users };
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    kind,
-                    &shards,
-                    |shard| Query::Presence {
-                        users: by_home.remove(&shard).unwrap_or_default(),
-                    },
-                    now,
-                );
+            ChatCommand::Resume { cursors } => {
+                self.start_replay(&asker, GatherKind::Resume, &cursors, now)
             }
-            command => {
-                let conv: Arc<str> = match (&command, command.conv()) {
-                    (_, Some(conv)) => Arc::from(conv),
-                    (
-                        ChatCommand::ConvCreate {
-                            kind: ConvKind::Direct,
-                            members,
-                            ..
-                        },
-                        None,
-                    ) => Arc::from(direct_conv_id(&user, &members[0])),
-                    _ => Arc::from(self.group_conv_id(now)),
-                };
-                let home = conversation_home(&conv, self.shards as u32) as usize;
-                let command = HomeCommand {
-                    origin,
-                    re,
-                    user,
-                    device,
-                    conv,
-                    command,
-                };
-                if home == self.shard {
-                    self.handle_home(command, now);
-                } else {
-                    self.outgoing[home].push_back(MeshEntry::Command(Box::new(command)));
-                }
-            }
+            ChatCommand::PresenceGet { users } => self.presence_get(&asker, users, now),
+            command => self.send_home(asker, command, now),
         }
         self.end_turn(now);
+    }
+
+    /// Ask the home shards of `users` for their presence.
+    fn presence_get(&mut self, asker: &Asker, users: Vec<String>, now: Now) {
+        let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
+        for user in &users {
+            by_home
+                .entry(user_home(user, self.shards as u32) as usize)
+                .or_default()
+                .push(user.clone());
+        }
+        let mut shards: Vec<usize> = by_home.keys().copied().collect();
+        shards.sort_unstable();
+        let kind = GatherKind::Presence { order: users };
+        let query = |shard| Query::Presence {
+            users: by_home.remove(&shard).unwrap_or_default(),
+        };
+        self.scatter(asker, kind, &shards, query, now);
+    }
+
+    /// A command of one conversation goes to its home shard (here, or over a ring).
+    fn send_home(&mut self, asker: Asker, command: ChatCommand, now: Now) {
+        let conv = self.conv_of(&asker.user, &command, now);
+        let home = conversation_home(&conv, self.shards as u32) as usize;
+        let command = HomeCommand {
+            origin: asker.origin,
+            re: asker.re,
+            user: asker.user,
+            device: asker.device,
+            conv,
+            command,
+        };
+        if home == self.shard {
+            self.handle_home(command, now);
+        } else {
+            self.outgoing[home].push_back(MeshEntry::Command(Box::new(command)));
+        }
+    }
+
+    /// The conversation a command is about; a `conv.create` names none, so its id is
+    /// derived (direct: from the two users) or drawn (group) here.
+    fn conv_of(&mut self, user: &str, command: &ChatCommand, now: Now) -> Arc<str> {
+        match (command, command.conv()) {
+            (_, Some(conv)) => Arc::from(conv),
+            (
+                ChatCommand::ConvCreate {
+                    kind: ConvKind::Direct,
+                    members,
+                    ..
+                },
+                None,
+            ) => Arc::from(direct_conv_id(user, &members[0])),
+            _ => Arc::from(self.group_conv_id(now)),
+        }
     }
 
     /// An entry from shard `from`'s ring.
@@ -523,17 +523,7 @@ impl ShardCore {
     /// sync, lists the rest). Every shard answers, even with nothing to replay: its answer
     /// comes after this shard's directory announcement, so live delivery from every shard
     /// is certain once `synced` arrives.
-    #[allow(clippy::too_many_arguments)]
-    fn start_replay(
-        &mut self,
-        origin: Origin,
-        re: u64,
-        user: &Arc<str>,
-        device: &Arc<str>,
-        kind: GatherKind,
-        cursors: &[Cursor],
-        now: Now,
-    ) {
+    fn start_replay(&mut self, asker: &Asker, kind: GatherKind, cursors: &[Cursor], now: Now) {
         let per_conv = self.replay_share(cursors.len());
         let list_unnamed = matches!(kind, GatherKind::Sync);
         let by_home = self.cursors_by_home(cursors);
@@ -543,17 +533,13 @@ impl ShardCore {
             list_unnamed,
             per_conv,
         };
-        self.scatter(origin, re, user, device, kind, &shards, query, now);
+        self.scatter(asker, kind, &shards, query, now);
     }
 
     /// Ask `shards` and answer the session once all have.
-    #[allow(clippy::too_many_arguments)]
     fn scatter(
         &mut self,
-        origin: Origin,
-        re: u64,
-        user: &Arc<str>,
-        device: &Arc<str>,
+        asker: &Asker,
         kind: GatherKind,
         shards: &[usize],
         mut query: impl FnMut(usize) -> Query,
@@ -561,6 +547,7 @@ impl ShardCore {
     ) {
         let gather = self.next_gather;
         self.next_gather += 1;
+        let origin = asker.origin;
         if matches!(kind, GatherKind::Sync | GatherKind::Resume) {
             self.replaying.entry(origin.conn).or_default().running += 1;
         }
@@ -568,7 +555,7 @@ impl ShardCore {
             gather,
             Gather {
                 conn: origin.conn,
-                re,
+                re: asker.re,
                 waiting: shards.len(),
                 kind,
                 convs: Vec::new(),
@@ -584,8 +571,8 @@ impl ShardCore {
             let scatter = Scatter {
                 gather,
                 origin,
-                user: user.clone(),
-                device: device.clone(),
+                user: asker.user.clone(),
+                device: asker.device.clone(),
                 query: query(shard),
             };
             if shard == self.shard {
