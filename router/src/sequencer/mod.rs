@@ -30,14 +30,16 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::chat_log::{ChatLog, LogError};
+use crate::chat_log::ChatLog;
 use crate::command::ChatCommand;
 use crate::conversation::{Conversation, Window};
 use crate::limits::ChatLimits;
 use crate::output::Origin;
+use crate::protocol::ErrorCode;
 use crate::record::{ChatRecord, DecodeError};
 
 pub use gather::SyncShare;
+use turn::Handled;
 
 /// A command for a conversation homed here.
 #[derive(Debug)]
@@ -117,18 +119,24 @@ impl Sequencer {
         self.durable_lsn = self.durable_lsn.max(lsn);
     }
 
-    /// Append a record and apply it. Log trouble comes back for the caller to answer.
+    /// Check a record against the state, append it, and apply it. A record that does not
+    /// fit is refused before the log holds it (a bug here, answered `internal`); log
+    /// trouble comes back for the caller to answer.
     fn commit(
         &mut self,
         log: &mut dyn ChatLog,
         ts: u64,
         record: &ChatRecord,
-    ) -> Result<u64, LogError> {
-        let lsn = log.append(ts, &record.encode())?;
-        if let Err(error) = self.apply(lsn, record) {
-            // The command was checked against this same state, so this is a bug here.
-            panic!("a record the sequencer just checked does not apply: {error}");
+    ) -> Result<u64, Handled> {
+        if let Err(what) = self.check(record) {
+            let msg = format!("the sequencer made a record that does not fit its state: {what}");
+            return Err(Handled::Refused((ErrorCode::Internal, msg)));
         }
+        let lsn = log.append(ts, &record.encode())?;
+        self.apply(lsn, record);
         Ok(lsn)
     }
 }
+
+#[cfg(test)]
+mod tests;

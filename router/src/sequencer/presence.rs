@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::turn::Handled;
 use super::Sequencer;
 use crate::chat_log::{ChatLog, LogError};
 use crate::record::ChatRecord;
@@ -26,12 +27,13 @@ impl Sequencer {
         };
         match self.commit(log, ts, &record) {
             Ok(_) => Ok(()),
-            // Last seen is best-effort: keep it in memory when the log is busy.
-            Err(LogError::Full) => {
+            // Last seen is best-effort: keep it in memory when the log is busy (a
+            // last-seen record always fits the state, so it is never refused).
+            Err(Handled::Log(LogError::Full) | Handled::Refused(_)) => {
                 self.last_seen.insert(Arc::from(user), ts);
                 Ok(())
             }
-            Err(error) => Err(error),
+            Err(Handled::Log(error)) => Err(error),
         }
     }
 

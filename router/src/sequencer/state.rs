@@ -60,7 +60,10 @@ impl Sequencer {
     pub fn replay(&mut self, lsn: u64, payload: &[u8]) -> Result<(), ApplyError> {
         let record =
             ChatRecord::decode(payload).map_err(|source| ApplyError::Decode { lsn, source })?;
+        self.check(&record)
+            .map_err(|what| ApplyError::Inconsistent { lsn, what })?;
         self.durable_lsn = lsn;
-        self.apply(lsn, &record)
+        self.apply(lsn, &record);
+        Ok(())
     }
 }

@@ -56,6 +56,7 @@ impl Request {
 pub type Refused = (ErrorCode, String);
 
 /// How a command ended when it did not simply succeed.
+#[derive(Debug)]
 pub enum Handled {
     Refused(Refused),
     Log(LogError),
