@@ -18,7 +18,7 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::chat_log::{ChatLog, LogError};
+use crate::chat_log::{ChatLog, LogError, MIN_RECORD_BYTES};
 use crate::clock::Now;
 use crate::command::{ChatCommand, Cursor};
 use crate::directory::{shards_in, Directory, PresenceChange, MAX_SHARDS};
@@ -132,6 +132,10 @@ impl ChatLog for TrackedLog {
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {
         self.inner.read(lsn)
     }
+
+    fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes()
+    }
 }
 
 /// Entries waiting for one destination's ring beyond which typing and presence for it
@@ -187,6 +191,11 @@ impl ShardCore {
         assert!(
             shards <= MAX_SHARDS && shard < shards,
             "shard {shard} of {shards}"
+        );
+        assert!(
+            log.max_record_bytes() >= MIN_RECORD_BYTES,
+            "a log that takes records of {} bytes at most",
+            log.max_record_bytes()
         );
         Self {
             shard,
@@ -748,6 +757,8 @@ impl ShardCore {
         let flushed = match self.sequencer.flush_cursors(now, &mut self.log) {
             Ok(_) => true,
             Err(LogError::Full) => false,
+            // Cursor records are split to fit the log's limit, so a `TooLarge` here is
+            // the log breaking its word: as failed as any other error.
             Err(error) => {
                 self.failed.get_or_insert(error);
                 false

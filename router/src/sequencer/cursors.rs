@@ -2,13 +2,13 @@
 //! written to the log coalesced, once per turn.
 
 use super::turn::{deliver, Empty, Handled, Request};
-use super::Sequencer;
+use super::{CursorKey, Sequencer};
 use crate::chat_log::{ChatLog, LogError};
 use crate::clock::Now;
 use crate::event::{self, ReceiptKind};
 use crate::output::Output;
 use crate::protocol::ErrorCode;
-use crate::record::{ChatRecord, CursorAdvance};
+use crate::record::{encoded_len, ChatRecord, CursorAdvance, CURSORS_RECORD_OVERHEAD};
 
 impl Sequencer {
     /// `ack` (`read` false) or `read`.
@@ -50,7 +50,9 @@ impl Sequencer {
         Ok(())
     }
 
-    /// Write the turn's cursor advances as one record. Returns its LSN, if one was written.
+    /// Write the turn's cursor advances, in as few records as the log's limit allows.
+    /// Returns the last record's LSN, if one was written. When the log refuses a record,
+    /// the advances of those before it are written and the rest wait for the next try.
     pub fn flush_cursors(
         &mut self,
         now: Now,
@@ -59,22 +61,64 @@ impl Sequencer {
         if self.dirty_cursors.is_empty() {
             return Ok(None);
         }
-        let advances: Vec<CursorAdvance> = self
+        let max = log.max_record_bytes();
+        let (keys, mut advances): (Vec<CursorKey>, Vec<CursorAdvance>) = self
             .dirty_cursors
             .iter()
-            .map(|((conv, user, device), seq)| CursorAdvance {
-                conv: conv.to_string(),
-                user: user.to_string(),
-                device: device.as_ref().map(|d| d.to_string()),
-                seq: *seq,
-            })
-            .collect();
-        let lsn = log.append(now.unix_ms, &ChatRecord::Cursors(advances).encode())?;
+            .map(|(key, seq)| (key.clone(), advance_of(key, *seq)))
+            .unzip();
+        let mut written = 0;
+        let mut last_lsn = None;
+        for len in record_lengths(&advances, max) {
+            let payload = ChatRecord::Cursors(advances.drain(..len).collect()).encode();
+            debug_assert!(payload.len() <= max, "cursor records fit the log");
+            match log.append(now.unix_ms, &payload) {
+                Ok(lsn) => {
+                    last_lsn = Some(lsn);
+                    written += len;
+                }
+                Err(error) => {
+                    for key in &keys[..written] {
+                        self.dirty_cursors.remove(key);
+                    }
+                    return Err(error);
+                }
+            }
+        }
         self.dirty_cursors.clear();
-        Ok(Some(lsn))
+        Ok(last_lsn)
     }
 
     pub fn has_dirty_cursors(&self) -> bool {
         !self.dirty_cursors.is_empty()
     }
+}
+
+fn advance_of((conv, user, device): &CursorKey, seq: u64) -> CursorAdvance {
+    CursorAdvance {
+        conv: conv.to_string(),
+        user: user.to_string(),
+        device: device.as_ref().map(|d| d.to_string()),
+        seq,
+    }
+}
+
+/// How many of `advances`, in order, go in each record so that every record stays
+/// within `max` bytes (one advance always fits: see `MIN_RECORD_BYTES`).
+fn record_lengths(advances: &[CursorAdvance], max: usize) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    let (mut len, mut bytes) = (0, CURSORS_RECORD_OVERHEAD);
+    for advance in advances {
+        let size = encoded_len(advance);
+        if len > 0 && bytes + size > max {
+            lengths.push(len);
+            (len, bytes) = (0, CURSORS_RECORD_OVERHEAD);
+        }
+        len += 1;
+        bytes += size;
+    }
+    if len > 0 {
+        lengths.push(len);
+    }
+    lengths
 }

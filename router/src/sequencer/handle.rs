@@ -129,6 +129,11 @@ fn answer_failure(
             );
             Ok(())
         }
+        Handled::Log(LogError::TooLarge { size, max }) => {
+            let msg = format!("the change takes {size} bytes; the log takes {max} at most");
+            request.err(out, ErrorCode::TooLarge, &msg);
+            Ok(())
+        }
         Handled::Log(LogError::Missing(lsn)) => {
             request.err(
                 out,

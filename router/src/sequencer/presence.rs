@@ -27,9 +27,9 @@ impl Sequencer {
         };
         match self.commit(log, ts, &record) {
             Ok(_) => Ok(()),
-            // Last seen is best-effort: keep it in memory when the log is busy (a
-            // last-seen record always fits the state, so it is never refused).
-            Err(Handled::Log(LogError::Full) | Handled::Refused(_)) => {
+            // Last seen is best-effort: keep it in memory when the log does not take it
+            // now (a last-seen record always fits the state, so it is never refused).
+            Err(Handled::Log(LogError::Full | LogError::TooLarge { .. }) | Handled::Refused(_)) => {
                 self.last_seen.insert(Arc::from(user), ts);
                 Ok(())
             }
