@@ -2,7 +2,7 @@
 //! small enough to reach: a record larger than the log takes is refused with `too_large`,
 //! cursor advances are split into records that fit, and nothing fail-stops the shard.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +20,24 @@ use serde_json::Value;
 /// The WAL's batch limit here: a record's payload may be 4064 bytes at most.
 const BATCH: usize = 4096;
 const MEMBERS: usize = 60;
+
+/// A directory of its own under the system's temporary one, removed at the end.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("parley-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 fn now() -> Now {
     Now {
@@ -110,8 +128,8 @@ fn send(conv: &str, cmid: &str, body: String) -> ChatCommand {
 
 #[test]
 fn records_beyond_the_wal_batch_limit_are_refused_or_split_never_fatal() {
-    let dir = tempfile::tempdir().expect("a scratch directory");
-    let wal = open(dir.path());
+    let dir = ScratchDir::new("wal-log");
+    let wal = open(&dir.0);
     let mut core = core_over(&wal);
     assert_eq!(WalLog(wal.clone()).max_record_bytes(), BATCH - 32);
     core.session_opened(1, &member(0), now());
@@ -187,7 +205,7 @@ fn records_beyond_the_wal_batch_limit_are_refused_or_split_never_fatal() {
     drop(wal);
 
     // A restart replays it all.
-    let wal = open(dir.path());
+    let wal = open(&dir.0);
     let mut core = core_over(&wal);
     for record in wal.iter(1, last) {
         let record = record.expect("readable");
