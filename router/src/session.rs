@@ -723,6 +723,11 @@ impl Session {
         }
         self.outbound_bytes += document.len();
         self.outbound.push_back(document);
+        debug_assert!(
+            self.outbound.len() <= limits.outbound_queue_len
+                && self.outbound_bytes <= limits.outbound_queue_bytes,
+            "the outbound queue stays within its bounds"
+        );
         Ok(())
     }
 

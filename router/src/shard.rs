@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::chat_log::{ChatLog, LogError, MIN_RECORD_BYTES};
 use crate::clock::Now;
-use crate::command::{ChatCommand, Cursor};
+use crate::command::{self, ChatCommand, Cursor};
 use crate::directory::{shards_in, Directory, PresenceChange, MAX_SHARDS};
 use crate::event::{self, MoreAfter};
 use crate::limits::ChatLimits;
@@ -125,6 +125,12 @@ struct TrackedLog {
 impl ChatLog for TrackedLog {
     fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
         let lsn = self.inner.append(timestamp, payload)?;
+        // The log hands out LSNs in order, one per record, after those recovered.
+        assert!(
+            lsn > self.last_appended,
+            "the log handed out LSN {lsn} after {}",
+            self.last_appended
+        );
         self.last_appended = lsn;
         Ok(lsn)
     }
@@ -322,6 +328,17 @@ impl ShardCore {
         command: ChatCommand,
         now: Now,
     ) {
+        // The session layer hands over commands of sessions opened here, as they
+        // authenticated, and only commands within the limits (`command::parse`).
+        debug_assert_eq!(
+            self.sessions.get(&conn).map(|u| &**u),
+            Some(user),
+            "a request of connection {conn}, which is not {user}'s session here"
+        );
+        debug_assert!(
+            command::check(&command, &self.limits).is_ok(),
+            "an unchecked command: {command:?}"
+        );
         let asker = Asker {
             origin: Origin {
                 shard: self.shard,
@@ -418,6 +435,12 @@ impl ShardCore {
 
     /// The log is durable up to `lsn`: release what waited for it.
     pub fn on_durable(&mut self, lsn: u64) {
+        // Only what was appended can be durable.
+        assert!(
+            lsn <= self.log.last_appended,
+            "durable LSN {lsn} is past the last appended, {}",
+            self.log.last_appended
+        );
         if lsn <= self.durable_lsn {
             return;
         }
@@ -788,6 +811,18 @@ impl ShardCore {
             }
         }
         self.turn = turn;
+        debug_assert!(self.held_in_log_order(), "held outputs leave in order");
+    }
+
+    /// Held outputs wait for LSNs that never decrease along the queue and were all
+    /// appended (or for the cursor record not written yet, at the tail).
+    fn held_in_log_order(&self) -> bool {
+        let needs = self.held.iter().map(|(needed, _)| *needed);
+        needs.clone().zip(needs.skip(1)).all(|(a, b)| a <= b)
+            && self
+                .held
+                .iter()
+                .all(|(needed, _)| *needed == AWAITING_FLUSH || *needed <= self.log.last_appended)
     }
 
     fn route(&mut self, output: Output) {

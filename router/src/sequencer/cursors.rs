@@ -3,7 +3,7 @@
 
 use super::turn::{deliver, Empty, Handled, Request};
 use super::{CursorKey, Sequencer};
-use crate::chat_log::{ChatLog, LogError};
+use crate::chat_log::{ChatLog, LogError, MIN_RECORD_BYTES};
 use crate::clock::Now;
 use crate::event::{self, ReceiptKind};
 use crate::output::Output;
@@ -62,6 +62,7 @@ impl Sequencer {
             return Ok(None);
         }
         let max = log.max_record_bytes();
+        debug_assert!(max >= MIN_RECORD_BYTES, "a log takes {max} bytes at most");
         let (keys, mut advances): (Vec<CursorKey>, Vec<CursorAdvance>) = self
             .dirty_cursors
             .iter()

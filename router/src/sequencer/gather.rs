@@ -59,6 +59,7 @@ impl Sequencer {
         log: &mut dyn ChatLog,
         out: &mut Vec<Output>,
     ) -> Result<(), LogError> {
+        let outputs_before = out.len();
         let mut more = Vec::new();
         for cursor in share.cursors {
             if let Some(stopped) = self.replay_after(share, cursor, log, out)? {
@@ -71,6 +72,12 @@ impl Sequencer {
         } else {
             Vec::new()
         };
+        // A replay stays within its share: per_conv messages per named conversation.
+        debug_assert!(
+            out.len() - outputs_before <= share.cursors.len() * share.per_conv,
+            "a sync replays {} messages at most",
+            share.cursors.len() * share.per_conv
+        );
         out.push(Output::Part {
             shard: share.to.shard,
             gather: share.gather,

@@ -7,7 +7,7 @@ use crate::chat_log::{ChatLog, LogError};
 use crate::clock::Now;
 use crate::command::ChatCommand;
 use crate::conversation::Conversation;
-use crate::output::Output;
+use crate::output::{Origin, Output};
 use crate::protocol::ErrorCode;
 use crate::record::{ConvKind, MemberChange};
 
@@ -35,11 +35,19 @@ impl Sequencer {
             device,
             conv,
         };
+        let silent = matches!(command, ChatCommand::Typing { .. });
+        let outputs_before = out.len();
         let mut turn = Turn { now, log, out };
-        match self.dispatch(&request, command, &mut turn) {
+        let result = match self.dispatch(&request, command, &mut turn) {
             Ok(()) => Ok(()),
             Err(handled) => answer_failure(&request, handled, turn.out),
-        }
+        };
+        let replies = replies(&turn.out[outputs_before..], request.origin);
+        debug_assert!(
+            replies == 1 || (silent && replies == 0),
+            "a command gets one reply (typing none, unless refused), not {replies}"
+        );
+        result
     }
 
     fn dispatch(
@@ -108,6 +116,15 @@ impl Sequencer {
         }
         Ok(conversation)
     }
+}
+
+/// Documents for `origin` among `outputs`: a home command's replies (its events are
+/// deliveries).
+fn replies(outputs: &[Output], origin: Origin) -> usize {
+    outputs
+        .iter()
+        .filter(|output| matches!(output, Output::ToSession { to, .. } if *to == origin))
+        .count()
 }
 
 /// The reply to a command that did not succeed; a failed log also stops the shard.

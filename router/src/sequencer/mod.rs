@@ -133,6 +133,12 @@ impl Sequencer {
             return Err(Handled::Refused((ErrorCode::Internal, msg)));
         }
         let lsn = log.append(ts, &record.encode())?;
+        // A record just appended is beyond everything durable.
+        assert!(
+            lsn > self.durable_lsn,
+            "LSN {lsn} appended, {} durable",
+            self.durable_lsn
+        );
         self.apply(lsn, record);
         Ok(lsn)
     }

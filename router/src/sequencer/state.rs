@@ -58,6 +58,10 @@ impl Sequencer {
 
     /// Apply a record read back from the log at recovery.
     pub fn replay(&mut self, lsn: u64, payload: &[u8]) -> Result<(), ApplyError> {
+        if lsn <= self.durable_lsn {
+            let what = format!("replayed after LSN {}", self.durable_lsn);
+            return Err(ApplyError::Inconsistent { lsn, what });
+        }
         let record =
             ChatRecord::decode(payload).map_err(|source| ApplyError::Decode { lsn, source })?;
         self.check(&record)
