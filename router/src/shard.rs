@@ -24,7 +24,7 @@ use crate::command::{self, ChatCommand, Cursor};
 use crate::directory::{shards_in, Directory, PresenceChange, MAX_SHARDS};
 use crate::event::{self, MoreAfter};
 use crate::limits::ChatLimits;
-use crate::output::{ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
+use crate::output::{Caller, ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
 use crate::ownership::{conversation_home, user_home};
 use crate::protocol::{encode_ok, Doc};
 use crate::record::ConvKind;
@@ -83,14 +83,6 @@ enum GatherKind {
     Sync,
     Resume,
     Presence { order: Vec<String> },
-}
-
-/// A local session's command: where the reply goes and whose identity it carries.
-struct Asker {
-    origin: Origin,
-    re: u64,
-    user: Arc<str>,
-    device: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -339,7 +331,7 @@ impl ShardCore {
             command::check(&command, &self.limits).is_ok(),
             "an unchecked command: {command:?}"
         );
-        let asker = Asker {
+        let caller = Caller {
             origin: Origin {
                 shard: self.shard,
                 conn,
@@ -351,22 +343,22 @@ impl ShardCore {
         match command {
             ChatCommand::ConvList => {
                 let shards: Vec<usize> = (0..self.shards).collect();
-                self.scatter(&asker, GatherKind::List, &shards, |_| Query::List, now);
+                self.scatter(&caller, GatherKind::List, &shards, |_| Query::List, now);
             }
             ChatCommand::Sync { cursors } => {
-                self.start_replay(&asker, GatherKind::Sync, &cursors, now)
+                self.start_replay(&caller, GatherKind::Sync, &cursors, now)
             }
             ChatCommand::Resume { cursors } => {
-                self.start_replay(&asker, GatherKind::Resume, &cursors, now)
+                self.start_replay(&caller, GatherKind::Resume, &cursors, now)
             }
-            ChatCommand::PresenceGet { users } => self.presence_get(&asker, users, now),
-            command => self.send_home(asker, command, now),
+            ChatCommand::PresenceGet { users } => self.presence_get(&caller, users, now),
+            command => self.send_home(caller, command, now),
         }
         self.end_turn(now);
     }
 
     /// Ask the home shards of `users` for their presence.
-    fn presence_get(&mut self, asker: &Asker, users: Vec<String>, now: Now) {
+    fn presence_get(&mut self, caller: &Caller, users: Vec<String>, now: Now) {
         let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
         for user in &users {
             by_home
@@ -380,18 +372,15 @@ impl ShardCore {
         let query = |shard| Query::Presence {
             users: by_home.remove(&shard).unwrap_or_default(),
         };
-        self.scatter(asker, kind, &shards, query, now);
+        self.scatter(caller, kind, &shards, query, now);
     }
 
     /// A command of one conversation goes to its home shard (here, or over a ring).
-    fn send_home(&mut self, asker: Asker, command: ChatCommand, now: Now) {
-        let conv = self.conv_of(&asker.user, &command, now);
+    fn send_home(&mut self, caller: Caller, command: ChatCommand, now: Now) {
+        let conv = self.conv_of(&caller.user, &command, now);
         let home = conversation_home(&conv, self.shards as u32) as usize;
         let command = HomeCommand {
-            origin: asker.origin,
-            re: asker.re,
-            user: asker.user,
-            device: asker.device,
+            caller,
             conv,
             command,
         };
@@ -555,7 +544,7 @@ impl ShardCore {
     /// sync, lists the rest). Every shard answers, even with nothing to replay: its answer
     /// comes after this shard's directory announcement, so live delivery from every shard
     /// is certain once `synced` arrives.
-    fn start_replay(&mut self, asker: &Asker, kind: GatherKind, cursors: &[Cursor], now: Now) {
+    fn start_replay(&mut self, caller: &Caller, kind: GatherKind, cursors: &[Cursor], now: Now) {
         let per_conv = self.replay_share(cursors.len());
         let list_unnamed = matches!(kind, GatherKind::Sync);
         let by_home = self.cursors_by_home(cursors);
@@ -565,13 +554,13 @@ impl ShardCore {
             list_unnamed,
             per_conv,
         };
-        self.scatter(asker, kind, &shards, query, now);
+        self.scatter(caller, kind, &shards, query, now);
     }
 
     /// Ask `shards` and answer the session once all have.
     fn scatter(
         &mut self,
-        asker: &Asker,
+        caller: &Caller,
         kind: GatherKind,
         shards: &[usize],
         mut query: impl FnMut(usize) -> Query,
@@ -579,7 +568,7 @@ impl ShardCore {
     ) {
         let gather = self.next_gather;
         self.next_gather += 1;
-        let origin = asker.origin;
+        let origin = caller.origin;
         if matches!(kind, GatherKind::Sync | GatherKind::Resume) {
             self.replaying.entry(origin.conn).or_default().running += 1;
         }
@@ -587,7 +576,7 @@ impl ShardCore {
             gather,
             Gather {
                 conn: origin.conn,
-                re: asker.re,
+                re: caller.re,
                 waiting: shards.len(),
                 kind,
                 convs: Vec::new(),
@@ -603,8 +592,8 @@ impl ShardCore {
             let scatter = Scatter {
                 gather,
                 origin,
-                user: asker.user.clone(),
-                device: asker.device.clone(),
+                user: caller.user.clone(),
+                device: caller.device.clone(),
                 query: query(shard),
             };
             if shard == self.shard {

@@ -10,7 +10,7 @@ use parley_router::chat_log::{ChatLog, WalLog};
 use parley_router::clock::Now;
 use parley_router::command::{ChatCommand, SendArgs};
 use parley_router::limits::ChatLimits;
-use parley_router::output::Origin;
+use parley_router::output::{Caller, Origin};
 use parley_router::record::{ChatRecord, ConvKind, MessageKind};
 use parley_router::sequencer::HomeCommand;
 use parley_router::shard::{MeshEntry, ShardCore};
@@ -98,7 +98,7 @@ fn cursor_turn(conv: &str) -> Vec<(usize, MeshEntry)> {
                     seq: 1,
                 }
             };
-            let home = HomeCommand {
+            let caller = Caller {
                 origin: Origin {
                     shard: 0,
                     conn: 100 + i as u64,
@@ -106,7 +106,11 @@ fn cursor_turn(conv: &str) -> Vec<(usize, MeshEntry)> {
                 re: 1,
                 user: Arc::from(member(i)),
                 device: Arc::from(device),
-                conv: Arc::from(conv),
+            };
+            let conv = Arc::from(conv);
+            let home = HomeCommand {
+                caller,
+                conv,
                 command,
             };
             entries.push((0, MeshEntry::Command(Box::new(home))));

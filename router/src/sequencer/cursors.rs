@@ -19,7 +19,7 @@ impl Sequencer {
         read: bool,
         out: &mut Vec<Output>,
     ) -> Result<(), Handled> {
-        let (conv, user, device) = (&request.conv, &request.user, &request.device);
+        let (conv, user, device) = (&request.conv, &request.caller.user, &request.caller.device);
         let conversation = self.member_of(conv, user)?;
         if seq > conversation.last_seq {
             return Err(Handled::Refused((
@@ -46,7 +46,7 @@ impl Sequencer {
             self.dirty_cursors
                 .insert((conv.clone(), user.clone(), None), seq);
         }
-        request.ok(out, &Empty {});
+        request.caller.ok(out, &Empty {});
         Ok(())
     }
 

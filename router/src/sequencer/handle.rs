@@ -21,20 +21,11 @@ impl Sequencer {
         out: &mut Vec<Output>,
     ) -> Result<(), LogError> {
         let HomeCommand {
-            origin,
-            re,
-            user,
-            device,
+            caller,
             conv,
             command,
         } = command;
-        let request = Request {
-            origin,
-            re,
-            user,
-            device,
-            conv,
-        };
+        let request = Request { caller, conv };
         let silent = matches!(command, ChatCommand::Typing { .. });
         let outputs_before = out.len();
         let mut turn = Turn { now, log, out };
@@ -42,7 +33,7 @@ impl Sequencer {
             Ok(()) => Ok(()),
             Err(handled) => answer_failure(&request, handled, turn.out),
         };
-        let replies = replies(&turn.out[outputs_before..], request.origin);
+        let replies = replies(&turn.out[outputs_before..], request.caller.origin);
         debug_assert!(
             replies == 1 || (silent && replies == 0),
             "a command gets one reply (typing none, unless refused), not {replies}"
@@ -68,7 +59,7 @@ impl Sequencer {
                 self.member_remove(request, users, MemberChange::Removed, turn)
             }
             ChatCommand::ConvLeave { .. } => {
-                let leaving = vec![request.user.to_string()];
+                let leaving = vec![request.caller.user.to_string()];
                 self.member_remove(request, leaving, MemberChange::Left, turn)
             }
             ChatCommand::Send(args) => self.send(request, *args, turn),
@@ -135,11 +126,11 @@ fn answer_failure(
 ) -> Result<(), LogError> {
     match handled {
         Handled::Refused((code, msg)) => {
-            request.err(out, code, &msg);
+            request.caller.err(out, code, &msg);
             Ok(())
         }
         Handled::Log(LogError::Full) => {
-            request.err(
+            request.caller.err(
                 out,
                 ErrorCode::Unavailable,
                 "the log is busy; retry the same command",
@@ -148,11 +139,11 @@ fn answer_failure(
         }
         Handled::Log(LogError::TooLarge { size, max }) => {
             let msg = format!("the change takes {size} bytes; the log takes {max} at most");
-            request.err(out, ErrorCode::TooLarge, &msg);
+            request.caller.err(out, ErrorCode::TooLarge, &msg);
             Ok(())
         }
         Handled::Log(LogError::Missing(lsn)) => {
-            request.err(
+            request.caller.err(
                 out,
                 ErrorCode::Internal,
                 &format!("log record {lsn} is missing"),
@@ -160,7 +151,7 @@ fn answer_failure(
             Ok(())
         }
         Handled::Log(error) => {
-            request.err(
+            request.caller.err(
                 out,
                 ErrorCode::Unavailable,
                 "the log failed; retry elsewhere",

@@ -56,7 +56,7 @@ impl Sequencer {
             conv: request.conv.to_string(),
             kind,
             title: if kind == ConvKind::Group { title } else { None },
-            creator: request.user.to_string(),
+            creator: request.caller.user.to_string(),
             members,
             ts: turn.now.unix_ms,
         };
@@ -73,7 +73,7 @@ impl Sequencer {
         members: Vec<String>,
     ) -> Result<Vec<String>, Handled> {
         let mut all: BTreeSet<String> = members.into_iter().collect();
-        all.insert(request.user.to_string());
+        all.insert(request.caller.user.to_string());
         if all.len() > self.limits.max_group_members {
             return Err(too_large_group(&self.limits).into());
         }
@@ -91,7 +91,7 @@ impl Sequencer {
         let conv = &request.conv;
         let conversation = &self.convs[conv];
         let kind = conversation.kind.as_str();
-        request.ok(
+        request.caller.ok(
             out,
             &Created {
                 conv,
@@ -103,7 +103,7 @@ impl Sequencer {
         let others: Arc<[Arc<str>]> = conversation
             .members
             .keys()
-            .filter(|member| **member != request.user)
+            .filter(|member| **member != request.caller.user)
             .cloned()
             .collect();
         let title = conversation.title.as_deref();
@@ -127,7 +127,7 @@ impl Sequencer {
             last_seq: u64,
         }
         let conv = &request.conv;
-        let conversation = self.member_of(conv, &request.user)?;
+        let conversation = self.member_of(conv, &request.caller.user)?;
         let members = conversation
             .members
             .iter()
@@ -136,7 +136,7 @@ impl Sequencer {
                 role: member.role,
             })
             .collect();
-        request.ok(
+        request.caller.ok(
             out,
             &ConvView {
                 conv,
@@ -155,7 +155,7 @@ impl Sequencer {
         users: Vec<String>,
         turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
-        let (conv, user) = (&request.conv, &request.user);
+        let (conv, user) = (&request.conv, &request.caller.user);
         let conversation = self.admin_of_group(conv, user)?;
         let added: Vec<String> = users
             .into_iter()
@@ -177,7 +177,7 @@ impl Sequencer {
             self.commit(turn.log, turn.now.unix_ms, &record)?;
         }
         let conversation = &self.convs[conv];
-        request.ok(turn.out, &MembersReply::of(conversation));
+        request.caller.ok(turn.out, &MembersReply::of(conversation));
         let everyone = conversation.members_shared();
         for added_user in &added {
             let doc = event::member(conv, added_user, MemberChange::Added, user);
@@ -204,7 +204,7 @@ impl Sequencer {
         change: MemberChange,
         turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
-        let (conv, user) = (&request.conv, &request.user);
+        let (conv, user) = (&request.conv, &request.caller.user);
         let conversation = if change == MemberChange::Left {
             let conversation = self.member_of(conv, user)?;
             if conversation.kind == ConvKind::Direct {
@@ -237,9 +237,9 @@ impl Sequencer {
         }
         let conversation = &self.convs[conv];
         if change == MemberChange::Left {
-            request.ok(turn.out, &Empty {});
+            request.caller.ok(turn.out, &Empty {});
         } else {
-            request.ok(turn.out, &MembersReply::of(conversation));
+            request.caller.ok(turn.out, &MembersReply::of(conversation));
         }
         for removed_user in &removed {
             let doc = event::member(conv, removed_user, change, user);
@@ -258,8 +258,8 @@ fn created_before(
     existing: &Conversation,
     out: &mut Vec<Output>,
 ) -> Result<(), Handled> {
-    if kind == ConvKind::Direct && existing.is_member(&request.user) {
-        request.ok(
+    if kind == ConvKind::Direct && existing.is_member(&request.caller.user) {
+        request.caller.ok(
             out,
             &Created {
                 conv: &request.conv,

@@ -33,13 +33,13 @@ impl Sequencer {
         args: SendArgs,
         turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
-        let conversation = self.member_of(&args.conv, &request.user)?;
-        if let Some((seq, ts)) = conversation.dedupe.get(&request.user, &args.cmid) {
+        let conversation = self.member_of(&args.conv, &request.caller.user)?;
+        if let Some((seq, ts)) = conversation.dedupe.get(&request.caller.user, &args.cmid) {
             self.stats.duplicates += 1;
             let mid = format!("{}#{seq}", args.conv);
             let conv = &args.conv;
             let dup = true;
-            request.ok(
+            request.caller.ok(
                 turn.out,
                 &Sent {
                     conv,
@@ -51,7 +51,7 @@ impl Sequencer {
             );
             return Ok(());
         }
-        let message = next_message(conversation, &request.user, args, turn.now)?;
+        let message = next_message(conversation, &request.caller.user, args, turn.now)?;
         let record = ChatRecord::Message(message);
         let ChatRecord::Message(message) = &record else {
             unreachable!("built above as a message");
@@ -72,7 +72,7 @@ impl Sequencer {
             ts: message.ts,
             dup: false,
         };
-        request.ok(out, &sent);
+        request.caller.ok(out, &sent);
         let doc = conversation
             .cached(message.seq)
             .cloned()
@@ -124,7 +124,7 @@ impl Sequencer {
             more: bool,
         }
         let conv: &str = &request.conv;
-        let conversation = self.member_of(conv, &request.user)?;
+        let conversation = self.member_of(conv, &request.caller.user)?;
         let (first, end, more) = page_bounds(page, limit as u64, conversation.last_seq);
         let mut docs = Vec::new();
         if end >= first {
@@ -137,7 +137,7 @@ impl Sequencer {
             .iter()
             .filter_map(|doc| serde_json::from_str::<&RawValue>(doc).ok())
             .collect();
-        request.ok(turn.out, &HistoryPage { msgs, more });
+        request.caller.ok(turn.out, &HistoryPage { msgs, more });
         Ok(())
     }
 
@@ -149,7 +149,7 @@ impl Sequencer {
         on: bool,
         turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
-        let (conv, user) = (&request.conv, &request.user);
+        let (conv, user) = (&request.conv, &request.caller.user);
         let conversation = self.member_of(conv, user)?;
         check_reaction(conversation, seq, &emoji, on)?;
         if conversation.has_reaction(seq, user, &emoji) != on {
@@ -165,7 +165,7 @@ impl Sequencer {
             let doc = event::reaction(conv, seq, user, &emoji, on);
             deliver(turn.out, members, None, doc, false);
         }
-        request.ok(turn.out, &Empty {});
+        request.caller.ok(turn.out, &Empty {});
         Ok(())
     }
 }

@@ -34,7 +34,7 @@ use crate::chat_log::ChatLog;
 use crate::command::ChatCommand;
 use crate::conversation::{Conversation, Window};
 use crate::limits::ChatLimits;
-use crate::output::Origin;
+use crate::output::Caller;
 use crate::protocol::ErrorCode;
 use crate::record::{ChatRecord, DecodeError};
 
@@ -44,10 +44,7 @@ use turn::Handled;
 /// A command for a conversation homed here.
 #[derive(Debug)]
 pub struct HomeCommand {
-    pub origin: Origin,
-    pub re: u64,
-    pub user: Arc<str>,
-    pub device: Arc<str>,
+    pub caller: Caller,
     /// The conversation (for `conv.create`, the id the origin chose or derived).
     pub conv: Arc<str>,
     pub command: ChatCommand,

@@ -2,8 +2,8 @@
 //!
 //! Every command handler used to take the clock, the log and the output sink one by one,
 //! next to who asked and where the reply goes. Those are two values: a [`Turn`] (the
-//! shard's loop turn this command is served in) and a [`Request`] (everything of a
-//! [`HomeCommand`](super::HomeCommand) but the command itself).
+//! shard's loop turn this command is served in) and a [`Request`] (the caller, and the
+//! conversation asked about).
 
 use std::sync::Arc;
 
@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::chat_log::{ChatLog, LogError};
 use crate::clock::Now;
 use crate::command::Refusal;
-use crate::output::{Delivery, Origin, Output};
-use crate::protocol::{encode_err, encode_ok, Doc, ErrorCode};
+use crate::output::{Caller, Delivery, Output};
+use crate::protocol::ErrorCode;
 
 /// The shard's turn a command is served in: the caller's clock, the log records are
 /// appended to, and where replies and events go (the shard core routes them).
@@ -23,33 +23,11 @@ pub struct Turn<'a> {
     pub out: &'a mut Vec<Output>,
 }
 
-/// Who asks, and about which conversation.
+/// Who asks, and about which conversation: a [`HomeCommand`](super::HomeCommand) but
+/// the command itself.
 pub struct Request {
-    /// The session the reply goes to.
-    pub origin: Origin,
-    /// The command's id, which the reply answers.
-    pub re: u64,
-    pub user: Arc<str>,
-    pub device: Arc<str>,
+    pub caller: Caller,
     pub conv: Arc<str>,
-}
-
-impl Request {
-    /// The command's one `ok` reply.
-    pub fn ok<T: Serialize>(&self, out: &mut Vec<Output>, body: &T) {
-        out.push(Output::ToSession {
-            to: self.origin,
-            doc: Doc::Owned(encode_ok(self.re, body)),
-        });
-    }
-
-    /// The command's one `err` reply.
-    pub fn err(&self, out: &mut Vec<Output>, code: ErrorCode, msg: &str) {
-        out.push(Output::ToSession {
-            to: self.origin,
-            doc: Doc::Owned(encode_err(Some(self.re), code, msg)),
-        });
-    }
 }
 
 /// A command refused with this code and message; nothing changed.

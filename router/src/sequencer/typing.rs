@@ -18,7 +18,7 @@ impl Sequencer {
         on: bool,
         turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
-        let (conv, user) = (&request.conv, &request.user);
+        let (conv, user) = (&request.conv, &request.caller.user);
         let conversation = self.member_of(conv, user)?;
         let members = conversation.members_shared();
         let key = (conv.clone(), user.clone());
