@@ -231,115 +231,145 @@ struct ReactArgs {
     on: bool,
 }
 
+impl From<ConvCreateArgs> for ChatCommand {
+    fn from(a: ConvCreateArgs) -> Self {
+        ChatCommand::ConvCreate {
+            kind: a.kind,
+            members: a.members,
+            title: a.title,
+        }
+    }
+}
+
+impl UsersArgs {
+    fn into_add(self) -> ChatCommand {
+        ChatCommand::MemberAdd {
+            conv: self.conv,
+            users: self.users,
+        }
+    }
+
+    fn into_remove(self) -> ChatCommand {
+        ChatCommand::MemberRemove {
+            conv: self.conv,
+            users: self.users,
+        }
+    }
+}
+
+impl From<RawSendArgs<'_>> for ChatCommand {
+    fn from(a: RawSendArgs<'_>) -> Self {
+        ChatCommand::Send(Box::new(SendArgs {
+            conv: a.conv,
+            cmid: a.cmid,
+            body: a.body,
+            kind: a.kind.unwrap_or(MessageKind::Text),
+            media: a.media.map(|raw| raw.get().to_string()),
+            reply_to: a.reply_to,
+        }))
+    }
+}
+
+impl SeqArgs {
+    fn into_ack(self) -> ChatCommand {
+        ChatCommand::Ack {
+            conv: self.conv,
+            seq: self.seq,
+        }
+    }
+
+    fn into_read(self) -> ChatCommand {
+        ChatCommand::Read {
+            conv: self.conv,
+            seq: self.seq,
+        }
+    }
+}
+
+impl From<TypingArgs> for ChatCommand {
+    fn from(a: TypingArgs) -> Self {
+        ChatCommand::Typing {
+            conv: a.conv,
+            on: a.on,
+        }
+    }
+}
+
+impl HistoryArgs {
+    /// The page asked for, with the page size the client named or the default.
+    fn into_command(self, limits: &ChatLimits) -> Result<ChatCommand, Refusal> {
+        let page = match (self.before, self.after) {
+            (Some(_), Some(_)) => {
+                return Err(Refusal::bad("history takes before or after, not both"))
+            }
+            (Some(before), None) => Page::Before(before),
+            (None, Some(after)) => Page::After(after),
+            (None, None) => Page::Latest,
+        };
+        let limit = self.limit.unwrap_or(limits.history_page_default);
+        if limit == 0 || limit > limits.history_page_max {
+            return Err(Refusal::bad(format!(
+                "history limit must be 1-{} (history_page_max)",
+                limits.history_page_max
+            )));
+        }
+        Ok(ChatCommand::History {
+            conv: self.conv,
+            page,
+            limit,
+        })
+    }
+}
+
+impl From<ReactArgs> for ChatCommand {
+    fn from(a: ReactArgs) -> Self {
+        ChatCommand::React {
+            conv: a.conv,
+            seq: a.seq,
+            emoji: a.emoji,
+            on: a.on,
+        }
+    }
+}
+
 /// Parse the fields of a chat command (`op` is one of [`CHAT_OPS`]) and check its limits.
 pub fn parse(op: &str, document: &str, limits: &ChatLimits) -> Result<ChatCommand, Refusal> {
+    let command = parse_fields(op, document, limits)?;
+    check(&command, limits)?;
+    Ok(command)
+}
+
+/// Each op's fields, as its command: a table of which argument shape each op has.
+fn parse_fields(op: &str, document: &str, limits: &ChatLimits) -> Result<ChatCommand, Refusal> {
     fn args<'a, T: Deserialize<'a>>(op: &str, document: &'a str) -> Result<T, Refusal> {
         serde_json::from_str(document).map_err(|e| Refusal::bad(format!("malformed {op}: {e}")))
     }
-    let command = match op {
-        "conv.create" => {
-            let a: ConvCreateArgs = args(op, document)?;
-            ChatCommand::ConvCreate {
-                kind: a.kind,
-                members: a.members,
-                title: a.title,
-            }
-        }
+    let conv = |document| args::<ConvArgs>(op, document).map(|a| a.conv);
+    Ok(match op {
+        "conv.create" => args::<ConvCreateArgs>(op, document)?.into(),
         "conv.list" => ChatCommand::ConvList,
         "conv.get" => ChatCommand::ConvGet {
-            conv: args::<ConvArgs>(op, document)?.conv,
+            conv: conv(document)?,
         },
-        "member.add" => {
-            let a: UsersArgs = args(op, document)?;
-            ChatCommand::MemberAdd {
-                conv: a.conv,
-                users: a.users,
-            }
-        }
-        "member.remove" => {
-            let a: UsersArgs = args(op, document)?;
-            ChatCommand::MemberRemove {
-                conv: a.conv,
-                users: a.users,
-            }
-        }
+        "member.add" => args::<UsersArgs>(op, document)?.into_add(),
+        "member.remove" => args::<UsersArgs>(op, document)?.into_remove(),
         "conv.leave" => ChatCommand::ConvLeave {
-            conv: args::<ConvArgs>(op, document)?.conv,
+            conv: conv(document)?,
         },
-        "send" => {
-            let a: RawSendArgs = args(op, document)?;
-            ChatCommand::Send(Box::new(SendArgs {
-                conv: a.conv,
-                cmid: a.cmid,
-                body: a.body,
-                kind: a.kind.unwrap_or(MessageKind::Text),
-                media: a.media.map(|raw| raw.get().to_string()),
-                reply_to: a.reply_to,
-            }))
-        }
-        "ack" => {
-            let a: SeqArgs = args(op, document)?;
-            ChatCommand::Ack {
-                conv: a.conv,
-                seq: a.seq,
-            }
-        }
-        "read" => {
-            let a: SeqArgs = args(op, document)?;
-            ChatCommand::Read {
-                conv: a.conv,
-                seq: a.seq,
-            }
-        }
-        "typing" => {
-            let a: TypingArgs = args(op, document)?;
-            ChatCommand::Typing {
-                conv: a.conv,
-                on: a.on,
-            }
-        }
-        "history" => {
-            let a: HistoryArgs = args(op, document)?;
-            let page = match (a.before, a.after) {
-                (Some(_), Some(_)) => {
-                    return Err(Refusal::bad("history takes before or after, not both"))
-                }
-                (Some(before), None) => Page::Before(before),
-                (None, Some(after)) => Page::After(after),
-                (None, None) => Page::Latest,
-            };
-            let limit = a.limit.unwrap_or(limits.history_page_default);
-            if limit == 0 || limit > limits.history_page_max {
-                return Err(Refusal::bad(format!(
-                    "history limit must be 1-{} (history_page_max)",
-                    limits.history_page_max
-                )));
-            }
-            ChatCommand::History {
-                conv: a.conv,
-                page,
-                limit,
-            }
-        }
+        "send" => args::<RawSendArgs>(op, document)?.into(),
+        "ack" => args::<SeqArgs>(op, document)?.into_ack(),
+        "read" => args::<SeqArgs>(op, document)?.into_read(),
+        "typing" => args::<TypingArgs>(op, document)?.into(),
+        "history" => args::<HistoryArgs>(op, document)?.into_command(limits)?,
         "sync" => ChatCommand::Sync {
             cursors: args::<SyncArgs>(op, document)?.cursors,
         },
         "presence.get" => ChatCommand::PresenceGet {
             users: args::<PresenceArgs>(op, document)?.users,
         },
-        "react" => {
-            let a: ReactArgs = args(op, document)?;
-            ChatCommand::React {
-                conv: a.conv,
-                seq: a.seq,
-                emoji: a.emoji,
-                on: a.on,
-            }
-        }
+        "react" => args::<ReactArgs>(op, document)?.into(),
         other => return Err(Refusal::bad(format!("unknown op '{other}'"))),
-    };
-    check(&command, limits)?;
-    Ok(command)
+    })
 }
 
 /// Parse `hello`'s `resume` list into a command, when one was given.
@@ -349,7 +379,8 @@ pub fn resume(cursors: Vec<Cursor>, limits: &ChatLimits) -> Result<ChatCommand, 
     Ok(command)
 }
 
-fn check(command: &ChatCommand, limits: &ChatLimits) -> Result<(), Refusal> {
+/// A command within the limits (what [`parse`] and [`resume`] let through).
+pub(crate) fn check(command: &ChatCommand, limits: &ChatLimits) -> Result<(), Refusal> {
     if let Some(conv) = command.conv() {
         check_conv(conv)?;
     }
@@ -358,89 +389,117 @@ fn check(command: &ChatCommand, limits: &ChatLimits) -> Result<(), Refusal> {
             kind,
             members,
             title,
-        } => {
-            check_users(members, "members")?;
-            if *kind == ConvKind::Direct && members.len() != 1 {
-                return Err(Refusal::bad(
-                    "a direct conversation names exactly one other member",
-                ));
-            }
-            // The creator may or may not be listed; the home counts exactly.
-            if members.len() > limits.max_group_members {
-                return Err(too_large_group(limits));
-            }
-            if title.as_ref().is_some_and(|t| t.len() > MAX_TITLE_BYTES) {
-                return Err(Refusal::bad(format!(
-                    "title exceeds {MAX_TITLE_BYTES} bytes"
-                )));
-            }
-        }
+        } => check_conv_create(*kind, members, title.as_deref(), limits),
         ChatCommand::MemberAdd { users, .. } | ChatCommand::MemberRemove { users, .. } => {
-            check_users(users, "users")?;
-            if users.is_empty() {
-                return Err(Refusal::bad("users is empty"));
-            }
-            if users.len() > limits.max_group_members {
-                return Err(too_large_group(limits));
-            }
+            check_member_change(users, limits)
         }
-        ChatCommand::PresenceGet { users } => {
-            check_users(users, "users")?;
-            if users.len() > limits.presence_get_max_users {
-                return Err(Refusal::bad(format!(
-                    "presence.get takes at most {} users (presence_get_max_users)",
-                    limits.presence_get_max_users
-                )));
-            }
-        }
-        ChatCommand::Send(args) => {
-            if args.cmid.is_empty() || args.cmid.len() > MAX_CMID_BYTES {
-                return Err(Refusal::bad(format!(
-                    "cmid must be 1-{MAX_CMID_BYTES} bytes"
-                )));
-            }
-            if args.body.len() > limits.max_body_bytes {
-                return Err(Refusal {
-                    code: ErrorCode::TooLarge,
-                    msg: format!(
-                        "body of {} bytes exceeds max_body_bytes ({})",
-                        args.body.len(),
-                        limits.max_body_bytes
-                    ),
-                });
-            }
-            if let Some(media) = &args.media {
-                if media.len() > limits.max_media_bytes {
-                    return Err(Refusal {
-                        code: ErrorCode::TooLarge,
-                        msg: format!("media exceeds max_media_bytes ({})", limits.max_media_bytes),
-                    });
-                }
-                if !media.trim_start().starts_with('{') {
-                    return Err(Refusal::bad("media must be a JSON object"));
-                }
-            }
-            if args.reply_to == Some(0) {
-                return Err(Refusal::bad("reply_to is a seq, and seqs start at 1"));
-            }
-        }
-        ChatCommand::React { emoji, .. } if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES => {
-            return Err(Refusal::bad(format!(
-                "emoji must be 1-{MAX_EMOJI_BYTES} bytes"
-            )));
-        }
+        ChatCommand::PresenceGet { users } => check_presence_get(users, limits),
+        ChatCommand::Send(args) => check_send(args, limits),
+        ChatCommand::React { emoji, .. } => check_emoji(emoji),
         ChatCommand::Sync { cursors } | ChatCommand::Resume { cursors } => {
-            if cursors.len() > limits.sync_max_convs {
-                return Err(Refusal::bad(format!(
-                    "at most {} cursors per sync (sync_max_convs)",
-                    limits.sync_max_convs
-                )));
-            }
-            for cursor in cursors {
-                check_conv(&cursor.conv)?;
-            }
+            check_cursors(cursors, limits)
         }
-        _ => {}
+        _ => Ok(()),
+    }
+}
+
+fn check_conv_create(
+    kind: ConvKind,
+    members: &[String],
+    title: Option<&str>,
+    limits: &ChatLimits,
+) -> Result<(), Refusal> {
+    check_users(members, "members")?;
+    if kind == ConvKind::Direct && members.len() != 1 {
+        return Err(Refusal::bad(
+            "a direct conversation names exactly one other member",
+        ));
+    }
+    // The creator may or may not be listed; the home counts exactly.
+    if members.len() > limits.max_group_members {
+        return Err(too_large_group(limits));
+    }
+    if title.is_some_and(|t| t.len() > MAX_TITLE_BYTES) {
+        return Err(Refusal::bad(format!(
+            "title exceeds {MAX_TITLE_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_member_change(users: &[String], limits: &ChatLimits) -> Result<(), Refusal> {
+    check_users(users, "users")?;
+    if users.is_empty() {
+        return Err(Refusal::bad("users is empty"));
+    }
+    if users.len() > limits.max_group_members {
+        return Err(too_large_group(limits));
+    }
+    Ok(())
+}
+
+fn check_presence_get(users: &[String], limits: &ChatLimits) -> Result<(), Refusal> {
+    check_users(users, "users")?;
+    if users.len() > limits.presence_get_max_users {
+        return Err(Refusal::bad(format!(
+            "presence.get takes at most {} users (presence_get_max_users)",
+            limits.presence_get_max_users
+        )));
+    }
+    Ok(())
+}
+
+fn check_send(args: &SendArgs, limits: &ChatLimits) -> Result<(), Refusal> {
+    if args.cmid.is_empty() || args.cmid.len() > MAX_CMID_BYTES {
+        return Err(Refusal::bad(format!(
+            "cmid must be 1-{MAX_CMID_BYTES} bytes"
+        )));
+    }
+    if args.body.len() > limits.max_body_bytes {
+        return Err(Refusal {
+            code: ErrorCode::TooLarge,
+            msg: format!(
+                "body of {} bytes exceeds max_body_bytes ({})",
+                args.body.len(),
+                limits.max_body_bytes
+            ),
+        });
+    }
+    if let Some(media) = &args.media {
+        if media.len() > limits.max_media_bytes {
+            return Err(Refusal {
+                code: ErrorCode::TooLarge,
+                msg: format!("media exceeds max_media_bytes ({})", limits.max_media_bytes),
+            });
+        }
+        if !media.trim_start().starts_with('{') {
+            return Err(Refusal::bad("media must be a JSON object"));
+        }
+    }
+    if args.reply_to == Some(0) {
+        return Err(Refusal::bad("reply_to is a seq, and seqs start at 1"));
+    }
+    Ok(())
+}
+
+fn check_emoji(emoji: &str) -> Result<(), Refusal> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+        return Err(Refusal::bad(format!(
+            "emoji must be 1-{MAX_EMOJI_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_cursors(cursors: &[Cursor], limits: &ChatLimits) -> Result<(), Refusal> {
+    if cursors.len() > limits.sync_max_convs {
+        return Err(Refusal::bad(format!(
+            "at most {} cursors per sync (sync_max_convs)",
+            limits.sync_max_convs
+        )));
+    }
+    for cursor in cursors {
+        check_conv(&cursor.conv)?;
     }
     Ok(())
 }

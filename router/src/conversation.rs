@@ -89,6 +89,17 @@ impl Dedupe {
     }
 }
 
+/// What a conversation keeps of its messages as they come: the dedupe window, and a
+/// cache of the newest `cache` encoded events, plus any not yet durable (the log serves
+/// only durable records).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageKeep {
+    pub dedupe: Window,
+    pub cache: usize,
+    /// Everything up to here is durable.
+    pub durable_lsn: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
     pub age_ms: u64,
@@ -207,39 +218,36 @@ impl Conversation {
         self.members_shared = self.members.keys().cloned().collect();
     }
 
-    /// Record a new message: its log position and its encoded event. The cache keeps
-    /// `cache` messages, and any beyond that are not yet durable (the log serves only
-    /// durable records).
-    #[allow(clippy::too_many_arguments)]
+    /// Record a new message: its log position and its encoded event, kept as `keep` says.
     pub fn push_message(
         &mut self,
         message: &StoredMessage,
         lsn: u64,
         event: Arc<str>,
-        sender: Arc<str>,
-        window: Window,
-        cache: usize,
-        durable_lsn: u64,
+        keep: MessageKeep,
     ) {
         debug_assert_eq!(message.seq, self.last_seq + 1, "seq is gapless");
         self.last_seq = message.seq;
         self.last_ts = self.last_ts.max(message.ts);
         self.lsn_by_seq.push(lsn);
         self.recent.push_back(event);
-        while self.recent.len() > cache {
+        while self.recent.len() > keep.cache {
             let oldest_seq = self.last_seq + 1 - self.recent.len() as u64;
-            if self.lsn_of(oldest_seq).is_none_or(|lsn| lsn > durable_lsn) {
+            if self
+                .lsn_of(oldest_seq)
+                .is_none_or(|lsn| lsn > keep.durable_lsn)
+            {
                 break;
             }
             self.recent.pop_front();
         }
-        self.dedupe.insert(
-            sender.clone(),
-            &message.cmid,
-            message.seq,
-            message.ts,
-            window,
-        );
+        // The member's own key, shared, rather than a new allocation per message.
+        let sender = self
+            .members
+            .get_key_value(message.from.as_str())
+            .map_or_else(|| Arc::from(message.from.as_str()), |(k, _)| k.clone());
+        self.dedupe
+            .insert(sender, &message.cmid, message.seq, message.ts, keep.dedupe);
     }
 
     /// The cached encoded event of `seq`, if it is recent enough.

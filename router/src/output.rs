@@ -7,13 +7,41 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::event::MoreAfter;
-use crate::protocol::Doc;
+use crate::protocol::{encode_err, encode_ok, Doc, ErrorCode};
 
 /// A session: the shard that holds it and its connection id there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub shard: usize,
     pub conn: u64,
+}
+
+/// A session's command on its way: where the reply goes, and whose identity it carries.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub origin: Origin,
+    /// The command's id, which the reply answers.
+    pub re: u64,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+}
+
+impl Caller {
+    /// The command's one `ok` reply.
+    pub fn ok<T: Serialize>(&self, out: &mut Vec<Output>, body: &T) {
+        out.push(Output::ToSession {
+            to: self.origin,
+            doc: Doc::Owned(encode_ok(self.re, body)),
+        });
+    }
+
+    /// The command's one `err` reply.
+    pub fn err(&self, out: &mut Vec<Output>, code: ErrorCode, msg: &str) {
+        out.push(Output::ToSession {
+            to: self.origin,
+            doc: Doc::Owned(encode_err(Some(self.re), code, msg)),
+        });
+    }
 }
 
 /// One event for every live session of `users` (except those of `except`). Shared by

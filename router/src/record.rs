@@ -138,6 +138,16 @@ pub struct CursorAdvance {
 #[error("undecodable chat record: {0}")]
 pub struct DecodeError(String);
 
+/// The bytes of a [`ChatRecord::Cursors`] beyond its advances' own, at most: the
+/// variant, and the count (a varint of up to 10 bytes).
+pub const CURSORS_RECORD_OVERHEAD: usize = 1 + 10;
+
+/// The length of `value` encoded as records are (postcard), without encoding it.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
+        .expect("chat records always encode")
+}
+
 impl ChatRecord {
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("chat records always encode")
@@ -273,6 +283,29 @@ mod tests {
             (MemberChange::Left, 2),
         ] {
             assert_eq!(encoded(&change), [at], "{change:?}");
+        }
+    }
+
+    /// A `Cursors` record is its advances and at most the overhead: the sequencer splits
+    /// advances into records by this sum.
+    #[test]
+    fn a_cursors_record_is_its_advances_and_the_overhead() {
+        for n in [0usize, 1, 127, 128, 20_000] {
+            let advances: Vec<CursorAdvance> = (0..n)
+                .map(|i| CursorAdvance {
+                    conv: format!("g-{i}"),
+                    user: "u".repeat(i % 64 + 1),
+                    device: (i % 2 == 0).then(|| "d".into()),
+                    seq: i as u64 * 1_000_003,
+                })
+                .collect();
+            let parts: usize = advances.iter().map(encoded_len).sum();
+            let record = ChatRecord::Cursors(advances);
+            assert_eq!(encoded_len(&record), record.encode().len());
+            assert!(
+                record.encode().len() <= parts + CURSORS_RECORD_OVERHEAD,
+                "{n}"
+            );
         }
     }
 

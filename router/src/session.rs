@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{is_valid_id, Claims, JwtKey};
+use crate::auth::{is_valid_id, AuthError, Claims, JwtKey};
 use crate::clock::Now;
 use crate::command::{self, ChatCommand, Cursor, CHAT_OPS};
 use crate::limits::ChatLimits;
@@ -514,77 +514,128 @@ impl Session {
     }
 
     fn on_hello(&mut self, now: Now, id: u64, document: &str) {
-        let args: HelloArgs = match serde_json::from_str(document) {
-            Ok(args) => args,
-            Err(error) => {
-                let msg = format!("malformed hello: {error}");
-                return self.reject(Some(id), ErrorCode::BadRequest, &msg);
-            }
-        };
-        if let Some(device) = &args.device {
-            if !is_valid_id(device) {
-                return self.reject(
-                    Some(id),
-                    ErrorCode::BadRequest,
-                    "device must be 1-64 bytes of [A-Za-z0-9._@-]",
-                );
-            }
-        }
-        // Checked before anything is answered: a hello gets exactly one reply.
-        let resume = match args
-            .resume
-            .map(|cursors| command::resume(cursors, &self.config.chat))
-        {
-            Some(Err(refusal)) => return self.reject(Some(id), refusal.code, &refusal.msg),
-            Some(Ok(command)) => Some(command),
-            None => None,
+        let Some((args, resume)) = self.hello_args(id, document) else {
+            return;
         };
         let verified = args
             .token
             .as_deref()
             .map(|token| self.config.jwt.verify(token, now.unix_ms / 1000));
-        match (&mut self.phase, verified) {
-            (Phase::AwaitingAuth { .. }, Some(Ok(claims))) => {
-                self.activate(claims, args.device, true);
+        let said = match &self.phase {
+            Phase::AwaitingAuth { .. } => self.hello_authenticates(id, verified, args.device),
+            Phase::Active(_) => self.hello_after_upgrade(id, verified, args.device),
+            Phase::Closing { .. } => false,
+        };
+        if said {
+            self.welcome(now, id, resume);
+        }
+    }
+
+    /// `hello`'s fields and its `resume` command, or its one reply (an error) is sent.
+    /// Checked before anything is answered: a hello gets exactly one reply.
+    fn hello_args(&mut self, id: u64, document: &str) -> Option<(HelloArgs, Option<ChatCommand>)> {
+        let mut args: HelloArgs = match serde_json::from_str(document) {
+            Ok(args) => args,
+            Err(error) => {
+                let msg = format!("malformed hello: {error}");
+                self.reject(Some(id), ErrorCode::BadRequest, &msg);
+                return None;
             }
-            (Phase::AwaitingAuth { .. }, failure) => {
+        };
+        if args
+            .device
+            .as_deref()
+            .is_some_and(|device| !is_valid_id(device))
+        {
+            let msg = "device must be 1-64 bytes of [A-Za-z0-9._@-]";
+            self.reject(Some(id), ErrorCode::BadRequest, msg);
+            return None;
+        }
+        let resume = match args
+            .resume
+            .take()
+            .map(|cursors| command::resume(cursors, &self.config.chat))
+        {
+            Some(Err(refusal)) => {
+                self.reject(Some(id), refusal.code, &refusal.msg);
+                return None;
+            }
+            Some(Ok(command)) => Some(command),
+            None => None,
+        };
+        Some((args, resume))
+    }
+
+    /// The `hello` of a session that is not authenticated yet: its token must verify.
+    /// True once the session is active.
+    fn hello_authenticates(
+        &mut self,
+        id: u64,
+        verified: Option<Result<Claims, AuthError>>,
+        device: Option<String>,
+    ) -> bool {
+        match verified {
+            Some(Ok(claims)) => {
+                self.activate(claims, device, true);
+                true
+            }
+            failure => {
                 let msg = match failure {
                     Some(Err(error)) => error.to_string(),
                     _ => "hello needs a token when the upgrade carried none".to_string(),
                 };
                 self.reply_err(id, ErrorCode::Unauthorized, &msg);
-                return self.close(CloseCode::Unauthorized, "invalid token");
+                self.close(CloseCode::Unauthorized, "invalid token");
+                false
             }
-            (Phase::Active(identity), verified) => {
-                if identity.said_hello {
-                    return self.reply_err(id, ErrorCode::Conflict, "hello was already said");
-                }
-                match verified {
-                    Some(Ok(claims)) if claims.sub != identity.user => {
-                        self.reply_err(
-                            id,
-                            ErrorCode::Unauthorized,
-                            "hello token names another user",
-                        );
-                        return self.close(CloseCode::Unauthorized, "token user mismatch");
-                    }
-                    Some(Ok(Claims { dev: Some(dev), .. })) => {
-                        identity.device = dev;
-                        identity.device_from_token = true;
-                    }
-                    Some(Err(error)) => {
-                        self.reply_err(id, ErrorCode::Unauthorized, &error.to_string());
-                        return self.close(CloseCode::Unauthorized, "invalid token");
-                    }
-                    _ => {}
-                }
-                identity.said_hello = true;
-                if let (false, Some(device)) = (identity.device_from_token, args.device) {
-                    identity.device = device;
-                }
-            }
-            (Phase::Closing { .. }, _) => return,
         }
+    }
+
+    /// The `hello` of a session the upgrade authenticated: once only, a token (if any)
+    /// for the same user, which may name the device. True when it is accepted.
+    fn hello_after_upgrade(
+        &mut self,
+        id: u64,
+        verified: Option<Result<Claims, AuthError>>,
+        device: Option<String>,
+    ) -> bool {
+        let Phase::Active(identity) = &mut self.phase else {
+            return false;
+        };
+        if identity.said_hello {
+            self.reply_err(id, ErrorCode::Conflict, "hello was already said");
+            return false;
+        }
+        match verified {
+            Some(Ok(claims)) if claims.sub != identity.user => {
+                self.reply_err(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "hello token names another user",
+                );
+                self.close(CloseCode::Unauthorized, "token user mismatch");
+                return false;
+            }
+            Some(Ok(Claims { dev: Some(dev), .. })) => {
+                identity.device = dev;
+                identity.device_from_token = true;
+            }
+            Some(Err(error)) => {
+                self.reply_err(id, ErrorCode::Unauthorized, &error.to_string());
+                self.close(CloseCode::Unauthorized, "invalid token");
+                return false;
+            }
+            _ => {}
+        }
+        identity.said_hello = true;
+        if let (false, Some(device)) = (identity.device_from_token, device) {
+            identity.device = device;
+        }
+        true
+    }
+
+    /// `hello`'s `ok`, then its resume (which replays missed messages before `synced`).
+    fn welcome(&mut self, now: Now, id: u64, resume: Option<ChatCommand>) {
         self.strikes = 0;
         let Phase::Active(identity) = &self.phase else {
             return;
@@ -601,8 +652,6 @@ impl Session {
         if self.enqueue(reply).is_err() {
             return;
         }
-        // Resume replays missed messages before `synced`; until the router stores
-        // messages there is nothing to replay.
         if let Some(command) = resume {
             self.requests.push(ChatRequest { re: id, command });
         }
@@ -674,6 +723,11 @@ impl Session {
         }
         self.outbound_bytes += document.len();
         self.outbound.push_back(document);
+        debug_assert!(
+            self.outbound.len() <= limits.outbound_queue_len
+                && self.outbound_bytes <= limits.outbound_queue_bytes,
+            "the outbound queue stays within its bounds"
+        );
         Ok(())
     }
 

@@ -18,17 +18,17 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::chat_log::{ChatLog, LogError};
+use crate::chat_log::{ChatLog, LogError, MIN_RECORD_BYTES};
 use crate::clock::Now;
-use crate::command::{ChatCommand, Cursor};
+use crate::command::{self, ChatCommand, Cursor};
 use crate::directory::{shards_in, Directory, PresenceChange, MAX_SHARDS};
 use crate::event::{self, MoreAfter};
 use crate::limits::ChatLimits;
-use crate::output::{ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
+use crate::output::{Caller, ConvSummary, Delivery, Origin, Output, Part, PresenceInfo};
 use crate::ownership::{conversation_home, user_home};
 use crate::protocol::{encode_ok, Doc};
 use crate::record::ConvKind;
-use crate::sequencer::{ApplyError, HomeCommand, Sequencer};
+use crate::sequencer::{ApplyError, HomeCommand, Sequencer, SyncShare};
 
 /// What crosses a ring between shards.
 #[derive(Debug)]
@@ -117,12 +117,22 @@ struct TrackedLog {
 impl ChatLog for TrackedLog {
     fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
         let lsn = self.inner.append(timestamp, payload)?;
+        // The log hands out LSNs in order, one per record, after those recovered.
+        assert!(
+            lsn > self.last_appended,
+            "the log handed out LSN {lsn} after {}",
+            self.last_appended
+        );
         self.last_appended = lsn;
         Ok(lsn)
     }
 
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {
         self.inner.read(lsn)
+    }
+
+    fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes()
     }
 }
 
@@ -179,6 +189,11 @@ impl ShardCore {
         assert!(
             shards <= MAX_SHARDS && shard < shards,
             "shard {shard} of {shards}"
+        );
+        assert!(
+            log.max_record_bytes() >= MIN_RECORD_BYTES,
+            "a log that takes records of {} bytes at most",
+            log.max_record_bytes()
         );
         Self {
             shard,
@@ -305,92 +320,92 @@ impl ShardCore {
         command: ChatCommand,
         now: Now,
     ) {
-        let origin = Origin {
-            shard: self.shard,
-            conn,
+        // The session layer hands over commands of sessions opened here, as they
+        // authenticated, and only commands within the limits (`command::parse`).
+        debug_assert_eq!(
+            self.sessions.get(&conn).map(|u| &**u),
+            Some(user),
+            "a request of connection {conn}, which is not {user}'s session here"
+        );
+        debug_assert!(
+            command::check(&command, &self.limits).is_ok(),
+            "an unchecked command: {command:?}"
+        );
+        let caller = Caller {
+            origin: Origin {
+                shard: self.shard,
+                conn,
+            },
+            re,
+            user: self.intern(user),
+            device: Arc::from(device),
         };
-        let user = self.intern(user);
-        let device: Arc<str> = Arc::from(device);
         match command {
             ChatCommand::ConvList => {
                 let shards: Vec<usize> = (0..self.shards).collect();
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    GatherKind::List,
-                    &shards,
-                    |_| Query::List,
-                    now,
-                );
+                self.scatter(&caller, GatherKind::List, &shards, |_| Query::List, now);
             }
             ChatCommand::Sync { cursors } => {
-                self.start_replay(origin, re, &user, &device, GatherKind::Sync, &cursors, now)
+                self.start_replay(&caller, GatherKind::Sync, &cursors, now)
             }
-            ChatCommand::Resume { cursors } => self.start_replay(
-                origin,
-                re,
-                &user,
-                &device,
-                GatherKind::Resume,
-                &cursors,
-                now,
-            ),
-            ChatCommand::PresenceGet { users } => {
-                let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
-                for user in &users {
-                    by_home
-                        .entry(user_home(user, self.shards as u32) as usize)
-                        .or_default()
-                        .push(user.clone());
-                }
-                let mut shards: Vec<usize> = by_home.keys().copied().collect();
-                shards.sort_unstable();
-                let kind = GatherKind::Presence { order: users };
-                self.scatter(
-                    origin,
-                    re,
-                    &user,
-                    &device,
-                    kind,
-                    &shards,
-                    |shard| Query::Presence {
-                        users: by_home.remove(&shard).unwrap_or_default(),
-                    },
-                    now,
-                );
+            ChatCommand::Resume { cursors } => {
+                self.start_replay(&caller, GatherKind::Resume, &cursors, now)
             }
-            command => {
-                let conv: Arc<str> = match (&command, command.conv()) {
-                    (_, Some(conv)) => Arc::from(conv),
-                    (
-                        ChatCommand::ConvCreate {
-                            kind: ConvKind::Direct,
-                            members,
-                            ..
-                        },
-                        None,
-                    ) => Arc::from(direct_conv_id(&user, &members[0])),
-                    _ => Arc::from(self.group_conv_id(now)),
-                };
-                let home = conversation_home(&conv, self.shards as u32) as usize;
-                let command = HomeCommand {
-                    origin,
-                    re,
-                    user,
-                    device,
-                    conv,
-                    command,
-                };
-                if home == self.shard {
-                    self.handle_home(command, now);
-                } else {
-                    self.outgoing[home].push_back(MeshEntry::Command(Box::new(command)));
-                }
-            }
+            ChatCommand::PresenceGet { users } => self.presence_get(&caller, users, now),
+            command => self.send_home(caller, command, now),
         }
         self.end_turn(now);
+    }
+
+    /// Ask the home shards of `users` for their presence.
+    fn presence_get(&mut self, caller: &Caller, users: Vec<String>, now: Now) {
+        let mut by_home: FastMap<usize, Vec<String>> = FastMap::default();
+        for user in &users {
+            by_home
+                .entry(user_home(user, self.shards as u32) as usize)
+                .or_default()
+                .push(user.clone());
+        }
+        let mut shards: Vec<usize> = by_home.keys().copied().collect();
+        shards.sort_unstable();
+        let kind = GatherKind::Presence { order: users };
+        let query = |shard| Query::Presence {
+            users: by_home.remove(&shard).unwrap_or_default(),
+        };
+        self.scatter(caller, kind, &shards, query, now);
+    }
+
+    /// A command of one conversation goes to its home shard (here, or over a ring).
+    fn send_home(&mut self, caller: Caller, command: ChatCommand, now: Now) {
+        let conv = self.conv_of(&caller.user, &command, now);
+        let home = conversation_home(&conv, self.shards as u32) as usize;
+        let command = HomeCommand {
+            caller,
+            conv,
+            command,
+        };
+        if home == self.shard {
+            self.handle_home(command, now);
+        } else {
+            self.outgoing[home].push_back(MeshEntry::Command(Box::new(command)));
+        }
+    }
+
+    /// The conversation a command is about; a `conv.create` names none, so its id is
+    /// derived (direct: from the two users) or drawn (group) here.
+    fn conv_of(&mut self, user: &str, command: &ChatCommand, now: Now) -> Arc<str> {
+        match (command, command.conv()) {
+            (_, Some(conv)) => Arc::from(conv),
+            (
+                ChatCommand::ConvCreate {
+                    kind: ConvKind::Direct,
+                    members,
+                    ..
+                },
+                None,
+            ) => Arc::from(direct_conv_id(user, &members[0])),
+            _ => Arc::from(self.group_conv_id(now)),
+        }
     }
 
     /// An entry from shard `from`'s ring.
@@ -409,6 +424,12 @@ impl ShardCore {
 
     /// The log is durable up to `lsn`: release what waited for it.
     pub fn on_durable(&mut self, lsn: u64) {
+        // Only what was appended can be durable.
+        assert!(
+            lsn <= self.log.last_appended,
+            "durable LSN {lsn} is past the last appended, {}",
+            self.log.last_appended
+        );
         if lsn <= self.durable_lsn {
             return;
         }
@@ -479,17 +500,16 @@ impl ShardCore {
                 list_unnamed,
                 per_conv,
             } => {
-                let result = self.sequencer.sync(
-                    origin,
+                let share = SyncShare {
+                    to: origin,
                     gather,
-                    &user,
-                    &device,
-                    &cursors,
+                    user: &user,
+                    device: &device,
+                    cursors: &cursors,
                     list_unnamed,
                     per_conv,
-                    &mut self.log,
-                    &mut self.turn,
-                );
+                };
+                let result = self.sequencer.sync(&share, &mut self.log, &mut self.turn);
                 if let Err(error) = result {
                     self.failed.get_or_insert(error);
                 }
@@ -524,17 +544,7 @@ impl ShardCore {
     /// sync, lists the rest). Every shard answers, even with nothing to replay: its answer
     /// comes after this shard's directory announcement, so live delivery from every shard
     /// is certain once `synced` arrives.
-    #[allow(clippy::too_many_arguments)]
-    fn start_replay(
-        &mut self,
-        origin: Origin,
-        re: u64,
-        user: &Arc<str>,
-        device: &Arc<str>,
-        kind: GatherKind,
-        cursors: &[Cursor],
-        now: Now,
-    ) {
+    fn start_replay(&mut self, caller: &Caller, kind: GatherKind, cursors: &[Cursor], now: Now) {
         let per_conv = self.replay_share(cursors.len());
         let list_unnamed = matches!(kind, GatherKind::Sync);
         let by_home = self.cursors_by_home(cursors);
@@ -544,17 +554,13 @@ impl ShardCore {
             list_unnamed,
             per_conv,
         };
-        self.scatter(origin, re, user, device, kind, &shards, query, now);
+        self.scatter(caller, kind, &shards, query, now);
     }
 
     /// Ask `shards` and answer the session once all have.
-    #[allow(clippy::too_many_arguments)]
     fn scatter(
         &mut self,
-        origin: Origin,
-        re: u64,
-        user: &Arc<str>,
-        device: &Arc<str>,
+        caller: &Caller,
         kind: GatherKind,
         shards: &[usize],
         mut query: impl FnMut(usize) -> Query,
@@ -562,6 +568,7 @@ impl ShardCore {
     ) {
         let gather = self.next_gather;
         self.next_gather += 1;
+        let origin = caller.origin;
         if matches!(kind, GatherKind::Sync | GatherKind::Resume) {
             self.replaying.entry(origin.conn).or_default().running += 1;
         }
@@ -569,7 +576,7 @@ impl ShardCore {
             gather,
             Gather {
                 conn: origin.conn,
-                re,
+                re: caller.re,
                 waiting: shards.len(),
                 kind,
                 convs: Vec::new(),
@@ -585,8 +592,8 @@ impl ShardCore {
             let scatter = Scatter {
                 gather,
                 origin,
-                user: user.clone(),
-                device: device.clone(),
+                user: caller.user.clone(),
+                device: caller.device.clone(),
                 query: query(shard),
             };
             if shard == self.shard {
@@ -762,6 +769,8 @@ impl ShardCore {
         let flushed = match self.sequencer.flush_cursors(now, &mut self.log) {
             Ok(_) => true,
             Err(LogError::Full) => false,
+            // Cursor records are split to fit the log's limit, so a `TooLarge` here is
+            // the log breaking its word: as failed as any other error.
             Err(error) => {
                 self.failed.get_or_insert(error);
                 false
@@ -791,6 +800,18 @@ impl ShardCore {
             }
         }
         self.turn = turn;
+        debug_assert!(self.held_in_log_order(), "held outputs leave in order");
+    }
+
+    /// Held outputs wait for LSNs that never decrease along the queue and were all
+    /// appended (or for the cursor record not written yet, at the tail).
+    fn held_in_log_order(&self) -> bool {
+        let needs = self.held.iter().map(|(needed, _)| *needed);
+        needs.clone().zip(needs.skip(1)).all(|(a, b)| a <= b)
+            && self
+                .held
+                .iter()
+                .all(|(needed, _)| *needed == AWAITING_FLUSH || *needed <= self.log.last_appended)
     }
 
     fn route(&mut self, output: Output) {

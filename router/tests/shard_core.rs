@@ -36,6 +36,10 @@ impl ChatLog for SharedLog {
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {
         self.inner.borrow_mut().read(lsn)
     }
+
+    fn max_record_bytes(&self) -> usize {
+        self.inner.borrow().max_record_bytes()
+    }
 }
 
 /// A session: its shard, connection id, user and device.
@@ -404,6 +408,72 @@ fn a_full_log_answers_unavailable_and_changes_nothing() {
     assert_eq!(r["ok"]["dup"], false);
 }
 
+/// While the log answers `Full`, cursor advances pile up; once it takes records again
+/// they go out split into records within the log's limit, and nothing fails.
+#[test]
+fn cursors_piled_up_behind_a_full_log_go_out_in_records_the_log_takes() {
+    const LIMIT: usize = 1024;
+    let mut c = Cluster::new();
+    for log in &c.logs {
+        log.inner.borrow_mut().max_record_bytes = LIMIT;
+    }
+    let users: Vec<String> = (0..40).map(|i| format!("member{i:02}")).collect();
+    let owner = c.connect(0, &users[0], "d0");
+    let g = c.request(
+        &owner,
+        "conv.create",
+        json!({"kind": "group", "members": users[1..]}),
+    );
+    let group = g["ok"]["conv"].as_str().expect("created").to_string();
+    c.request(
+        &owner,
+        "send",
+        json!({"conv": group, "cmid": "m", "body": "x"}),
+    );
+    let home = conversation_home(&group, SHARDS as u32) as usize;
+    let logged_before = c.logs[home].inner.borrow().last_lsn();
+    *c.logs[home].full.borrow_mut() = true;
+    let mut asked = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        for device in ["d0", "d1"] {
+            let s = c.connect(i % SHARDS, user, device);
+            let id = c.submit(&s, "read", json!({"conv": group, "seq": 1}));
+            asked.push((s, id));
+        }
+    }
+    c.settle();
+    assert!(
+        asked.iter().all(|(s, id)| !c.has_reply(s, *id)),
+        "held for the log"
+    );
+    *c.logs[home].full.borrow_mut() = false;
+    c.advance(Duration::from_millis(1));
+    for core in &c.cores {
+        assert!(core.failed().is_none(), "{:?}", core.failed());
+    }
+    for (s, id) in &asked {
+        assert!(c.take_reply(s, *id)["ok"].is_object());
+    }
+    let records = c.logs[home].inner.borrow().records.clone();
+    let cursor_records = &records[logged_before as usize..];
+    assert!(cursor_records.len() > 1, "{} records", cursor_records.len());
+    assert!(cursor_records.iter().all(|r| r.len() <= LIMIT));
+
+    // A restart finds every cursor.
+    let mut r = Cluster::new();
+    for k in 0..SHARDS {
+        let records = c.logs[k].inner.borrow().records.clone();
+        for (i, payload) in records.iter().enumerate() {
+            r.cores[k].replay(i as u64 + 1, payload).expect("replays");
+        }
+        r.logs[k].inner.borrow_mut().records = records;
+    }
+    let last = r.connect(0, &users[39], "d1");
+    let list = r.request(&last, "conv.list", json!({}));
+    assert_eq!(list["ok"]["convs"][0]["read_seq"], 1);
+    assert_eq!(list["ok"]["convs"][0]["delivered_seq"], 1);
+}
+
 #[test]
 fn receipts_follow_the_users_cursors() {
     let mut c = Cluster::new();
@@ -583,7 +653,7 @@ fn replaying_the_log_rebuilds_the_same_state() {
         for (i, payload) in records.iter().enumerate() {
             r.cores[k].replay(i as u64 + 1, payload).expect("replays");
         }
-        *r.logs[k].inner.borrow_mut() = MemoryLog { records };
+        r.logs[k].inner.borrow_mut().records = records;
     }
     let sa2 = r.connect(1, &a, "d");
     let strip = |v: Value| v["ok"].clone();
@@ -723,7 +793,7 @@ fn a_snapshot_plus_the_log_after_it_rebuilds_the_same_state() {
         for (i, payload) in records.iter().enumerate().skip(*lsn as usize) {
             r.cores[k].replay(i as u64 + 1, payload).expect("replays");
         }
-        *r.logs[k].inner.borrow_mut() = MemoryLog { records };
+        r.logs[k].inner.borrow_mut().records = records;
     }
     let sa2 = r.connect(0, &a, "d");
     let after = [

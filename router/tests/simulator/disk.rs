@@ -10,13 +10,14 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use parley_router::chat_log::{ChatLog, LogError};
+use parley_router::chat_log::{wal_record_limit, ChatLog, LogError};
 use parley_router::record::CHAT_RECORD_TYPE;
 use parley_wal::format::{
     align_up, decode_record, encode_record, encode_segment_header, Decoded, RecordHeader,
     SegmentHeader, BLOCK, FLAG_BATCH_END, FLAG_FLUSH_START, SEGMENT_HEADER,
 };
 use parley_wal::scan::{scan_segment, SegmentEnd};
+use parley_wal::WalOptions;
 
 use crate::rng::Rng;
 
@@ -366,5 +367,10 @@ impl ChatLog for SimLog {
             .payload(lsn)
             .map(<[u8]>::to_vec)
             .ok_or(LogError::Missing(lsn))
+    }
+
+    /// As the real log's, with its default batch limit.
+    fn max_record_bytes(&self) -> usize {
+        wal_record_limit(WalOptions::default().max_batch_bytes)
     }
 }
