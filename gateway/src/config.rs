@@ -10,7 +10,10 @@ use std::time::Duration;
 use clap::Parser;
 use parley_router::directory::MAX_SHARDS;
 use parley_router::limits::{ChatLimits, MAX_GROUP_MEMBERS_CEILING};
+use parley_router::record::MAX_RECORD_OVERHEAD_BYTES;
 use parley_router::session::SessionLimits;
+use parley_wal::format::RECORD_HEADER;
+use parley_wal::WalOptions;
 
 /// Why the configuration could not be used. Each renders as one line naming the setting.
 #[derive(Debug, thiserror::Error)]
@@ -451,7 +454,33 @@ impl Settings {
                 ),
             ));
         }
+        // Every record the chat core writes comes of one frame (chunked cursor records
+        // aside), so the largest frame it takes, with what the sequencer adds, must fit
+        // one batch of the log; past it the record would be refused.
+        let batch_limit = self.wal_options().max_batch_size();
+        let largest_record = self
+            .max_frame_bytes
+            .saturating_add(MAX_RECORD_OVERHEAD_BYTES);
+        if parley_wal::format::stored_len(largest_record) > batch_limit {
+            return Err(invalid(
+                "max_frame_bytes",
+                format!(
+                    "must leave room for one chat record in a log batch: at most {} with \
+                     wal_segment_bytes {} (a batch holds {batch_limit} bytes)",
+                    batch_limit.saturating_sub(RECORD_HEADER + MAX_RECORD_OVERHEAD_BYTES),
+                    self.wal_segment_bytes
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The log's options of every shard.
+    pub fn wal_options(&self) -> WalOptions {
+        WalOptions {
+            segment_size: self.wal_segment_bytes,
+            ..WalOptions::default()
+        }
     }
 
     /// What one frame or one sync makes the server send must fit a prompt reader's queue.
@@ -635,6 +664,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("idle_timeout_ms"), "{error}");
+    }
+
+    /// A frame the log could not take as one record is refused at start, not at the
+    /// first such message (where the shard would have to refuse it).
+    #[test]
+    fn the_largest_frame_must_fit_one_log_batch() {
+        let segment = 1 << 20;
+        let batch = WalOptions {
+            segment_size: segment,
+            ..WalOptions::default()
+        }
+        .max_batch_size();
+        let fits = batch - RECORD_HEADER - MAX_RECORD_OVERHEAD_BYTES;
+        let with_frame = |frame: usize| {
+            let (frame, segment) = (frame.to_string(), segment.to_string());
+            let args = [
+                "--wal-segment-bytes",
+                segment.as_str(),
+                "--max-frame-bytes",
+                frame.as_str(),
+                "--max-frame-hard-bytes",
+                frame.as_str(),
+            ];
+            resolve(&args, &[])
+        };
+        with_frame(fits).expect("the largest frame that fits is taken");
+        let error = with_frame(fits + 1).unwrap_err().to_string();
+        assert!(
+            error.starts_with("setting max_frame_bytes") && error.contains(&fits.to_string()),
+            "{error}"
+        );
     }
 
     #[test]

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// The WAL record type of every chat record (the `type` byte of the WAL's header).
 pub const CHAT_RECORD_TYPE: u8 = 1;
 
+/// A chat record is at most the frame that caused it plus this many bytes: what the
+/// sequencer adds (the sender's id, seq, timestamps, the conversation id it minted) and
+/// postcard's length prefixes. Cursor records, which no single frame causes, are split
+/// by the log's batch limit instead. Settings check the largest frame against it.
+pub const MAX_RECORD_OVERHEAD_BYTES: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChatRecord {
     ConvCreated {
@@ -305,6 +311,37 @@ mod tests {
             assert!(
                 record.encode().len() <= parts + CURSORS_RECORD_OVERHEAD,
                 "{n}"
+            );
+        }
+    }
+
+    /// The record of a send is no larger than the frame that carried it plus the
+    /// overhead the settings reckon with, however long its ids and body.
+    #[test]
+    fn a_message_record_is_its_frame_and_at_most_the_overhead() {
+        for body_len in [0usize, 1, 300, 70_000] {
+            let id = "i".repeat(64);
+            let body = "b".repeat(body_len);
+            let frame = serde_json::json!({
+                "op": "send", "id": 1, "conv": id, "cmid": id, "body": body,
+            })
+            .to_string();
+            let record = ChatRecord::Message(StoredMessage {
+                conv: id.clone(),
+                seq: u64::MAX,
+                from: id.clone(),
+                cmid: id.clone(),
+                ts: u64::MAX,
+                kind: MessageKind::Text,
+                body,
+                media: None,
+                reply_to: Some(u64::MAX),
+            });
+            let len = record.encode().len();
+            assert!(
+                len <= frame.len() + MAX_RECORD_OVERHEAD_BYTES,
+                "body {body_len}: record {len}, frame {}",
+                frame.len()
             );
         }
     }

@@ -110,6 +110,16 @@ impl Default for WalOptions {
     }
 }
 
+impl WalOptions {
+    /// The largest batch a log opened with these options takes (see
+    /// [`Wal::max_batch_size`]), for owners that check their own limits against it
+    /// before they open one.
+    pub fn max_batch_size(&self) -> usize {
+        let segment_room = (self.segment_size as usize).saturating_sub(SEGMENT_HEADER);
+        self.max_batch_bytes.min(segment_room)
+    }
+}
+
 /// One record to append.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
@@ -282,8 +292,7 @@ impl Wal {
 
     /// The largest batch one append may carry.
     pub fn max_batch_size(&self) -> usize {
-        let segment_room = self.shared.options.segment_size as usize - SEGMENT_HEADER;
-        self.shared.options.max_batch_bytes.min(segment_room)
+        self.shared.options.max_batch_size()
     }
 
     /// Every LSN up to this one is durable.

@@ -108,10 +108,7 @@ impl<'a> CommonPlan<'a> {
             chat_limits: Arc::new(session_config.chat.clone()),
             session_config,
             ws_limits,
-            wal_options: WalOptions {
-                segment_size: settings.wal_segment_bytes,
-                ..WalOptions::default()
-            },
+            wal_options: settings.wal_options(),
             socket_engine,
             quic_settings: settings.quic_settings(),
             quic_keys: quic_keys(),
