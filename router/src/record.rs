@@ -37,7 +37,8 @@ pub enum ChatRecord {
         ts: u64,
     },
     Message(StoredMessage),
-    /// Cursor advances, coalesced: one record per loop turn carries the latest of each.
+    /// Cursor advances, coalesced: a loop turn's records carry the latest of each (one
+    /// record, or as many as the log's record limit needs).
     Cursors(Vec<CursorAdvance>),
     Reaction {
         conv: String,

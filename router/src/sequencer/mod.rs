@@ -1,8 +1,9 @@
 //! The sequencer: the single writer of the conversations homed on one shard.
 //!
-//! A command is checked (membership, roles, limits), turned into a record, appended to
-//! the log, and only then applied to the state, by the same `apply` that replays the log
-//! at recovery. So the state is always what the log says. Replies and events come out
+//! A command is checked (membership, roles, limits) and turned into a record; the record
+//! is checked against the state, appended to the log, and only then applied to the
+//! state, by the same `check` and `apply` that replay the log at recovery. So the state
+//! is always what the log says, and the log holds only records that apply. Replies and events come out
 //! as `Output`s; the shard core holds them back until the log is durable up to the
 //! records they depend on (PROTOCOL.md 7.1).
 //!
