@@ -23,6 +23,10 @@ pub enum WalError {
         "the log is poisoned by an earlier I/O failure ({0}); nothing after it is acknowledged"
     )]
     Poisoned(Arc<str>),
+    /// A refusal, not a failure: the batch of `size` stored bytes is larger than
+    /// [`Wal::max_batch_size`](crate::Wal::max_batch_size) (`max`), so nothing of it was
+    /// appended and the log is as it was. The caller splits its records into batches
+    /// of at most `max` bytes (a single record larger than that can never be appended).
     #[error("a batch of {size} bytes exceeds the largest batch the log takes ({max} bytes)")]
     TooLarge { size: usize, max: usize },
     #[error("the log's buffer is full: the disk is behind")]
@@ -41,6 +45,10 @@ pub enum WalError {
     Locked(PathBuf),
     #[error("the log is closed")]
     Closed,
+    /// `WalOptions::segment_size` leaves no room for records: a segment holds its header
+    /// block and at least one block of records.
+    #[error("a segment size of {configured} bytes leaves no room for records: it must be at least {min} bytes")]
+    SegmentSizeTooSmall { configured: u64, min: u64 },
 }
 
 impl WalError {

@@ -20,15 +20,27 @@ pub use crate::read::{Follower, RecordIter};
 pub use crate::retention::Retention;
 
 use crate::error::WalError;
-use crate::format::{stored_len, Lsn, RecordHeader, FLAG_BATCH_END, SEGMENT_HEADER};
+use crate::format::{stored_len, Lsn, RecordHeader, BLOCK, FLAG_BATCH_END, SEGMENT_HEADER};
 use crate::io::{LogIo, SyncIo, UringIo};
 use crate::read::SegmentIndex;
 use crate::recovery::{analyze, repair, Progress};
 use crate::replication::{persisted_epoch, Replicated};
 use crate::shared::{Shared, State};
-use crate::writer::{create_segment, ActiveSegment, Writer};
+use crate::writer::{create_segment, ActiveSegment, NewSegment, Writer};
 
 const LOCK_FILE: &str = "LOCK";
+
+/// Refuse a segment size that leaves no block for records after the header.
+fn check_options(options: &WalOptions) -> Result<(), WalError> {
+    let min = (SEGMENT_HEADER + BLOCK) as u64;
+    if options.segment_size < min {
+        return Err(WalError::SegmentSizeTooSmall {
+            configured: options.segment_size,
+            min,
+        });
+    }
+    Ok(())
+}
 
 /// Create `dir` if need be and take its lock: one process opens a log at a time.
 fn lock_dir(dir: &Path) -> Result<File, WalError> {
@@ -54,9 +66,11 @@ fn open_active_segment(
     io: &mut dyn LogIo,
 ) -> Result<(ActiveSegment, bool), WalError> {
     if let Some(last) = segments.last() {
-        return ActiveSegment::reopen(&last.path, last.end, options.direct_io);
+        return ActiveSegment::reopen(&last.path, last.end, last.size, options.direct_io);
     }
-    let (active, index, direct) = create_segment(dir, next_lsn, options, options.direct_io, io)?;
+    let new = NewSegment::Beside;
+    let (active, index, direct) =
+        create_segment(dir, next_lsn, options, options.direct_io, io, new)?;
     segments.push(index);
     Ok((active, direct))
 }
@@ -91,7 +105,9 @@ fn encode_batch(
 /// The log's limits. Each is a named setting of its owner.
 #[derive(Debug, Clone)]
 pub struct WalOptions {
-    /// Size each segment file is preallocated to.
+    /// Size each new segment file is preallocated to; at least two blocks (the header
+    /// and one of records). The size is recorded in each segment's header, and a segment
+    /// keeps it: a changed setting applies to segments created from then on.
     pub segment_size: u64,
     /// Bytes of records one flush carries at most; also the largest single batch.
     /// Two buffers of this size exist per log.
@@ -116,7 +132,9 @@ impl WalOptions {
     /// before they open one.
     pub fn max_batch_size(&self) -> usize {
         let segment_room = (self.segment_size as usize).saturating_sub(SEGMENT_HEADER);
-        self.max_batch_bytes.min(segment_room)
+        // Flushes are whole blocks: a batch fits a new segment when its blocks do.
+        let whole_blocks = segment_room / BLOCK * BLOCK;
+        self.max_batch_bytes.min(whole_blocks)
     }
 }
 
@@ -189,6 +207,7 @@ impl Wal {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Wal, RecoveryReport), WalError> {
         let started = Instant::now();
+        check_options(&options)?;
         let lock = lock_dir(dir)?;
         let analysis = analyze(dir, progress)?;
         repair(dir, &analysis)?;
@@ -290,7 +309,13 @@ impl Wal {
         }
     }
 
-    /// The largest batch one append may carry.
+    /// The largest batch one append may carry, in stored bytes: the sum over its
+    /// records of [`stored_len`](crate::format::stored_len) of the payload (header and
+    /// padding included). It is `max_batch_bytes`, or what a new segment holds after its
+    /// header in whole blocks if that is less (a batch never spans segments), and it is
+    /// fixed for the life of the `Wal`. A larger batch is refused whole with
+    /// [`WalError::TooLarge`], nothing of it appended: callers split their records into
+    /// batches of at most this size.
     pub fn max_batch_size(&self) -> usize {
         self.shared.options.max_batch_size()
     }

@@ -21,6 +21,8 @@ pub(crate) struct SegmentIndex {
     pub(crate) first_lsn: Lsn,
     pub(crate) path: PathBuf,
     pub(crate) file: Arc<File>,
+    /// The size its header records: writes to it end there.
+    pub(crate) size: u64,
     /// LSN after its last durable record.
     pub(crate) next_lsn: Lsn,
     /// Byte offset after its last durable record.
@@ -36,6 +38,7 @@ impl SegmentIndex {
             first_lsn: good.first_lsn,
             path: good.path.clone(),
             file: Arc::new(open_read(&good.path)?),
+            size: good.segment_size,
             next_lsn: good.next_lsn,
             end: good.end,
             index: good.index.clone(),
@@ -43,11 +46,12 @@ impl SegmentIndex {
     }
 
     /// A segment just created, with no records yet.
-    pub(crate) fn empty(first_lsn: Lsn, path: &Path) -> Result<Self, WalError> {
+    pub(crate) fn empty(first_lsn: Lsn, path: &Path, size: u64) -> Result<Self, WalError> {
         Ok(SegmentIndex {
             first_lsn,
             path: path.to_path_buf(),
             file: Arc::new(open_read(path)?),
+            size,
             next_lsn: first_lsn,
             end: SEGMENT_HEADER as u64,
             index: Vec::new(),

@@ -49,6 +49,8 @@ pub struct Progress {
 pub struct GoodSegment {
     pub first_lsn: Lsn,
     pub path: PathBuf,
+    /// The size its header records (see [`SegmentScan::segment_size`]).
+    pub segment_size: u64,
     /// LSN after its last record.
     pub next_lsn: Lsn,
     /// Byte offset after its last record.
@@ -163,6 +165,7 @@ fn analyze_segment(
     analysis.segments.push(GoodSegment {
         first_lsn: scan.first_lsn,
         path: path.to_path_buf(),
+        segment_size: scan.segment_size,
         next_lsn: scan.next_lsn,
         end: scan.committed_end as u64,
         index: scan.index.iter().map(|&(l, o)| (l, o as u64)).collect(),

@@ -231,5 +231,5 @@ pub(crate) fn cut_after(
     segment.end = cut_at;
     segment.next_lsn = cut;
     segment.index.retain(|&(l, _)| l < cut);
-    ActiveSegment::reopen(&segment.path, cut_at, direct_io)
+    ActiveSegment::reopen(&segment.path, cut_at, segment.size, direct_io)
 }

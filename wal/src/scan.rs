@@ -35,6 +35,9 @@ pub enum SegmentEnd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentScan {
     pub first_lsn: Lsn,
+    /// The size its header records (what it was preallocated to): the log writes to the
+    /// segment only below it, whatever size it is configured to give new segments.
+    pub segment_size: u64,
     /// LSN after the last record of the last complete batch.
     pub next_lsn: Lsn,
     /// Byte offset just past that record: where the log ends after recovery.
@@ -71,6 +74,7 @@ pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan,
     }
     let mut scan = SegmentScan {
         first_lsn: header.first_lsn,
+        segment_size: header.segment_size,
         next_lsn: header.first_lsn,
         committed_end: SEGMENT_HEADER,
         incomplete_batch_bytes: 0,

@@ -58,21 +58,61 @@ pub(crate) struct ActiveSegment {
     path: PathBuf,
     /// Block-aligned offset of the next flush.
     write_pos: u64,
+    /// Writes end at or before this offset: the size the segment's header records,
+    /// which is the configured size only for segments created since the log opened.
+    limit: u64,
 }
 
 impl ActiveSegment {
-    /// Reopen an existing segment for appending after its last record, at `end`.
-    pub(crate) fn reopen(path: &Path, end: u64, direct: bool) -> Result<(Self, bool), WalError> {
+    /// Reopen an existing segment for appending after its last record, at `end`, within
+    /// `recorded_size`, the size its header records. If its records already reach past
+    /// that (as the writer before this check left a segment after the setting was
+    /// raised), the segment is full: it is read as it is and never written again.
+    pub(crate) fn reopen(
+        path: &Path,
+        end: u64,
+        recorded_size: u64,
+        direct: bool,
+    ) -> Result<(Self, bool), WalError> {
         let (file, direct) = open_write(path, direct)?;
+        let write_pos = align_up(end as usize, BLOCK) as u64;
         let active = ActiveSegment {
             file,
             path: path.to_path_buf(),
-            write_pos: align_up(end as usize, BLOCK) as u64,
+            write_pos,
+            limit: recorded_size.max(write_pos),
         };
         Ok((active, direct))
     }
+
+    /// Bytes left for flushes.
+    fn room(&self) -> usize {
+        assert!(
+            self.write_pos <= self.limit,
+            "write position {} past the end {} of {}",
+            self.write_pos,
+            self.limit,
+            self.path.display()
+        );
+        (self.limit - self.write_pos) as usize
+    }
+
+    /// Whether any record was written after the header (flushes start on fresh blocks,
+    /// so the first one moves the write position past the header block).
+    fn holds_records(&self) -> bool {
+        self.write_pos > SEGMENT_HEADER as u64
+    }
 }
 
+/// Where a new segment goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NewSegment {
+    /// After the last one.
+    Beside,
+    /// In place of the last one, which holds no records (and so begins at the same LSN)
+    /// but is too small for the next batch: it was made at an older, smaller size.
+    Replacing,
+}
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     io: Box<dyn LogIo>,
@@ -180,12 +220,11 @@ impl Writer {
 
     /// Make one batch durable: one write + fdatasync per segment it touches.
     fn flush(&mut self, batch: &mut Batch) -> Result<(), WalError> {
-        let segment_size = self.shared.options.segment_size;
         let len = batch.buf.len();
         let mut start = 0usize;
         let mut ends = batch.batch_ends.iter().copied().peekable();
         while start < len {
-            let room = (segment_size - self.active.write_pos) as usize;
+            let room = self.active.room();
             // The longest run of whole batches from `start` that fits the segment.
             let mut chunk_end = None;
             while let Some(&(end, last_lsn)) = ends.peek() {
@@ -232,17 +271,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Continue in a new segment of the configured size, beginning at `first_lsn`: the
+    /// next batch does not fit the rest of the active one.
     fn roll(&mut self, first_lsn: Lsn) -> Result<(), WalError> {
+        let new = match self.active.holds_records() {
+            true => NewSegment::Beside,
+            false => NewSegment::Replacing,
+        };
         let (active, index, direct) = create_segment(
             &self.shared.dir,
             first_lsn,
             &self.shared.options,
             self.direct_io,
             self.io.as_mut(),
+            new,
         )?;
         self.direct_io = direct;
         self.active = active;
-        self.shared.segments_mut().push(index);
+        let mut segments = self.shared.segments_mut();
+        match (new, segments.last_mut()) {
+            (NewSegment::Replacing, Some(last)) => *last = index,
+            _ => segments.push(index),
+        }
         Ok(())
     }
 
@@ -289,39 +339,72 @@ fn open_write(path: &Path, direct: bool) -> Result<(File, bool), WalError> {
     Ok((file, false))
 }
 
-/// Create, preallocate and header a new segment; make its name durable.
+/// Create, preallocate and header a new segment of the configured size; make its name
+/// durable. A replacement is made under another name and renamed over the segment it
+/// replaces, so that a crash leaves one of the two: each an empty segment at `first_lsn`.
 pub(crate) fn create_segment(
     dir: &Path,
     first_lsn: Lsn,
     options: &WalOptions,
     direct: bool,
     io: &mut dyn LogIo,
+    new: NewSegment,
 ) -> Result<(ActiveSegment, SegmentIndex, bool), WalError> {
     let path = dir.join(segment_name(first_lsn));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| WalError::io("create", &path, e))?;
-    let (file, direct) = open_write(&path, direct)?;
-    preallocate(&file, options.segment_size).map_err(|e| WalError::io("preallocate", &path, e))?;
-    let mut header = AlignedBuf::new(SEGMENT_HEADER);
-    let bytes = encode_segment_header(&SegmentHeader {
+    let mut create = OpenOptions::new();
+    let made = match new {
+        NewSegment::Beside => {
+            create.write(true).create_new(true);
+            path.clone()
+        }
+        NewSegment::Replacing => {
+            create.write(true).create(true).truncate(true);
+            path.with_extension(REPLACEMENT_EXTENSION)
+        }
+    };
+    create
+        .open(&made)
+        .map_err(|e| WalError::io("create", &made, e))?;
+    let header = SegmentHeader {
         first_lsn,
         segment_size: options.segment_size,
-    });
-    header.full_mut()[..bytes.len()].copy_from_slice(&bytes);
-    header.commit(bytes.len());
-    io.write_durable(&file, 0, header.padded_blocks())
-        .map_err(|e| WalError::io("write header of", &path, e))?;
+    };
+    let (file, direct) = write_segment_header(&made, &header, direct, io)?;
+    if new == NewSegment::Replacing {
+        std::fs::rename(&made, &path).map_err(|e| WalError::io("rename", &made, e))?;
+    }
     sync_dir(dir)?;
-    let index = SegmentIndex::empty(first_lsn, &path)?;
+    let index = SegmentIndex::empty(first_lsn, &path, options.segment_size)?;
     let active = ActiveSegment {
         file,
         path,
         write_pos: SEGMENT_HEADER as u64,
+        limit: options.segment_size,
     };
     Ok((active, index, direct))
+}
+
+/// A replacement segment's name until it is renamed over the one it replaces (not a
+/// segment's suffix, so recovery passes over one a crash left).
+const REPLACEMENT_EXTENSION: &str = "new";
+
+/// Preallocate the created file at `path` to the header's size and make the header
+/// durable. Returns the file, open for writing, and whether it is direct.
+fn write_segment_header(
+    path: &Path,
+    header: &SegmentHeader,
+    direct: bool,
+    io: &mut dyn LogIo,
+) -> Result<(File, bool), WalError> {
+    let (file, direct) = open_write(path, direct)?;
+    preallocate(&file, header.segment_size).map_err(|e| WalError::io("preallocate", path, e))?;
+    let mut block = AlignedBuf::new(SEGMENT_HEADER);
+    let bytes = encode_segment_header(header);
+    block.full_mut()[..bytes.len()].copy_from_slice(&bytes);
+    block.commit(bytes.len());
+    io.write_durable(&file, 0, block.padded_blocks())
+        .map_err(|e| WalError::io("write header of", path, e))?;
+    Ok((file, direct))
 }
 
 fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
