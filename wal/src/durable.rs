@@ -40,10 +40,13 @@ impl Shared {
     /// Publish that every LSN up to `lsn` is durable, and wake the waiters that covers;
     /// after a poison, wake everyone (to see it). Called by the writer thread only.
     pub(crate) fn publish_durable(&self, lsn: Lsn) {
+        let state = self.lock();
+        let previous = self.durable_lsn.load(Ordering::Acquire);
+        assert!(lsn >= previous, "durable LSN back from {previous} to {lsn}");
+        assert!(lsn < state.next_lsn, "durable LSN {lsn} not given out yet");
         self.durable_lsn.store(lsn, Ordering::Release);
-        let _guard = self.lock();
         self.durable_changed.notify_all();
-        drop(_guard);
+        drop(state);
         let woken = {
             let mut waiters = self.waiters();
             if self.poison.get().is_some() {

@@ -20,7 +20,9 @@ pub use crate::read::{Follower, RecordIter};
 pub use crate::retention::Retention;
 
 use crate::error::WalError;
-use crate::format::{stored_len, Lsn, RecordHeader, BLOCK, FLAG_BATCH_END, SEGMENT_HEADER};
+use crate::format::{
+    align_up, stored_len, Lsn, RecordHeader, BLOCK, FLAG_BATCH_END, SEGMENT_HEADER,
+};
 use crate::io::{LogIo, SyncIo, UringIo};
 use crate::read::SegmentIndex;
 use crate::recovery::{analyze, repair, Progress};
@@ -216,6 +218,9 @@ impl Wal {
             .map(SegmentIndex::recovered)
             .collect::<Result<Vec<_>, _>>()?;
         let next_lsn = analysis.next_lsn;
+        // Recovery keeps only a contiguous run of segments, ending where the log does.
+        let contiguous = segments.windows(2).all(|w| w[0].next_lsn == w[1].first_lsn);
+        assert!(contiguous && segments.last().is_none_or(|s| s.next_lsn == next_lsn));
         let (active, direct_io) =
             open_active_segment(dir, &options, &mut segments, next_lsn, io.as_mut())?;
         let report = RecoveryReport {
@@ -280,9 +285,13 @@ impl Wal {
         if let Some(replicated) = &replicated {
             replicated.admit(&self.shared.dir, &mut state)?;
         }
-        let was_empty = state.pending.buf.is_empty();
+        let (first, was_len) = (state.next_lsn, state.pending.buf.len());
+        assert!(first > self.durable_lsn(), "LSN {first} is durable already");
         let last = encode_batch(&mut state, entries, replicated.as_ref());
-        if was_empty {
+        // Contiguous LSNs after the durable one, and exactly the bytes admitted.
+        assert_eq!(last + 1, first + entries.len() as u64);
+        assert_eq!(state.pending.buf.len() - was_len, size);
+        if was_len == 0 {
             self.shared.work_ready.notify_one();
         }
         Ok(last)
@@ -292,6 +301,11 @@ impl Wal {
     /// the writer to make room, or fails with `Full` if `wait` is false.
     fn lock_with_room(&self, size: usize, wait: bool) -> Result<MutexGuard<'_, State>, WalError> {
         let mut state = self.shared.lock();
+        // Else waiting for room would never end: the writer empties the buffer at most.
+        assert!(
+            size <= state.pending.buf.capacity(),
+            "{size} bytes never fit"
+        );
         loop {
             if let Some(poisoned) = self.shared.poisoned() {
                 return Err(poisoned);
@@ -317,7 +331,12 @@ impl Wal {
     /// [`WalError::TooLarge`], nothing of it appended: callers split their records into
     /// batches of at most this size.
     pub fn max_batch_size(&self) -> usize {
-        self.shared.options.max_batch_size()
+        let max = self.shared.options.max_batch_size();
+        // The options were checked on open: a batch of this size, padded to blocks, fits
+        // a new segment after its header.
+        let segment_size = self.shared.options.segment_size as usize;
+        assert!(SEGMENT_HEADER + align_up(max, BLOCK) <= segment_size);
+        max
     }
 
     /// Every LSN up to this one is durable.
@@ -333,13 +352,13 @@ impl Wal {
     /// Block until `lsn` is durable, or the log is poisoned.
     pub fn wait_durable(&self, lsn: Lsn) -> Result<(), WalError> {
         let shared = &self.shared;
-        if let Some(outcome) = shared.wait_outcome(lsn) {
-            return outcome;
-        }
-        if lsn >= self.next_lsn() {
-            return Err(WalError::NotFound(lsn));
-        }
-        shared.wait_durable(lsn)
+        let outcome = match shared.wait_outcome(lsn) {
+            Some(outcome) => outcome,
+            None if lsn >= self.next_lsn() => return Err(WalError::NotFound(lsn)),
+            None => shared.wait_durable(lsn),
+        };
+        assert!(outcome.is_err() || self.durable_lsn() >= lsn);
+        outcome
     }
 
     /// A future that resolves once `lsn` is durable (wakers may be woken from the writer

@@ -61,6 +61,7 @@ impl SegmentIndex {
     /// Extend the index with a durable chunk of records written at `offset`.
     pub(crate) fn index_written(&mut self, chunk: &[u8], offset: u64) {
         for (at, header, _) in records_from(chunk, offset as usize, 0) {
+            debug_assert_eq!(header.lsn, self.next_lsn, "{}", self.path.display());
             if (header.lsn - self.first_lsn).is_multiple_of(INDEX_EVERY) {
                 self.index.push((header.lsn, offset + at as u64));
             }
@@ -74,6 +75,11 @@ impl SegmentIndex {
         let at = self.index.partition_point(|&(l, _)| l <= lsn);
         let (_, start) = *self.index.get(at.wrapping_sub(1))?;
         let end = self.index.get(at).map_or(self.end, |&(_, offset)| offset);
+        assert!(
+            start <= end,
+            "index of {} out of order",
+            self.path.display()
+        );
         Some((start, end))
     }
 }
@@ -82,11 +88,12 @@ impl Wal {
     /// Read one durable record.
     pub fn read(&self, lsn: Lsn) -> Result<Record, WalError> {
         let mut records = self.read_interval(lsn)?;
-        records
-            .iter()
+        let record = (records.iter())
             .position(|r| r.lsn == lsn)
             .map(|i| records.swap_remove(i))
-            .ok_or(WalError::NotFound(lsn))
+            .ok_or(WalError::NotFound(lsn))?;
+        assert_eq!(record.lsn, lsn);
+        Ok(record)
     }
 
     /// Durable records from `from` to `to` inclusive, read lazily.
@@ -196,6 +203,10 @@ impl Follower<'_> {
         }
         drop(state);
         let record = self.wal.read(self.next)?;
+        assert_eq!(
+            record.lsn, self.next,
+            "a follower yields every LSN in order"
+        );
         self.next += 1;
         Ok(Some(record))
     }

@@ -120,7 +120,13 @@ impl Wal {
             epoch,
             headers: &headers,
         };
-        self.append_inner(&entries, Some(replicated), true)
+        let last = self.append_inner(&entries, Some(replicated), true)?;
+        assert_eq!(
+            last,
+            lsn + headers.len() as u64 - 1,
+            "stored at the leader's LSNs"
+        );
+        Ok(last)
     }
 
     /// Remove every record after `lsn` (a follower's divergent tail), which must end a
@@ -137,6 +143,9 @@ impl Wal {
         self.shared.work_ready.notify_one();
         loop {
             if let Some(result) = state.command_result.take() {
+                if result.is_ok() {
+                    assert_eq!(state.next_lsn, lsn + 1, "the log ends at the cut");
+                }
                 return result;
             }
             if let Some(poisoned) = self.shared.poisoned() {

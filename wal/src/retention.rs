@@ -69,6 +69,7 @@ impl Wal {
             deleted.push(oldest.path.clone());
             segments.remove(0);
         }
+        assert!(!segments.is_empty(), "the active segment stays");
         if !deleted.is_empty() {
             sync_dir(&self.shared.dir)?;
         }

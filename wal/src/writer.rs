@@ -26,6 +26,8 @@ pub(crate) struct Batch {
     pub(crate) buf: AlignedBuf,
     /// (offset just past the batch, its last LSN), in order.
     batch_ends: Vec<(usize, Lsn)>,
+    /// The first and the last LSN it holds.
+    lsns: Option<(Lsn, Lsn)>,
 }
 
 impl Batch {
@@ -33,22 +35,45 @@ impl Batch {
         Self {
             buf: AlignedBuf::new(capacity),
             batch_ends: Vec::new(),
+            lsns: None,
         }
     }
 
-    /// Encode one record after the others; the caller has checked that it fits.
+    /// Encode one record after the others, at the next LSN; the caller has checked that
+    /// it fits.
     pub(crate) fn push(&mut self, header: &RecordHeader, payload: &[u8]) {
+        debug_assert!(
+            self.lsns.is_none_or(|(_, last)| header.lsn == last + 1),
+            "LSN {} does not follow {:?}",
+            header.lsn,
+            self.lsns
+        );
         let at = self.buf.len();
         let used = encode_record_into(&mut self.buf.full_mut()[at..], header, payload);
         self.buf.commit(used);
         if header.batch_end() {
             self.batch_ends.push((self.buf.len(), header.lsn));
         }
+        let first = self.lsns.map_or(header.lsn, |(first, _)| first);
+        self.lsns = Some((first, header.lsn));
+    }
+
+    /// Every record in it belongs to a whole batch: appenders encode a batch under one
+    /// lock, so the writer never sees part of one.
+    fn assert_whole_batches(&self) {
+        let (end, last) = self.batch_ends.last().copied().unzip();
+        assert_eq!(end.unwrap_or(0), self.buf.len(), "a batch is cut short");
+        assert_eq!(
+            last,
+            self.lsns.map(|(_, last)| last),
+            "a batch is cut short"
+        );
     }
 
     fn clear(&mut self) {
         self.buf.clear();
         self.batch_ends.clear();
+        self.lsns = None;
     }
 }
 
@@ -185,6 +210,10 @@ impl Writer {
             .expect("the writer returns the spare after each flush");
         let batch = std::mem::replace(&mut state.pending, spare);
         state.flushing = true;
+        // Handed over whole, and exactly what follows the durable LSN.
+        batch.assert_whole_batches();
+        let durable = shared.durable_lsn.load(Ordering::Acquire);
+        assert_eq!(batch.lsns.map(|(first, _)| first), Some(durable + 1));
         drop(state);
         shared.room_ready.notify_all();
         Some(batch)
@@ -239,34 +268,53 @@ impl Writer {
                 self.roll(first_lsn)?;
                 continue;
             };
-            let whole = start == 0 && end == len;
-            let data: &mut AlignedBuf = if whole {
-                &mut batch.buf
-            } else {
-                self.scratch.clear();
-                self.scratch.full_mut()[..end - start]
-                    .copy_from_slice(&batch.buf.as_slice()[start..end]);
-                self.scratch.commit(end - start);
-                &mut self.scratch
-            };
-            set_flush_start(&mut data.full_mut()[..end - start]);
-            let offset = self.active.write_pos;
-            let blocks = data.padded_blocks();
-            self.io
-                .write_durable(&self.active.file, offset, blocks)
-                .map_err(|e| WalError::io("write and fdatasync", &self.active.path, e))?;
-            self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .stats
-                .bytes_written
-                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-            self.active.write_pos += blocks.len() as u64;
-            let written = &data.as_slice()[..end - start];
-            if let Some(segment) = self.shared.segments_mut().last_mut() {
-                segment.index_written(written, offset);
-            }
+            self.write_chunk(&mut batch.buf, start, end)?;
             self.shared.publish_durable(last_lsn);
             start = end;
+        }
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
+        assert_eq!(Some(durable), batch.lsns.map(|(_, last)| last));
+        Ok(())
+    }
+
+    /// Write the whole batches at `start..end` of `pending` at the write position, make
+    /// them durable, and index them.
+    fn write_chunk(
+        &mut self,
+        pending: &mut AlignedBuf,
+        start: usize,
+        end: usize,
+    ) -> Result<(), WalError> {
+        let data: &mut AlignedBuf = if start == 0 && end == pending.len() {
+            pending
+        } else {
+            self.scratch.clear();
+            self.scratch.full_mut()[..end - start].copy_from_slice(&pending.as_slice()[start..end]);
+            self.scratch.commit(end - start);
+            &mut self.scratch
+        };
+        set_flush_start(&mut data.full_mut()[..end - start]);
+        let offset = self.active.write_pos;
+        let blocks = data.padded_blocks();
+        let write_end = offset + blocks.len() as u64;
+        assert!(
+            offset.is_multiple_of(BLOCK as u64) && write_end <= self.active.limit,
+            "a flush at {offset}..{write_end} of {} is not in its blocks before {}",
+            self.active.path.display(),
+            self.active.limit
+        );
+        self.io
+            .write_durable(&self.active.file, offset, blocks)
+            .map_err(|e| WalError::io("write and fdatasync", &self.active.path, e))?;
+        self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .bytes_written
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        self.active.write_pos = write_end;
+        let written = &data.as_slice()[..end - start];
+        if let Some(segment) = self.shared.segments_mut().last_mut() {
+            segment.index_written(written, offset);
         }
         Ok(())
     }
@@ -278,6 +326,12 @@ impl Writer {
             true => NewSegment::Beside,
             false => NewSegment::Replacing,
         };
+        // A new segment holds any batch an append admits (max_batch_size): so never roll
+        // away from an empty one of the configured size.
+        assert!(
+            new == NewSegment::Beside || self.active.limit < self.shared.options.segment_size,
+            "a batch at LSN {first_lsn} does not fit an empty segment"
+        );
         let (active, index, direct) = create_segment(
             &self.shared.dir,
             first_lsn,
@@ -289,9 +343,17 @@ impl Writer {
         self.direct_io = direct;
         self.active = active;
         let mut segments = self.shared.segments_mut();
+        let last = segments.last().map(|s| (s.first_lsn, s.next_lsn));
         match (new, segments.last_mut()) {
-            (NewSegment::Replacing, Some(last)) => *last = index,
-            _ => segments.push(index),
+            (NewSegment::Replacing, Some(last)) => {
+                assert_eq!(last.first_lsn, first_lsn, "replacing a segment elsewhere");
+                *last = index
+            }
+            _ => {
+                let follows = last.is_none_or(|(_, next_lsn)| next_lsn == first_lsn);
+                assert!(follows, "segment at {first_lsn} after {last:?}");
+                segments.push(index)
+            }
         }
         Ok(())
     }
