@@ -198,8 +198,12 @@ impl LogIo for UringIo {
         while written < buf.len() {
             let (write_result, fsync_result) =
                 self.write_then_sync(fd, &buf[written..], offset + written as u64)?;
-            if is_transient(write_result) && transient_retries < MAX_TRANSIENT_RETRIES {
+            let retry = is_transient(write_result) || write_result == -libc::ECANCELED;
+            if retry && transient_retries < MAX_TRANSIENT_RETRIES {
                 // Nothing was written and the linked fsync was cancelled: submit again.
+                // ECANCELED too: this ring never cancels a write, so the kernel gave it up
+                // unstarted (io-wq could not start a worker while a signal was pending).
+                // Writing the same bytes at the same offset again is harmless.
                 transient_retries += 1;
                 continue;
             }
@@ -233,8 +237,8 @@ fn bytes_written(completion: i32) -> io::Result<usize> {
     }
 }
 
-/// How many times one durable write resubmits after an interrupted (EINTR) or would-block
-/// (EAGAIN) completion before it reports the error: a signal storm must not fail the log,
+/// How many times one durable write resubmits after an interrupted (EINTR), would-block
+/// (EAGAIN) or kernel-cancelled (ECANCELED) completion before it reports the error: a signal storm must not fail the log,
 /// but a device that only ever answers EAGAIN must not spin it forever either.
 const MAX_TRANSIENT_RETRIES: u32 = 64;
 
