@@ -210,7 +210,8 @@ impl LogIo for UringIo {
             written += bytes_written(write_result)?;
             // A short write cancels the linked fsync (-ECANCELED); loop to finish and sync.
             if written == buf.len() && fsync_result < 0 {
-                if is_transient(fsync_result) {
+                // After a whole write, ECANCELED is the kernel's too (see above).
+                if is_transient(fsync_result) || fsync_result == -libc::ECANCELED {
                     // The data is written; only the flush was interrupted. Flush again.
                     return sync_retrying(file);
                 }
