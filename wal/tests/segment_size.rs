@@ -40,14 +40,16 @@ fn assert_durable(wal: &Wal, lsn: Lsn) {
     );
 }
 
-/// Append one batch, retrying while the buffer is full for 10 s at most: a writer that
-/// died never makes room, and a blocking append would hang the test.
+/// Append one batch; while the buffer is full, wait for the writer to make a record
+/// durable (which frees room), 10 s at most: a writer that died never makes room, and a
+/// blocking append would hang the test.
 fn append_batch(wal: &Wal, entries: &[Entry<'_>]) -> Lsn {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match wal.try_append_batch(entries) {
             Err(WalError::Full) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1))
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _durable_or_timeout = wal.follow(wal.durable_lsn() + 1).next_timeout(left);
             }
             Err(error) => panic!("append at LSN {}: {error}", wal.next_lsn()),
             Ok(last) => return last,
