@@ -1,15 +1,16 @@
 //! The WebSocket transport as a sans-IO driver: the runtime feeds it the bytes it read
 //! and the clock; it hands back the bytes to write. tungstenite does the handshake and
-//! the framing over an in-memory [`Pipe`], never over a socket, so the same driver serves
+//! the framing over an in-memory [`MemoryPipe`], never over a socket, so the same driver serves
 //! any socket engine (glommio streams today, io_uring provided buffers later).
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_router::clock::Now;
+use parley_router::memory_pipe::MemoryPipe;
 use parley_router::protocol::CloseCode;
 use parley_router::protocol::Doc;
 use parley_router::session::{Action, ChatRequest, Note, Session, SessionConfig};
@@ -49,69 +50,6 @@ impl WsLimits {
             .max_write_buffer_size(self.write_batch_bytes.saturating_mul(2).max(1 << 16))
             .max_message_size(Some(self.max_frame_hard_bytes))
             .max_frame_size(Some(self.max_frame_hard_bytes))
-    }
-}
-
-/// In-memory stream under tungstenite: reads what the socket delivered, collects writes.
-#[derive(Debug, Default)]
-pub struct Pipe {
-    input: Vec<u8>,
-    read_pos: usize,
-    /// While handshaking, tungstenite may read only up to the end of the HTTP request:
-    /// frames a client pipelines behind it stay here for the WebSocket.
-    handshake_limit: Option<usize>,
-    output: Vec<u8>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let end = self.handshake_limit.unwrap_or(self.input.len());
-        let available = &self.input[self.read_pos..end];
-        if available.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.read_pos += n;
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Pipe {
-    fn push_input(&mut self, data: &[u8]) {
-        self.input.extend_from_slice(data);
-    }
-
-    /// Drop consumed input and release a large buffer once it is empty.
-    fn compact_input(&mut self) {
-        self.input.drain(..self.read_pos);
-        self.read_pos = 0;
-        if self.input.is_empty() && self.input.capacity() > RETAINED_INPUT_BYTES {
-            self.input = Vec::new();
-        }
-    }
-
-    fn limit_to_request_head(&mut self) {
-        let pending = &self.input[self.read_pos..];
-        self.handshake_limit = pending
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|end| self.read_pos + end + 4);
-        if self.handshake_limit.is_none() {
-            // Incomplete head: let tungstenite see it all; it asks for more.
-            self.handshake_limit = Some(self.input.len());
-        }
     }
 }
 
@@ -188,7 +126,7 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-type Handshake = MidHandshake<ServerHandshake<Pipe, UpgradeCallback>>;
+type Handshake = MidHandshake<ServerHandshake<MemoryPipe, UpgradeCallback>>;
 
 enum State {
     Handshaking {
@@ -197,7 +135,7 @@ enum State {
         received: usize,
     },
     Open {
-        ws: Box<WebSocket<Pipe>>,
+        ws: Box<WebSocket<MemoryPipe>>,
         session: Session,
     },
     /// Only leftover output remains (an HTTP error response, a close frame).
@@ -227,7 +165,7 @@ impl WsConnection {
     ) -> Self {
         let upgrade = Rc::new(RefCell::new(UpgradeInfo::default()));
         let handshake = ServerHandshake::start(
-            Pipe::default(),
+            MemoryPipe::default(),
             UpgradeCallback(upgrade.clone()),
             Some(limits.tungstenite_config()),
         );
@@ -254,7 +192,7 @@ impl WsConnection {
             State::Open { ws, session } => {
                 ws.get_mut().push_input(data);
                 read_messages(ws, session, &self.metrics, now);
-                ws.get_mut().compact_input();
+                ws.get_mut().compact(RETAINED_INPUT_BYTES);
                 self.pump(now);
             }
             State::Finished { .. } => {}
@@ -420,11 +358,10 @@ impl WsConnection {
         };
         let pipe = mid.get_mut().get_mut();
         pipe.push_input(data);
-        pipe.limit_to_request_head();
         match mid.handshake() {
             Ok(mut ws) => {
                 let pipe = ws.get_mut();
-                pipe.handshake_limit = None;
+                pipe.end_head();
                 let token = upgrade.borrow_mut().token.take();
                 // The auth window runs from accept, not from the end of the handshake.
                 let created = Now {
@@ -441,7 +378,7 @@ impl WsConnection {
                 let mut session = session;
                 // Frames pipelined behind the request head are already here.
                 read_messages(&mut ws, &mut session, &self.metrics, now);
-                ws.get_mut().compact_input();
+                ws.get_mut().compact(RETAINED_INPUT_BYTES);
                 self.state = State::Open { ws, session };
                 self.pump(now);
             }
@@ -532,7 +469,7 @@ impl Drop for WsConnection {
 
 /// Read every complete message the pipe holds and hand it to the session.
 fn read_messages(
-    ws: &mut WebSocket<Pipe>,
+    ws: &mut WebSocket<MemoryPipe>,
     session: &mut Session,
     metrics: &ShardMetrics,
     now: Now,

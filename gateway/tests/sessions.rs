@@ -23,6 +23,62 @@ fn header_token_authenticates_and_hello_welcomes() {
     assert!(client.reply(id)["ok"]["server_ts"].is_u64());
 }
 
+/// A client may send frames in the same write as its upgrade request: they wait behind
+/// the request head and are served once the upgrade is done, none lost, in order.
+#[test]
+fn frames_pipelined_behind_the_upgrade_request_are_served() {
+    use std::io::Read;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tungstenite::protocol::frame::{Frame, FrameHeader};
+    let daemon = Daemon::start(&[]);
+    let mut bytes = format!(
+        "GET /v1/ws?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        token("bob", None),
+        daemon.ws
+    )
+    .into_bytes();
+    for id in 1..=3 {
+        let header = FrameHeader {
+            is_final: true,
+            opcode: OpCode::Data(Data::Text),
+            mask: Some([1, 2, 3, 4]),
+            ..FrameHeader::default()
+        };
+        let payload = format!(r#"{{"id":{id},"op":"ping"}}"#).into_bytes();
+        Frame::from_payload(header, payload.into())
+            .format(&mut bytes)
+            .unwrap();
+    }
+    let mut stream = std::net::TcpStream::connect(daemon.ws).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(&bytes).unwrap();
+    // The response head, byte by byte, so nothing behind it is read here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).expect("the upgrade's answer");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut ws =
+        tungstenite::WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None);
+    // Documents may share a frame, one per line (PROTOCOL.md 9.4).
+    let mut replies: Vec<String> = Vec::new();
+    while replies.len() < 3 {
+        let frame = ws.read().expect("a reply").into_text().unwrap();
+        replies.extend(frame.lines().map(str::to_string));
+    }
+    for (id, reply) in (1..=3).zip(&replies) {
+        assert!(reply.contains(&format!(r#""re":{id},"#)), "{replies:?}");
+    }
+}
+
 #[test]
 fn query_and_hello_tokens_authenticate() {
     let daemon = Daemon::start(&[]);

@@ -10,6 +10,7 @@ pub mod directory;
 pub mod event;
 pub mod framing;
 pub mod limits;
+pub mod memory_pipe;
 pub mod mesh;
 pub mod output;
 pub mod ownership;

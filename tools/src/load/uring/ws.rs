@@ -1,12 +1,13 @@
 //! The WebSocket client side without a socket: tungstenite's client handshake driven over
-//! an in-memory pipe, and tungstenite's frame header codec over the engine's receive
+//! an in-memory pipe (`MemoryPipe`), and tungstenite's frame header codec over the engine's receive
 //! buffers. Nothing of tungstenite stays per session: while the upgrade is in flight a
 //! session keeps only its key (24 bytes) and, if the answer arrives in pieces, the
 //! pieces; the handshake machine runs once, over the whole response head.
 
-use std::io::{self, Cursor, Read, Write};
+use std::io::Cursor;
 use std::net::SocketAddr;
 
+use parley_router::memory_pipe::MemoryPipe;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::{generate_request, Request};
 use tungstenite::handshake::HandshakeError;
@@ -16,52 +17,6 @@ use tungstenite::protocol::WebSocketConfig;
 
 /// Longest response head accepted.
 pub const MAX_HEAD: usize = 8192;
-
-/// The in-memory stream the handshake runs over: what it writes collects in `output`,
-/// what it reads comes from `input`. Reads stop at the end of the HTTP response head, so
-/// nothing behind it disappears into a tungstenite buffer.
-#[derive(Default)]
-pub struct Pipe {
-    pub input: Vec<u8>,
-    pub output: Vec<u8>,
-    /// Progress through "\r\n\r\n" (4: the head is complete).
-    head: u8,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.head == 4 || self.input.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let limit = self.input.len().min(buf.len());
-        let mut n = 0;
-        while n < limit && self.head < 4 {
-            self.head = match (self.head, self.input[n]) {
-                (0, b'\r') => 1,
-                (1, b'\n') => 2,
-                (2, b'\r') => 3,
-                (3, b'\n') => 4,
-                (_, b'\r') => 1,
-                _ => 0,
-            };
-            n += 1;
-        }
-        buf[..n].copy_from_slice(&self.input[..n]);
-        self.input.drain(..n);
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The upgrade request for Parley's WebSocket endpoint (as the epoll clients build it),
 /// authenticated with `token` when there is one.
@@ -99,10 +54,8 @@ pub fn finish_upgrade(target: SocketAddr, key: &str, head: &[u8]) -> Result<(), 
     let mut request = upgrade_request(target, None)?;
     let key = key.parse().map_err(|_| "bad key".to_string())?;
     request.headers_mut().insert("Sec-WebSocket-Key", key);
-    let pipe = Pipe {
-        input: head.to_vec(),
-        ..Pipe::default()
-    };
+    // Reads stop at the end of the head, so nothing behind it is taken for the head.
+    let pipe = MemoryPipe::with_input(head.to_vec());
     // The WebSocket tungstenite returns is dropped at once: keep its buffers small.
     let config = WebSocketConfig::default()
         .read_buffer_size(256)
@@ -172,34 +125,6 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
     use tungstenite::protocol::frame::coding::Control;
-
-    #[test]
-    fn the_pipe_stops_reading_at_the_end_of_the_response_head() {
-        let mut pipe = Pipe {
-            input: b"HTTP/1.1 101 OK\r\nA: b\r\n\r".to_vec(),
-            ..Pipe::default()
-        };
-        let mut buf = [0u8; 64];
-        let n = pipe.read(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"HTTP/1.1 101 OK\r\nA: b\r\n\r");
-        pipe.input.extend_from_slice(b"\n\x81\x02hi");
-        assert_eq!(pipe.read(&mut buf).unwrap(), 1);
-        assert_eq!(buf[0], b'\n');
-        assert!(pipe.read(&mut buf).is_err());
-        assert_eq!(pipe.input, b"\x81\x02hi");
-    }
-
-    #[test]
-    fn a_bare_cr_or_lf_does_not_end_the_head() {
-        let mut pipe = Pipe {
-            input: b"a\r\r\nb\n\n\r\nc\r\n\r\nrest".to_vec(),
-            ..Pipe::default()
-        };
-        let mut buf = [0u8; 64];
-        let n = pipe.read(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"a\r\r\nb\n\n\r\nc\r\n\r\n");
-        assert_eq!(pipe.input, b"rest");
-    }
 
     #[test]
     fn frames_round_trip_and_split_anywhere() {
