@@ -1,5 +1,7 @@
 //! `parley token` and `parley connect`, run as a user would run them.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -114,16 +116,8 @@ fn connect_says_hello_and_sends_typed_lines() {
         Command::new(parleyd_path())
             .arg("--data-dir")
             .arg(dir.path())
-            .args([
-                "--ws-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--shards",
-                "1",
-            ])
+            .args(common::LOCAL_LISTEN)
+            .args(["--shards", "1"])
             .env_remove("PARLEY_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -11,6 +11,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// parleyd's listeners on free loopback ports (the kernel picks them; the log says which).
+pub const LOCAL_LISTEN: [&str; 6] = [
+    "--ws-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+    "--quic-listen",
+    "127.0.0.1:0",
+];
+
 use parley_tools::load::report::{LatencySummary, Report};
 
 /// parleyd listens within a second or so; past this it is broken, not slow.
@@ -100,16 +110,8 @@ impl Parleyd {
         let mut child = command
             .arg("--data-dir")
             .arg(data_dir.path())
-            .args([
-                "--ws-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--shards",
-                "2",
-            ])
+            .args(LOCAL_LISTEN)
+            .args(["--shards", "2"])
             .args(flags)
             .env("PARLEY_RATE_LIMIT_PER_SEC", RATE_LIMIT_PER_SEC)
             .stdout(Stdio::null())
