@@ -222,6 +222,8 @@ settings! {
     close_linger_ms: u64 = 5_000;
     /// Longest a SIGTERM/SIGINT drain may take before parleyd exits anyway, in milliseconds.
     drain_timeout_ms: u64 = 10_000;
+    /// Right after a kill -9, how long a start waits for what the dying parleyd still holds (its data dir lock, listen addresses held by io_uring instances the kernel tears down after the process), in milliseconds; 0 fails at once.
+    restart_after_kill_wait_ms: u64 = 5_000;
     /// Largest message body, in bytes; larger sends get too_large.
     max_body_bytes: usize = 16 * 1024;
     /// Largest media object of a message, in bytes of JSON.

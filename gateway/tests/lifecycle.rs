@@ -308,6 +308,168 @@ fn generated_secret_is_reused_and_private() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// A supervisor or an operator that restarts at once after a kill -9, without waiting
+/// for the process to be reaped: the dying parleyd still holds the data dir's lock
+/// (and, for a moment after that, its io_uring instances the listening sockets). The new
+/// parleyd waits them out rather than failing with "in use".
+#[test]
+fn a_restart_right_after_kill_9_gets_the_same_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = ["--jwt-secret", common::SECRET].map(String::from);
+    let mut args = common::local_args(dir.path());
+    args.extend(secret.clone());
+    let first = common::launch(&args);
+    let mut args = vec!["--data-dir".to_string(), dir.path().display().to_string()];
+    args.extend(secret);
+    for (flag, addr) in [
+        ("--ws-listen", first.ws),
+        ("--admin-listen", first.admin),
+        ("--quic-listen", first.quic),
+    ] {
+        args.extend([flag.to_string(), addr.to_string()]);
+    }
+    // A session, so the socket engine has a connection in flight when the process dies.
+    let mut client = Client::try_connect_to(first.ws, &common::token("alice", None))
+        .expect("a session on the first parleyd");
+    client.ok("hello", json!({}));
+    let mut dead = first.child;
+    dead.kill().unwrap();
+    // Started before the dead one is reaped, as a restart loop in a shell would.
+    let second = common::launch(&args);
+    dead.wait().unwrap();
+    assert_eq!(second.ws, first.ws);
+    let mut client = Client::try_connect_to(second.ws, &common::token("alice", None))
+        .expect("a session on the restarted parleyd");
+    client.ok("hello", json!({}));
+    let mut child = second.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Set for the lock-holder child of `a_killed_holder_of_the_lock_is_waited_for`.
+const LOCK_HOLDER_ENV: &str = "PARLEY_TEST_LOCK_HOLDER";
+
+/// Not a test: the child process of `a_killed_holder_of_the_lock_is_waited_for`. It
+/// takes the data dir's lock as parleyd does, names itself in it, and touches enough
+/// memory that the kernel's teardown after a SIGKILL (which frees memory before it
+/// closes files) keeps the lock held for a while after the kill.
+#[test]
+#[ignore]
+fn lock_holder_child() {
+    use std::io::Write;
+    let Ok(dir) = std::env::var(LOCK_HOLDER_ENV) else {
+        return;
+    };
+    let mut lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::path::Path::new(&dir).join("LOCK"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    writeln!(lock, "pid {}", std::process::id()).unwrap();
+    let ballast = vec![1u8; 1 << 30];
+    println!("holding {}", ballast.iter().step_by(4096).count());
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The deterministic form of the race above: the lock's holder is killed, and parleyd
+/// starts while the kernel is still tearing it down.
+#[test]
+fn a_killed_holder_of_the_lock_is_waited_for() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "lock_holder_child", "--ignored", "--nocapture"])
+        .env(LOCK_HOLDER_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("holding") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the holder exited"
+        );
+    }
+    holder.kill().unwrap();
+    let mut args = common::local_args(dir.path());
+    args.extend(["--jwt-secret", common::SECRET].map(String::from));
+    let started = common::launch(&args);
+    holder.wait().unwrap();
+    assert!(
+        started
+            .startup
+            .iter()
+            .any(|line| line.contains("is exiting; waiting up to")),
+        "parleyd took the lock without waiting, so the holder was gone already and this \
+         test tried nothing: {:#?}",
+        started.startup
+    );
+    let mut child = started.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// After an unclean exit (the lock file still names the dead parleyd), a listen address
+/// in use is retried: here the test holds the port until parleyd says it is retrying,
+/// as a killed process's io_uring instances would while the kernel tears them down.
+#[test]
+fn a_listen_address_held_after_an_unclean_exit_is_retried() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    // No process has this pid (pid_max is at most 2^22): a parleyd that died.
+    std::fs::write(dir.path().join("LOCK"), "pid 4294967\n").unwrap();
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parleyd"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ws-listen",
+            &addr,
+        ])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--jwt-secret", common::SECRET])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // parleyd gives up after restart_after_kill_wait_ms and exits, closing stderr, so
+    // reading its lines is bounded.
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut until = |what: &str, seen: &mut Vec<String>| loop {
+        let line = lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("parleyd stopped before logging {what:?}: {seen:#?}"));
+        seen.push(line.clone());
+        if line.contains(what) {
+            return;
+        }
+    };
+    let retried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        until("is still in use after the previous parleyd", &mut seen);
+        drop(held);
+        until("listening ws=", &mut seen);
+    }));
+    let _ = child.kill();
+    child.wait().unwrap();
+    if let Err(panic) = retried {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// The kernel thread id of `pid`'s thread named `name` (as /proc shows it: the first 15
 /// bytes).
 fn thread_named(pid: u32, name: &str) -> Option<i32> {

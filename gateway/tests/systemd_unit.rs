@@ -110,7 +110,10 @@ fn the_system_call_filter_keeps_io_uring_and_pinning() {
             None => allowed.extend(expand(value)),
         }
     }
-    assert!(!allowed.is_empty(), "the unit sets no system call allow list");
+    assert!(
+        !allowed.is_empty(),
+        "the unit sets no system call allow list"
+    );
     for call in [
         "io_uring_setup",
         "io_uring_enter",

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
@@ -26,7 +27,53 @@ pub(super) struct Listeners {
 }
 
 impl Listeners {
-    pub(super) fn bind(settings: &Settings, shards: usize) -> Result<Self, StartupError> {
+    /// Bind every listener. `after_unclean_exit`: the previous parleyd on this data
+    /// directory was killed, so an address in use may still be held by its io_uring
+    /// instances, which the kernel tears down a little after the process (about 0.3 s
+    /// here); then the whole set is tried again until `restart_after_kill_wait_ms` has
+    /// passed. Otherwise a busy address fails the start at once.
+    pub(super) fn bind(
+        settings: &Settings,
+        shards: usize,
+        after_unclean_exit: bool,
+    ) -> Result<Self, StartupError> {
+        let patience = Duration::from_millis(settings.restart_after_kill_wait_ms);
+        let give_up = Instant::now()
+            + if after_unclean_exit {
+                patience
+            } else {
+                Duration::ZERO
+            };
+        let mut logged = false;
+        loop {
+            match Self::bind_once(settings, shards) {
+                Err(StartupError::Listen {
+                    setting,
+                    addr,
+                    source,
+                }) if source.kind() == io::ErrorKind::AddrInUse && Instant::now() < give_up => {
+                    if !logged {
+                        tracing::warn!(
+                            "{setting} {addr} is still in use after the previous parleyd on \
+                             this data dir was killed; retrying for up to {patience:?} \
+                             (restart_after_kill_wait_ms)"
+                        );
+                        logged = true;
+                    }
+                    std::thread::sleep(super::data_dir::RESTART_WAIT_PAUSE);
+                }
+                Ok(listeners) => {
+                    if logged {
+                        tracing::info!("listen addresses free again; binding succeeded");
+                    }
+                    return Ok(listeners);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    fn bind_once(settings: &Settings, shards: usize) -> Result<Self, StartupError> {
         let (ws_addr, ws) = bind_ws(settings.ws_listen, shards, settings.listen_backlog)?;
         let (quic_addr, quic, gso) = bind_quic(
             settings.quic_listen,

@@ -124,8 +124,18 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     })?;
     let settings = Settings::resolve(cli, &|name| std::env::var(name).ok())?;
     let shard_count = settings.shard_count();
-    let _lock = data_dir::lock(&settings.data_dir)?;
-    let listeners = listeners::Listeners::bind(&settings, shard_count)?;
+    let lock = data_dir::lock(
+        &settings.data_dir,
+        Duration::from_millis(settings.restart_after_kill_wait_ms),
+    )?;
+    if let Some(pid) = lock.previous_unclean_exit {
+        tracing::warn!(
+            previous_pid = pid,
+            "the previous parleyd on this data dir did not exit cleanly; recovering"
+        );
+    }
+    let listeners =
+        listeners::Listeners::bind(&settings, shard_count, lock.previous_unclean_exit.is_some())?;
     // After the listeners, so a start that fails on a port leaves no new secret behind.
     let secret = data_dir::jwt_secret(&settings)?;
     let session_config = Arc::new(SessionConfig {
