@@ -170,7 +170,8 @@ fn sender(mut client: Client, user: String, convs: Vec<String>, tag: &str, until
             Ok(_) => continue,
             Err(error) => {
                 let owed = in_flight.len();
-                let problem = format!("{user}: no reply within {WAIT:?} ({owed} owed): {error}");
+                // A read times out after WAIT (the client's read timeout): a hang.
+                let problem = format!("{user}: {owed} replies owed, read failed: {error}");
                 sent.report.problems.push(problem);
                 return sent;
             }
