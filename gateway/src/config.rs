@@ -248,6 +248,10 @@ settings! {
     mesh_ring_entries: usize = 4096;
     /// Size each WAL segment file is preallocated to, in bytes.
     wal_segment_bytes: u64 = 64 << 20;
+    /// How full the active WAL segment is, in percent, when the next one is allocated ahead of need (100: only when a write needs it); a full disk then shows while the active segment still has room.
+    wal_next_segment_at_percent: u32 = 50;
+    /// While the disk has no room for the next WAL segment, how often the log tries to allocate it again, in milliseconds.
+    wal_disk_full_retry_ms: u64 = 1000;
     /// Records a shard writes between snapshots of its chat state (recovery replays only the log after the last one); 0 never snapshots.
     snapshot_every_records: u64 = 1_000_000;
 }
@@ -327,8 +331,9 @@ impl Settings {
     }
 
     /// The settings for which 0 is meaningless.
-    fn must_be_positive(&self) -> [(&'static str, u64); 30] {
+    fn must_be_positive(&self) -> [(&'static str, u64); 31] {
         [
+            ("wal_disk_full_retry_ms", self.wal_disk_full_retry_ms),
             ("socket_ring_entries", u64::from(self.socket_ring_entries)),
             ("socket_ring_files", u64::from(self.socket_ring_files)),
             (
@@ -428,6 +433,9 @@ impl Settings {
         if self.wal_segment_bytes < 1 << 20 {
             return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
         }
+        if self.wal_next_segment_at_percent > 100 {
+            return Err(invalid("wal_next_segment_at_percent", "must be 0-100"));
+        }
         if !parley_router::auth::is_valid_id(&self.node_name) {
             return Err(invalid(
                 "node_name",
@@ -481,6 +489,9 @@ impl Settings {
     pub fn wal_options(&self) -> WalOptions {
         WalOptions {
             segment_size: self.wal_segment_bytes,
+            // Checked to be at most 100.
+            next_segment_at_percent: self.wal_next_segment_at_percent.min(100) as u8,
+            disk_full_retry: Duration::from_millis(self.wal_disk_full_retry_ms),
             ..WalOptions::default()
         }
     }

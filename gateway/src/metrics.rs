@@ -43,6 +43,9 @@ pub struct ShardMetrics {
     pub mesh_backlog: AtomicU64,
     pub wal_flushes: AtomicU64,
     pub wal_bytes_written: AtomicU64,
+    /// Set and cleared by the log's writer thread as a full-disk episode starts and ends.
+    pub wal_disk_full: AtomicBool,
+    pub wal_appends_refused: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     closes: [AtomicU64; CloseCode::ALL.len()],
 }
@@ -77,7 +80,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 27] = [
+const PER_SHARD: [PerShardSeries; 29] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -119,6 +122,18 @@ const PER_SHARD: [PerShardSeries; 27] = [
         "counter",
         "Bytes written to the WAL.",
         |m| m.wal_bytes_written.load(Relaxed),
+    ),
+    (
+        "parley_wal_disk_full",
+        "gauge",
+        "1 while the disk has no room for the shard's next log segment.",
+        |m| u64::from(m.wal_disk_full.load(Relaxed)),
+    ),
+    (
+        "parley_wal_appends_refused_total",
+        "counter",
+        "Log appends refused because the disk was full (each command answered unavailable).",
+        |m| m.wal_appends_refused.load(Relaxed),
     ),
     (
         "parley_connections",

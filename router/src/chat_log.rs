@@ -1,5 +1,6 @@
-//! The log as the chat core sees it: append without blocking, read back by LSN, and the
-//! largest record one append takes. The shard's WAL implements it; tests and benchmarks
+//! The log as the chat core sees it: append without blocking, read back by LSN, the
+//! largest record one append takes, and whether it refuses appends for a while (a full
+//! disk). The shard's WAL implements it; tests and benchmarks
 //! use [`MemoryLog`]. Durability is not asked here: the driver tells the core which LSN
 //! is durable (`ShardCore::on_durable`).
 
@@ -15,6 +16,10 @@ pub enum LogError {
     /// The log's buffer is full for now: answer `unavailable`, the client retries.
     #[error("the log is full for now")]
     Full,
+    /// The log's disk has no room (a refusal, not a failure: the log takes appends again
+    /// once space is freed). The command is refused `unavailable`; nothing changed.
+    #[error("the log's disk is full: {0}")]
+    NoSpace(String),
     /// This one record is larger than the log takes ([`ChatLog::max_record_bytes`]):
     /// the command that made it is refused (`too_large`); nothing changed.
     #[error("a record of {size} bytes exceeds the largest the log takes ({max} bytes)")]
@@ -34,6 +39,18 @@ pub trait ChatLog {
     /// The largest payload one append takes; a larger one gets [`LogError::TooLarge`].
     /// At least [`MIN_RECORD_BYTES`].
     fn max_record_bytes(&self) -> usize;
+    /// Append a record the core answered for before writing it (a turn's cursor
+    /// advances, written at the turn's end): a log whose disk is full keeps some room
+    /// for these, which [`append`](Self::append) does not take.
+    fn append_deferred(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
+        self.append(timestamp, payload)
+    }
+    /// `Some(NoSpace)` while the log refuses appends for a while (its disk is full):
+    /// commands whose records would be written late are refused with it at once, so
+    /// that the room kept for deferred records is never asked for more than it holds.
+    fn refusing(&self) -> Option<LogError> {
+        None
+    }
 }
 
 /// Every log takes records of this size: a cursor advance, a reaction or a last-seen
@@ -54,6 +71,21 @@ pub fn wal_record_limit(max_batch_size: usize) -> usize {
 /// The shard's WAL.
 pub struct WalLog(pub Arc<Wal>);
 
+impl WalLog {
+    /// The chat core's name for the log's `error` on an append of `size` bytes.
+    fn log_error(&self, error: WalError, size: usize) -> LogError {
+        match error {
+            WalError::Full => LogError::Full,
+            WalError::NoSpace { .. } => LogError::NoSpace(error.to_string()),
+            WalError::TooLarge { .. } => LogError::TooLarge {
+                size,
+                max: self.max_record_bytes(),
+            },
+            other => LogError::Failed(other.to_string()),
+        }
+    }
+}
+
 impl ChatLog for WalLog {
     fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
         let entry = parley_wal::Entry {
@@ -61,16 +93,23 @@ impl ChatLog for WalLog {
             timestamp,
             payload,
         };
-        self.0
-            .try_append_batch(&[entry])
-            .map_err(|error| match error {
-                WalError::Full => LogError::Full,
-                WalError::TooLarge { .. } => LogError::TooLarge {
-                    size: payload.len(),
-                    max: self.max_record_bytes(),
-                },
-                other => LogError::Failed(other.to_string()),
-            })
+        let appended = self.0.try_append_batch(&[entry]);
+        appended.map_err(|error| self.log_error(error, payload.len()))
+    }
+
+    fn append_deferred(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
+        let entry = parley_wal::Entry {
+            record_type: CHAT_RECORD_TYPE,
+            timestamp,
+            payload,
+        };
+        let appended = self.0.try_append_reserved(&[entry]);
+        appended.map_err(|error| self.log_error(error, payload.len()))
+    }
+
+    fn refusing(&self) -> Option<LogError> {
+        let error = self.0.refusing()?;
+        Some(LogError::NoSpace(error.to_string()))
     }
 
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {

@@ -23,6 +23,19 @@ const T0_MS: u64 = 1_800_000_000_000;
 struct SharedLog {
     inner: Rc<RefCell<MemoryLog>>,
     full: Rc<RefCell<bool>>,
+    disk: Rc<RefCell<Disk>>,
+}
+
+/// The disk under a [`SharedLog`], as the WAL reports it (see `parley_wal::space`).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Disk {
+    #[default]
+    Room,
+    /// Ordinary appends are refused `NoSpace`, deferred ones still taken, and the log
+    /// does not say so yet (the disk filled during the turn).
+    Filling,
+    /// As `Filling`, and the log says it refuses.
+    Full,
 }
 
 impl ChatLog for SharedLog {
@@ -30,7 +43,21 @@ impl ChatLog for SharedLog {
         if *self.full.borrow() {
             return Err(LogError::Full);
         }
+        if *self.disk.borrow() != Disk::Room {
+            return Err(LogError::NoSpace("injected".into()));
+        }
         self.inner.borrow_mut().append(timestamp, payload)
+    }
+
+    fn append_deferred(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
+        if *self.full.borrow() {
+            return Err(LogError::Full);
+        }
+        self.inner.borrow_mut().append(timestamp, payload)
+    }
+
+    fn refusing(&self) -> Option<LogError> {
+        (*self.disk.borrow() == Disk::Full).then(|| LogError::NoSpace("injected".into()))
     }
 
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {
@@ -406,6 +433,71 @@ fn a_full_log_answers_unavailable_and_changes_nothing() {
     let r = c.request(&sa, "send", json!({"conv": conv, "cmid": "m", "body": "x"}));
     assert_eq!(r["ok"]["seq"], 1, "the refused send took no seq");
     assert_eq!(r["ok"]["dup"], false);
+}
+
+/// A full disk is a refusal: commands get `unavailable`, nothing changes, the shard does
+/// not fail, and everything works again once the disk has room. An ack answered in the
+/// turn the disk filled is written from the log's reserve, not held.
+#[test]
+fn a_full_disk_answers_unavailable_and_the_shard_goes_on() {
+    let mut c = Cluster::new();
+    let (a, b, conv) = pair_homed_apart(0);
+    let sa = c.connect(0, &a, "d");
+    let sb = c.connect(0, &b, "d");
+    create_direct(&mut c, &sa, &b);
+    let sent = c.request(
+        &sa,
+        "send",
+        json!({"conv": conv, "cmid": "m1", "body": "x"}),
+    );
+    assert_eq!(sent["ok"]["seq"], 1);
+    let home = conversation_home(&conv, SHARDS as u32) as usize;
+    let logged = c.logs[home].inner.borrow().last_lsn();
+
+    *c.logs[home].disk.borrow_mut() = Disk::Filling;
+    let r = c.request(
+        &sa,
+        "send",
+        json!({"conv": conv, "cmid": "m2", "body": "x"}),
+    );
+    assert_eq!(r["err"]["code"], "unavailable", "{r}");
+    let r = c.request(&sb, "ack", json!({"conv": conv, "seq": 1}));
+    assert!(
+        r["ok"].is_object(),
+        "an ack of the turn the disk filled: {r}"
+    );
+    assert_eq!(
+        c.logs[home].inner.borrow().last_lsn(),
+        logged + 1,
+        "its record"
+    );
+
+    *c.logs[home].disk.borrow_mut() = Disk::Full;
+    c.events(&sa);
+    let r = c.request(&sb, "read", json!({"conv": conv, "seq": 1}));
+    assert_eq!(r["err"]["code"], "unavailable", "{r}");
+    assert!(c.events(&sa).is_empty(), "a refused read sends no receipt");
+    let r = c.request(
+        &sa,
+        "send",
+        json!({"conv": conv, "cmid": "m2", "body": "x"}),
+    );
+    assert_eq!(r["err"]["code"], "unavailable", "{r}");
+    assert_eq!(c.logs[home].inner.borrow().last_lsn(), logged + 1);
+    for core in &c.cores {
+        assert!(core.failed().is_none(), "{:?}", core.failed());
+    }
+
+    *c.logs[home].disk.borrow_mut() = Disk::Room;
+    let r = c.request(
+        &sa,
+        "send",
+        json!({"conv": conv, "cmid": "m2", "body": "x"}),
+    );
+    assert_eq!(r["ok"]["seq"], 2, "the refused sends took no seq: {r}");
+    assert_eq!(r["ok"]["dup"], false);
+    let r = c.request(&sb, "read", json!({"conv": conv, "seq": 2}));
+    assert!(r["ok"].is_object(), "{r}");
 }
 
 /// While the log answers `Full`, cursor advances pile up; once it takes records again

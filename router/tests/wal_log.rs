@@ -51,6 +51,7 @@ fn open(dir: &Path) -> Arc<Wal> {
         segment_size: 1 << 20,
         max_batch_bytes: BATCH,
         direct_io: false,
+        ..WalOptions::default()
     };
     Arc::new(
         Wal::open(dir, options, &mut |_| {})

@@ -31,6 +31,18 @@ pub enum WalError {
     TooLarge { size: usize, max: usize },
     #[error("the log's buffer is full: the disk is behind")]
     Full,
+    /// A refusal, not a failure: the disk (or the quota) had no room for the log's next
+    /// segment (`op` on `path` failed with ENOSPC or EDQUOT, `free_bytes` free then), and
+    /// what is left of the active segment is promised. Nothing of this append was taken;
+    /// everything appended before it becomes durable as usual. The writer retries the
+    /// allocation and the log takes appends again once it succeeds (see `space`).
+    #[error("no space for the log: {op} {path}: {source} ({} bytes free)", free_bytes.map_or("unknown".to_string(), |b| b.to_string()))]
+    NoSpace {
+        op: &'static str,
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+        free_bytes: Option<u64>,
+    },
     #[error("stale epoch {got}: the log is at epoch {current}")]
     StaleEpoch { got: u32, current: u32 },
     #[error("expected LSN {expected}, got {got}")]

@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::format::BLOCK;
 
@@ -104,6 +106,12 @@ pub trait LogIo: Send + 'static {
     /// fdatasync alone (new segment headers, directory entries).
     fn sync(&mut self, file: &File) -> io::Result<()> {
         file.sync_data()
+    }
+
+    /// Allocate the first `size` bytes of a new segment file (where a full disk shows:
+    /// ENOSPC or EDQUOT here is a refusal, not a failure; see `space`).
+    fn allocate(&mut self, file: &File, size: u64) -> io::Result<()> {
+        preallocate(file, size)
     }
 
     /// Which path this is, for the log line.
@@ -263,6 +271,21 @@ fn sync_retrying(file: &File) -> io::Result<()> {
     }
 }
 
+/// Reserve `size` bytes of blocks for `file` (fallocate), so that writes into them need
+/// no allocation; a filesystem without fallocate gets a sparse file of that size.
+pub fn preallocate(file: &File, size: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid descriptor we own.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return file.set_len(size);
+    }
+    Err(error)
+}
+
 /// pwrite + fdatasync: the fallback where io_uring is unavailable.
 pub struct SyncIo;
 
@@ -280,7 +303,8 @@ impl LogIo for SyncIo {
 /// Which operation a [`FaultyIo`] fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The write itself fails (ENOSPC, as on a full disk).
+    /// The write itself fails (ENOSPC, as a write into allocated space could in theory:
+    /// unlike a failed allocation, that poisons the log).
     Write,
     /// The write succeeds and the fdatasync fails (EIO).
     Sync,
@@ -326,7 +350,51 @@ impl<I: LogIo> LogIo for FaultyIo<I> {
         self.inner.sync(file)
     }
 
+    fn allocate(&mut self, file: &File, size: u64) -> io::Result<()> {
+        self.inner.allocate(file, size)
+    }
+
     fn name(&self) -> &'static str {
         "fault-injecting"
+    }
+}
+
+/// Fault injection of a full disk: while its switch is on, allocating a segment fails
+/// with ENOSPC; writes into space already allocated succeed, as they do on a real disk.
+pub struct FullDiskIo<I> {
+    inner: I,
+    full: Arc<AtomicBool>,
+}
+
+impl<I: LogIo> FullDiskIo<I> {
+    /// The I/O layer and its switch (true: the disk is full).
+    pub fn new(inner: I) -> (Self, Arc<AtomicBool>) {
+        let full = Arc::new(AtomicBool::new(false));
+        let io = Self {
+            inner,
+            full: full.clone(),
+        };
+        (io, full)
+    }
+}
+
+impl<I: LogIo> LogIo for FullDiskIo<I> {
+    fn write_durable(&mut self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_durable(file, offset, buf)
+    }
+
+    fn sync(&mut self, file: &File) -> io::Result<()> {
+        self.inner.sync(file)
+    }
+
+    fn allocate(&mut self, file: &File, size: u64) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.allocate(file, size)
+    }
+
+    fn name(&self) -> &'static str {
+        "full-disk-injecting"
     }
 }

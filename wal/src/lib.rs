@@ -12,8 +12,12 @@
 //! - `read`: reads by LSN, ranges, following the durable tail; the segment index.
 //! - `replication`: epochs, a follower's appends, the cut of a divergent tail.
 //! - `retention`: the snapshot LSN and the deletion of old segments.
+//! - [`space`]: a full disk, a refusal and not a failure: the episode and what the owner
+//!   is told.
+//! - `spare`: new segments, allocated ahead of need and named when the log rolls onto one.
 //! - `state_file`: the state snapshot file, the second on-disk format.
 //! - `number_file`: the small decimal files (epoch, snapshot LSN).
+//! - `replace_file`: a small file replaced atomically (those, and the state snapshot).
 
 mod durable;
 pub mod error;
@@ -23,13 +27,17 @@ pub mod log;
 mod number_file;
 mod read;
 pub mod recovery;
+mod replace_file;
 mod replication;
 mod retention;
 pub mod scan;
 mod shared;
+pub mod space;
+mod spare;
 mod state_file;
 mod writer;
 
 pub use error::WalError;
 pub use format::Lsn;
 pub use log::{Entry, Record, RecoveryReport, Retention, Wal, WalOptions};
+pub use space::{SpaceEvent, SpaceObserver};

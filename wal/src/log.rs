@@ -7,11 +7,12 @@
 //! at once. The writer thread ([`writer`](crate::writer)) swaps the pending buffer for a
 //! spare and makes it durable with one write and one fdatasync, while appenders fill the
 //! spare: that is the group commit. An I/O error poisons the log: nothing after it is
-//! acknowledged, ever.
+//! acknowledged, ever. A full disk is not an I/O error: appends are refused for a while
+//! ([`WalError::NoSpace`], see [`space`](crate::space)) and taken again once there is room.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,9 @@ use crate::read::SegmentIndex;
 use crate::recovery::{analyze, repair, Progress};
 use crate::replication::{persisted_epoch, Replicated};
 use crate::shared::{Shared, State};
-use crate::writer::{create_segment, ActiveSegment, NewSegment, Writer};
+use crate::space::SpaceObserver;
+use crate::spare::{create_segment, discard_spare, NewSegment};
+use crate::writer::{ActiveSegment, Writer};
 
 const LOCK_FILE: &str = "LOCK";
 
@@ -70,9 +73,9 @@ fn open_active_segment(
     if let Some(last) = segments.last() {
         return ActiveSegment::reopen(&last.path, last.end, last.size, options.direct_io);
     }
-    let new = NewSegment::Beside;
+    let (size, direct) = (options.segment_size, options.direct_io);
     let (active, index, direct) =
-        create_segment(dir, next_lsn, options, options.direct_io, io, new)?;
+        create_segment(dir, next_lsn, size, direct, io, NewSegment::Beside)?;
     segments.push(index);
     Ok((active, direct))
 }
@@ -104,6 +107,17 @@ fn encode_batch(
     state.next_lsn - 1
 }
 
+/// How an append is admitted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Wait while the pending buffer is full.
+    Wait,
+    /// Fail with `Full` instead.
+    NoWait,
+    /// As `NoWait`, and may take the room kept for deferred records on a full disk.
+    Reserved,
+}
+
 /// The log's limits. Each is a named setting of its owner.
 #[derive(Debug, Clone)]
 pub struct WalOptions {
@@ -116,6 +130,16 @@ pub struct WalOptions {
     pub max_batch_bytes: usize,
     /// Open segments with O_DIRECT (falls back to buffered I/O where refused).
     pub direct_io: bool,
+    /// How full the active segment is, in percent of its room for records, when the
+    /// writer allocates the next one: ahead of need, so that the allocation is off the
+    /// path of the flush that rolls over, and a full disk shows (and is told) while the
+    /// active segment still has room. 100 allocates only when a batch needs it.
+    pub next_segment_at_percent: u8,
+    /// How often the writer tries to allocate the next segment again while the disk has
+    /// no room for it.
+    pub disk_full_retry: Duration,
+    /// Told when the disk runs out of room for the log and when it has room again.
+    pub on_disk_space: Option<SpaceObserver>,
 }
 
 impl Default for WalOptions {
@@ -124,6 +148,9 @@ impl Default for WalOptions {
             segment_size: 64 << 20,
             max_batch_bytes: 4 << 20,
             direct_io: true,
+            next_segment_at_percent: 50,
+            disk_full_retry: Duration::from_secs(1),
+            on_disk_space: None,
         }
     }
 }
@@ -177,6 +204,10 @@ pub struct RecoveryReport {
 pub struct WalStats {
     pub flushes: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// True while the disk has no room for the next segment (an episode, see `space`).
+    pub disk_full: AtomicBool,
+    /// Appends refused with `NoSpace`.
+    pub appends_refused: AtomicU64,
 }
 
 /// An open log. Appends may come from any thread.
@@ -214,6 +245,7 @@ impl Wal {
         let analysis = analyze(dir, progress)?;
         repair(dir, &analysis)?;
         let epoch = persisted_epoch(dir)?.max(analysis.max_epoch);
+        discard_spare(dir)?;
         let mut segments = (analysis.segments.iter())
             .map(SegmentIndex::recovered)
             .collect::<Result<Vec<_>, _>>()?;
@@ -259,13 +291,45 @@ impl Wal {
     /// Append records atomically: after a crash all of them are there or none. Returns
     /// the last LSN. Waits while the buffer is full.
     pub fn append_batch(&self, entries: &[Entry<'_>]) -> Result<Lsn, WalError> {
-        self.append_inner(entries, None, true)
+        self.append_inner(entries, None, Admit::Wait)
     }
 
     /// As `append_batch`, but fails with `Full` instead of waiting (for callers that must
     /// not block, such as a shard's event loop).
     pub fn try_append_batch(&self, entries: &[Entry<'_>]) -> Result<Lsn, WalError> {
-        self.append_inner(entries, None, false)
+        self.append_inner(entries, None, Admit::NoWait)
+    }
+
+    /// As `try_append_batch`, for records the owner has already answered for and writes
+    /// late (a turn's cursor advances): while the disk is full these may take the room
+    /// kept back from other appends (see [`space`](crate::space)).
+    pub fn try_append_reserved(&self, entries: &[Entry<'_>]) -> Result<Lsn, WalError> {
+        self.append_inner(entries, None, Admit::Reserved)
+    }
+
+    /// While the disk has no room for the next segment: the `NoSpace` error appends get
+    /// once the active segment's room is promised (until then they are still taken).
+    pub fn disk_full(&self) -> Option<WalError> {
+        if !self.shared.stats.disk_full.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shared
+            .lock()
+            .no_space
+            .as_ref()
+            .map(|e| e.error.clone())
+    }
+
+    /// The `NoSpace` error an ordinary append gets now, if it would be refused: the disk
+    /// is full and only the reserve of the active segment is left. An owner refuses at
+    /// once the commands whose records it would write late.
+    pub fn refusing(&self) -> Option<WalError> {
+        if !self.shared.stats.disk_full.load(Ordering::Acquire) {
+            return None;
+        }
+        let state = self.shared.lock();
+        let full = state.no_space.as_ref()?;
+        (full.room <= full.reserve).then(|| full.error.clone())
     }
 
     /// Append `entries` as one batch at the next LSNs, local (framed with this log's
@@ -274,16 +338,19 @@ impl Wal {
         &self,
         entries: &[Entry<'_>],
         replicated: Option<Replicated<'_>>,
-        wait: bool,
+        admit: Admit,
     ) -> Result<Lsn, WalError> {
         let size: usize = entries.iter().map(|e| stored_len(e.payload.len())).sum();
         let max = self.max_batch_size();
         if size > max {
             return Err(WalError::TooLarge { size, max });
         }
-        let mut state = self.lock_with_room(size, wait)?;
+        let mut state = self.lock_with_room(size, admit)?;
         if let Some(replicated) = &replicated {
             replicated.admit(&self.shared.dir, &mut state)?;
+        }
+        if let Some(full) = &mut state.no_space {
+            full.promise(size);
         }
         let (first, was_len) = (state.next_lsn, state.pending.buf.len());
         assert!(first > self.durable_lsn(), "LSN {first} is durable already");
@@ -298,8 +365,9 @@ impl Wal {
     }
 
     /// The state, locked once the pending buffer has room for `size` bytes; waits for
-    /// the writer to make room, or fails with `Full` if `wait` is false.
-    fn lock_with_room(&self, size: usize, wait: bool) -> Result<MutexGuard<'_, State>, WalError> {
+    /// the writer to make room, or fails with `Full` if `admit` does not wait. While the
+    /// disk is full, fails with `NoSpace` unless the batch fits what is left.
+    fn lock_with_room(&self, size: usize, admit: Admit) -> Result<MutexGuard<'_, State>, WalError> {
         let mut state = self.shared.lock();
         // Else waiting for room would never end: the writer empties the buffer at most.
         assert!(
@@ -313,10 +381,17 @@ impl Wal {
             if state.closing {
                 return Err(WalError::Closed);
             }
+            if let Some(full) = &mut state.no_space {
+                if let Err(refused) = full.admit(size, admit == Admit::Reserved) {
+                    let refusals = &self.shared.stats.appends_refused;
+                    refusals.fetch_add(1, Ordering::Relaxed);
+                    return Err(refused);
+                }
+            }
             if state.pending.buf.remaining() >= size {
                 return Ok(state);
             }
-            if !wait {
+            if admit != Admit::Wait {
                 return Err(WalError::Full);
             }
             state = self.shared.wait(&self.shared.room_ready, state);

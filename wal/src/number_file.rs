@@ -1,20 +1,14 @@
 //! Small decimal files beside the segments (the epoch, the snapshot LSN): one number and
-//! a newline, replaced atomically (write a temporary file, fsync, rename, fsync the
-//! directory), so a crash leaves the old value or the new one.
+//! a newline, replaced atomically ([`replace_file`]), so a crash leaves the old value or
+//! the new one.
 
-use std::fs::File;
 use std::path::Path;
 
 use crate::error::WalError;
-use crate::recovery::sync_dir;
+use crate::replace_file::replace_file;
 
 pub(crate) fn write_number(path: &Path, value: u64) -> Result<(), WalError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{value}\n"))
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| WalError::io("write", path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    replace_file(path, format!("{value}\n").as_bytes())
 }
 
 /// The number in `path`; `None` when the file does not exist.

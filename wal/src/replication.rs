@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::error::WalError;
 use crate::format::{decode_record, Decoded, Lsn, RecordHeader, FLAG_BATCH_END, SEGMENT_HEADER};
-use crate::log::{Entry, Wal};
+use crate::log::{Admit, Entry, Wal};
 use crate::number_file::{read_number, write_number};
 use crate::recovery::sync_dir;
 use crate::scan::records_from;
@@ -120,7 +120,7 @@ impl Wal {
             epoch,
             headers: &headers,
         };
-        let last = self.append_inner(&entries, Some(replicated), true)?;
+        let last = self.append_inner(&entries, Some(replicated), Admit::Wait)?;
         assert_eq!(
             last,
             lsn + headers.len() as u64 - 1,

@@ -7,12 +7,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{
     Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
+use std::time::Instant;
 
 use crate::durable::Waiters;
 use crate::error::WalError;
 use crate::format::Lsn;
 use crate::log::{WalOptions, WalStats};
 use crate::read::SegmentIndex;
+use crate::space::Episode;
 use crate::writer::Batch;
 
 /// A request an appender thread hands to the writer thread.
@@ -34,6 +36,8 @@ pub(crate) struct State {
     pub(crate) flushing: bool,
     pub(crate) command: Option<Command>,
     pub(crate) command_result: Option<Result<(), WalError>>,
+    /// While the disk has no room for the next segment (see [`space`](crate::space)).
+    pub(crate) no_space: Option<Episode>,
 }
 
 pub(crate) struct Shared {
@@ -81,6 +85,7 @@ impl Shared {
                 flushing: false,
                 command: None,
                 command_result: None,
+                no_space: None,
             }),
             work_ready: Condvar::new(),
             room_ready: Condvar::new(),
@@ -107,6 +112,20 @@ impl Shared {
         state: MutexGuard<'a, State>,
     ) -> MutexGuard<'a, State> {
         condvar.wait(state).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// As [`wait`](Self::wait), until `deadline` at most.
+    pub(crate) fn wait_until<'a>(
+        &self,
+        condvar: &Condvar,
+        state: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> MutexGuard<'a, State> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match condvar.wait_timeout(state, left) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
     }
 
     pub(crate) fn poisoned(&self) -> Option<WalError> {

@@ -3,7 +3,7 @@
 //!
 //! One file, `state`, beside the segments. It is written whole to `state.tmp`, synced,
 //! renamed over `state`, and the directory synced: a crash leaves the old snapshot or the
-//! new one, never a mix. Only then is its LSN recorded as the snapshot LSN (retention's
+//! new one, never a mix, and a failed save (a full disk) leaves the old one. Only then is its LSN recorded as the snapshot LSN (retention's
 //! file `snapshot`), so the snapshot LSN never names a state that was not saved.
 //!
 //! Layout (little-endian), a 28-byte header then the state:
@@ -20,12 +20,10 @@
 //! state of another length than recorded is "truncated"; a checksum mismatch is damage.
 //! Each is a [`WalError::Corruption`] naming the file.
 
-use std::fs::File;
-
 use crate::error::WalError;
 use crate::format::Lsn;
 use crate::log::Wal;
-use crate::recovery::sync_dir;
+use crate::replace_file::replace_file;
 
 const STATE_FILE: &str = "state";
 const STATE_MAGIC: &[u8; 8] = b"PARLEYS1";
@@ -70,13 +68,8 @@ impl Wal {
         if lsn > self.durable_lsn() {
             return Err(WalError::NotFound(lsn));
         }
-        let path = self.shared.dir.join(STATE_FILE);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, encode_state(lsn, state))
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| WalError::io("write", &path, e))?;
-        sync_dir(&self.shared.dir)?;
+        // A failure (a full disk, say) leaves the previous snapshot as it was.
+        replace_file(&self.shared.dir.join(STATE_FILE), &encode_state(lsn, state))?;
         self.record_snapshot(lsn)
     }
 

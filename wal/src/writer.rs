@@ -1,25 +1,27 @@
 //! The group-commit writer thread. It swaps the pending batch for the spare and makes it
 //! durable with one write and one fdatasync per segment it touches, while appenders fill
-//! the spare; it rolls to a new segment (created, preallocated, headed) when the next
-//! batch does not fit, and runs the commands appenders hand it (a truncation).
+//! the spare; it allocates the next segment ahead of need and rolls onto it when the next
+//! batch does not fit, and runs the commands appenders hand it (a truncation). When the
+//! disk has no room for the next segment it keeps the log going on what the active one
+//! has left, and tries again on a timer (see [`space`](crate::space)).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::WalError;
 use crate::format::{
-    align_up, decode_record, encode_record_into, encode_segment_header, set_flush_start, Decoded,
-    Lsn, RecordHeader, SegmentHeader, BLOCK, SEGMENT_HEADER,
+    align_up, decode_record, encode_record_into, set_flush_start, Decoded, Lsn, RecordHeader,
+    BLOCK, SEGMENT_HEADER,
 };
 use crate::io::{AlignedBuf, LogIo};
-use crate::log::WalOptions;
-use crate::read::SegmentIndex;
-use crate::recovery::{segment_name, sync_dir};
 use crate::replication::cut_after;
 use crate::shared::{Command, Shared, State};
+use crate::space::{cost, free_bytes, Episode, SpaceEvent, RESERVE_DIVISOR};
+use crate::spare::{create_segment, NewSegment, SegmentError, Spare};
 
 /// Records encoded but not yet durable, with where their batches end.
 pub(crate) struct Batch {
@@ -75,6 +77,14 @@ impl Batch {
         self.batch_ends.clear();
         self.lsns = None;
     }
+
+    /// The most of a segment its batches take, each flushed alone (see `space::cost`).
+    fn promised(&self) -> u64 {
+        let starts = std::iter::once(0).chain(self.batch_ends.iter().map(|&(end, _)| end));
+        (self.batch_ends.iter().zip(starts))
+            .map(|(&(end, _), start)| cost(end - start))
+            .sum()
+    }
 }
 
 /// The segment the writer appends to.
@@ -99,7 +109,7 @@ impl ActiveSegment {
         recorded_size: u64,
         direct: bool,
     ) -> Result<(Self, bool), WalError> {
-        let (file, direct) = open_write(path, direct)?;
+        let (file, direct) = open_write(path, direct).map_err(|e| WalError::io("open", path, e))?;
         let write_pos = align_up(end as usize, BLOCK) as u64;
         let active = ActiveSegment {
             file,
@@ -108,6 +118,16 @@ impl ActiveSegment {
             limit: recorded_size.max(write_pos),
         };
         Ok((active, direct))
+    }
+
+    /// A segment just made, of `size` bytes, with nothing after its header.
+    pub(crate) fn new_empty(file: File, path: PathBuf, size: u64) -> Self {
+        ActiveSegment {
+            file,
+            path,
+            write_pos: SEGMENT_HEADER as u64,
+            limit: size,
+        }
     }
 
     /// Bytes left for flushes.
@@ -127,17 +147,24 @@ impl ActiveSegment {
     fn holds_records(&self) -> bool {
         self.write_pos > SEGMENT_HEADER as u64
     }
+
+    /// Whether records fill `percent` of the room after the header (never, for 100 or
+    /// more: the next segment is then made only when a batch needs it).
+    fn filled(&self, percent: u8) -> bool {
+        let room = self.limit.saturating_sub(SEGMENT_HEADER as u64);
+        let used = self.write_pos.saturating_sub(SEGMENT_HEADER as u64);
+        percent < 100 && used * 100 >= room * u64::from(percent)
+    }
 }
 
-/// Where a new segment goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NewSegment {
-    /// After the last one.
-    Beside,
-    /// In place of the last one, which holds no records (and so begins at the same LSN)
-    /// but is too small for the next batch: it was made at an older, smaller size.
-    Replacing,
+/// What the writer does next.
+enum Work {
+    Flush(Batch),
+    /// Try the allocation of the next segment again (the disk was full).
+    Retry,
+    Closed,
 }
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     io: Box<dyn LogIo>,
@@ -145,6 +172,10 @@ pub(crate) struct Writer {
     direct_io: bool,
     /// For parts of a batch that do not start at the buffer's start (segment roll-over).
     scratch: AlignedBuf,
+    /// The next segment, allocated ahead of need.
+    spare: Option<Spare>,
+    /// While the disk is full: when to try the allocation again.
+    retry_at: Option<Instant>,
 }
 
 impl Writer {
@@ -161,6 +192,8 @@ impl Writer {
             active,
             direct_io,
             scratch,
+            spare: None,
+            retry_at: None,
         }
     }
 
@@ -174,25 +207,36 @@ impl Writer {
     }
 
     fn run(&mut self) {
-        while let Some(mut batch) = self.next_batch() {
-            let result = self.flush(&mut batch);
-            self.return_spare(batch, result);
-            if self.shared.poison.get().is_some() {
-                self.refuse_work_until_closed();
-                return;
+        // A reopened log's active segment may be past the mark already.
+        self.prepare_next_segment();
+        loop {
+            match self.next_work() {
+                Work::Flush(mut batch) => {
+                    let result = self.flush(&mut batch);
+                    self.return_spare(batch, result);
+                    if self.shared.poison.get().is_some() {
+                        self.refuse_work_until_closed();
+                        return;
+                    }
+                    self.prepare_next_segment();
+                }
+                Work::Retry => self.prepare_next_segment(),
+                Work::Closed => return,
             }
         }
     }
 
     /// Wait for pending records and take them, swapping in the spare; run commands
-    /// meanwhile. `None` once the log is closing and nothing is pending.
-    fn next_batch(&mut self) -> Option<Batch> {
+    /// meanwhile. While the disk is full, wait no longer than the next retry.
+    /// `Closed` once the log is closing and nothing is pending.
+    fn next_work(&mut self) -> Work {
         let shared = self.shared.clone();
         let mut state = shared.lock();
         loop {
             if let Some(Command::TruncateAfter(lsn)) = state.command.take() {
                 let result = self.truncate_after(lsn, &mut state);
                 state.command_result = Some(result);
+                self.refresh_room(&mut state);
                 shared.command_done.notify_all();
                 continue;
             }
@@ -200,9 +244,13 @@ impl Writer {
                 break;
             }
             if state.closing {
-                return None;
+                return Work::Closed;
             }
-            state = shared.wait(&shared.work_ready, state);
+            state = match self.retry_at {
+                Some(at) if Instant::now() >= at => return Work::Retry,
+                Some(at) => shared.wait_until(&shared.work_ready, state, at),
+                None => shared.wait(&shared.work_ready, state),
+            };
         }
         let spare = state
             .spare
@@ -216,10 +264,17 @@ impl Writer {
         assert_eq!(batch.lsns.map(|(first, _)| first), Some(durable + 1));
         drop(state);
         shared.room_ready.notify_all();
-        Some(batch)
+        Work::Flush(batch)
     }
 
     /// Hand the flushed buffer back as the spare; a failed flush poisons the log.
+    ///
+    /// A failed write or fdatasync into a segment's allocated blocks poisons even when
+    /// it says ENOSPC: after a failed fdatasync the kernel may have dropped the dirty
+    /// pages and reports the error once, so a retry that succeeds proves nothing about
+    /// the bytes, and a filesystem that fails a write into blocks it allocated has broken
+    /// the promise the log relies on. Only allocating a new segment, where nothing is
+    /// acknowledged yet, is retried (see `roll_when_room`).
     fn return_spare(&mut self, mut batch: Batch, flushed: Result<(), WalError>) {
         let mut state = self.shared.lock();
         state.flushing = false;
@@ -228,8 +283,100 @@ impl Writer {
         if let Err(error) = flushed {
             let _first_failure_wins = self.shared.poison.set(error.to_string().into());
         }
+        self.refresh_room(&mut state);
         drop(state);
         self.shared.room_ready.notify_all();
+    }
+
+    /// While the disk is full: what the active segment can still take of appends not yet
+    /// handed to the writer (all the others are written). Under the state lock, between
+    /// flushes.
+    fn refresh_room(&self, state: &mut State) {
+        let promised = state.pending.promised();
+        if let Some(full) = &mut state.no_space {
+            full.room = (self.active.room() as u64).saturating_sub(promised);
+        }
+    }
+
+    /// Allocate the next segment once the active one is filled to the mark, unless it
+    /// is ready; while the disk is full, only when the retry is due.
+    fn prepare_next_segment(&mut self) {
+        let percent = self.shared.options.next_segment_at_percent;
+        if self.spare.is_some() || !self.active.filled(percent) {
+            // Nothing to retry until a flush passes the mark (a cut can move back before it).
+            self.retry_at = None;
+            return;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let size = self.shared.options.segment_size;
+        match Spare::allocate(&self.shared.dir, size, self.direct_io, self.io.as_mut()) {
+            Ok(spare) => {
+                self.spare = Some(spare);
+                self.space_recovered();
+            }
+            Err(SegmentError::NoSpace(error)) => self.space_ran_out(error),
+            // Not fatal ahead of need: nothing depends on the spare yet. The roll makes
+            // the segment itself if this goes on, and fails the log then.
+            Err(SegmentError::Failed(_)) => self.retry_at = Some(self.next_retry()),
+        }
+    }
+
+    fn next_retry(&self) -> Instant {
+        Instant::now() + self.shared.options.disk_full_retry
+    }
+
+    /// The disk had no room for the next segment (`error`): start an episode, or go on
+    /// with the one under way; retry later.
+    fn space_ran_out(&mut self, error: WalError) {
+        self.retry_at = Some(self.next_retry());
+        let mut state = self.shared.lock();
+        if state.no_space.is_some() {
+            return;
+        }
+        let reserve = self.active.limit / RESERVE_DIVISOR;
+        state.no_space = Some(Episode {
+            error: error.clone(),
+            room: 0,
+            reserve,
+            since: Instant::now(),
+            refused: 0,
+        });
+        self.refresh_room(&mut state);
+        let room = state.no_space.as_ref().map_or(0, |full| full.room);
+        self.shared.stats.disk_full.store(true, Ordering::Release);
+        drop(state);
+        let free_bytes = match &error {
+            WalError::NoSpace { free_bytes, .. } => *free_bytes,
+            _ => None,
+        };
+        self.tell(&SpaceEvent::Full {
+            error: &error,
+            free_bytes,
+            room,
+        });
+    }
+
+    /// A segment was allocated: end the episode, if one was under way.
+    fn space_recovered(&mut self) {
+        self.retry_at = None;
+        let ended = self.shared.lock().no_space.take();
+        let Some(episode) = ended else {
+            return;
+        };
+        self.shared.stats.disk_full.store(false, Ordering::Release);
+        self.tell(&SpaceEvent::Recovered {
+            free_bytes: free_bytes(&self.shared.dir),
+            refused: episode.refused,
+            lasted: episode.since.elapsed(),
+        });
+    }
+
+    fn tell(&self, event: &SpaceEvent<'_>) {
+        if let Some(observer) = &self.shared.options.on_disk_space {
+            (observer.0)(event);
+        }
     }
 
     /// After a poison: wake every waiter to see it, and answer commands with it until
@@ -265,7 +412,7 @@ impl Writer {
             }
             let Some((end, last_lsn)) = chunk_end else {
                 let first_lsn = first_lsn_at(batch.buf.as_slice(), start);
-                self.roll(first_lsn)?;
+                self.roll_when_room(first_lsn)?;
                 continue;
             };
             self.write_chunk(&mut batch.buf, start, end)?;
@@ -319,9 +466,54 @@ impl Writer {
         Ok(())
     }
 
+    /// Roll over, waiting while the disk has no room for the new segment. The batch in
+    /// hand waits with it (nothing of it is acknowledged) and appends are refused
+    /// meanwhile; this happens only when the spare could not be made ahead of need and
+    /// the active segment filled first. Fails if the log closes meanwhile.
+    fn roll_when_room(&mut self, first_lsn: Lsn) -> Result<(), WalError> {
+        loop {
+            match self.roll(first_lsn) {
+                Ok(()) => {
+                    self.space_recovered();
+                    return Ok(());
+                }
+                Err(SegmentError::Failed(error)) => return Err(error),
+                Err(SegmentError::NoSpace(error)) => {
+                    self.space_ran_out(error.clone());
+                    // Refresh_room counts the pending buffer only: the batch in hand does
+                    // not fit either.
+                    if let Some(full) = &mut self.shared.lock().no_space {
+                        full.room = 0;
+                    }
+                    if !self.wait_for_retry() {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleep until the retry is due; false if the log closes first.
+    fn wait_for_retry(&mut self) -> bool {
+        let at = self.retry_at.unwrap_or_else(|| self.next_retry());
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        loop {
+            if state.closing {
+                return false;
+            }
+            if Instant::now() >= at {
+                self.retry_at = None;
+                return true;
+            }
+            state = shared.wait_until(&shared.work_ready, state, at);
+        }
+    }
+
     /// Continue in a new segment of the configured size, beginning at `first_lsn`: the
-    /// next batch does not fit the rest of the active one.
-    fn roll(&mut self, first_lsn: Lsn) -> Result<(), WalError> {
+    /// next batch does not fit the rest of the active one. The spare if one is ready,
+    /// else one made now.
+    fn roll(&mut self, first_lsn: Lsn) -> Result<(), SegmentError> {
         let new = match self.active.holds_records() {
             true => NewSegment::Beside,
             false => NewSegment::Replacing,
@@ -332,14 +524,14 @@ impl Writer {
             new == NewSegment::Beside || self.active.limit < self.shared.options.segment_size,
             "a batch at LSN {first_lsn} does not fit an empty segment"
         );
-        let (active, index, direct) = create_segment(
-            &self.shared.dir,
-            first_lsn,
-            &self.shared.options,
-            self.direct_io,
-            self.io.as_mut(),
-            new,
-        )?;
+        let dir = &self.shared.dir;
+        let (active, index, direct) = match self.spare.take() {
+            Some(spare) => spare.adopt(dir, first_lsn, new, self.io.as_mut())?,
+            None => {
+                let size = self.shared.options.segment_size;
+                create_segment(dir, first_lsn, size, self.direct_io, self.io.as_mut(), new)?
+            }
+        };
         self.direct_io = direct;
         self.active = active;
         let mut segments = self.shared.segments_mut();
@@ -381,7 +573,7 @@ pub(crate) fn open_read(path: &Path) -> Result<File, WalError> {
 }
 
 /// Open a segment for writing, direct when asked and allowed. Returns whether it is direct.
-fn open_write(path: &Path, direct: bool) -> Result<(File, bool), WalError> {
+pub(crate) fn open_write(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
     if direct {
         match OpenOptions::new()
             .write(true)
@@ -391,94 +583,9 @@ fn open_write(path: &Path, direct: bool) -> Result<(File, bool), WalError> {
             Ok(file) => return Ok((file, true)),
             // The filesystem refuses O_DIRECT (tmpfs on older kernels): buffered + fdatasync.
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(error) => return Err(WalError::io("open", path, error)),
+            Err(error) => return Err(error),
         }
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| WalError::io("open", path, e))?;
+    let file = OpenOptions::new().write(true).open(path)?;
     Ok((file, false))
-}
-
-/// Create, preallocate and header a new segment of the configured size; make its name
-/// durable. A replacement is made under another name and renamed over the segment it
-/// replaces, so that a crash leaves one of the two: each an empty segment at `first_lsn`.
-pub(crate) fn create_segment(
-    dir: &Path,
-    first_lsn: Lsn,
-    options: &WalOptions,
-    direct: bool,
-    io: &mut dyn LogIo,
-    new: NewSegment,
-) -> Result<(ActiveSegment, SegmentIndex, bool), WalError> {
-    let path = dir.join(segment_name(first_lsn));
-    let mut create = OpenOptions::new();
-    let made = match new {
-        NewSegment::Beside => {
-            create.write(true).create_new(true);
-            path.clone()
-        }
-        NewSegment::Replacing => {
-            create.write(true).create(true).truncate(true);
-            path.with_extension(REPLACEMENT_EXTENSION)
-        }
-    };
-    create
-        .open(&made)
-        .map_err(|e| WalError::io("create", &made, e))?;
-    let header = SegmentHeader {
-        first_lsn,
-        segment_size: options.segment_size,
-    };
-    let (file, direct) = write_segment_header(&made, &header, direct, io)?;
-    if new == NewSegment::Replacing {
-        std::fs::rename(&made, &path).map_err(|e| WalError::io("rename", &made, e))?;
-    }
-    sync_dir(dir)?;
-    let index = SegmentIndex::empty(first_lsn, &path, options.segment_size)?;
-    let active = ActiveSegment {
-        file,
-        path,
-        write_pos: SEGMENT_HEADER as u64,
-        limit: options.segment_size,
-    };
-    Ok((active, index, direct))
-}
-
-/// A replacement segment's name until it is renamed over the one it replaces (not a
-/// segment's suffix, so recovery passes over one a crash left).
-const REPLACEMENT_EXTENSION: &str = "new";
-
-/// Preallocate the created file at `path` to the header's size and make the header
-/// durable. Returns the file, open for writing, and whether it is direct.
-fn write_segment_header(
-    path: &Path,
-    header: &SegmentHeader,
-    direct: bool,
-    io: &mut dyn LogIo,
-) -> Result<(File, bool), WalError> {
-    let (file, direct) = open_write(path, direct)?;
-    preallocate(&file, header.segment_size).map_err(|e| WalError::io("preallocate", path, e))?;
-    let mut block = AlignedBuf::new(SEGMENT_HEADER);
-    let bytes = encode_segment_header(header);
-    block.full_mut()[..bytes.len()].copy_from_slice(&bytes);
-    block.commit(bytes.len());
-    io.write_durable(&file, 0, block.padded_blocks())
-        .map_err(|e| WalError::io("write header of", path, e))?;
-    Ok((file, direct))
-}
-
-fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on a valid descriptor we own.
-    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-    if result == 0 {
-        return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        return file.set_len(size);
-    }
-    Err(error)
 }

@@ -11,6 +11,7 @@ fn options() -> WalOptions {
         segment_size: 256 * 1024,
         max_batch_bytes: 64 * 1024,
         direct_io: true,
+        ..WalOptions::default()
     }
 }
 

@@ -28,6 +28,7 @@ fn options() -> WalOptions {
         segment_size: 512 * 1024,
         max_batch_bytes: 128 * 1024,
         direct_io: true,
+        ..WalOptions::default()
     }
 }
 

@@ -40,6 +40,7 @@ fn options() -> WalOptions {
         segment_size: 64 * 1024,
         max_batch_bytes: 48 * 1024,
         direct_io: true,
+        ..WalOptions::default()
     }
 }
 

@@ -18,6 +18,7 @@ fn options(segment_size: u64) -> WalOptions {
         segment_size,
         max_batch_bytes: 16 * 1024,
         direct_io: true,
+        ..WalOptions::default()
     }
 }
 

@@ -216,6 +216,10 @@ fn publish_metrics(metrics: &ShardMetrics, core: &ShardCore, wal: &Wal) {
         &metrics.wal_bytes_written,
         wal.stats().bytes_written.load(Ordering::Relaxed),
     );
+    store(
+        &metrics.wal_appends_refused,
+        wal.stats().appends_refused.load(Ordering::Relaxed),
+    );
 }
 
 /// The log failed: nothing after this can be acknowledged. Stop the process, so a

@@ -2,18 +2,58 @@
 //! (if the log has one) and the records after it, reporting progress every second so a
 //! long recovery is not a hung start.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_router::chat_log::WalLog;
 use parley_router::record::CHAT_RECORD_TYPE;
 use parley_router::shard::ShardCore;
-use parley_wal::Wal;
+use parley_wal::{SpaceEvent, SpaceObserver, Wal};
 
 use super::{ShardEvent, ShardPlan};
 
 /// Recovery reports progress this often.
 const RECOVERY_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the shard's log says of its disk: logged once when an episode starts and once
+/// when it ends, and shown as `parley_wal_disk_full`.
+fn disk_space_observer(shard: usize, plan: &ShardPlan) -> SpaceObserver {
+    let (metrics, dir) = (plan.metrics.clone(), plan.wal_dir.clone());
+    SpaceObserver(Arc::new(move |event: &SpaceEvent<'_>| match event {
+        SpaceEvent::Full {
+            error,
+            free_bytes,
+            room,
+        } => {
+            metrics.wal_disk_full.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                shard,
+                dir = %dir.display(),
+                free_bytes = free_bytes.map_or(-1, |b| b as i64),
+                room_bytes = room,
+                %error,
+                "disk full: the log cannot allocate its next segment; it takes commands \
+                 into the room left, then answers unavailable until space is freed"
+            );
+        }
+        SpaceEvent::Recovered {
+            free_bytes,
+            refused,
+            lasted,
+        } => {
+            metrics.wal_disk_full.store(false, Ordering::Relaxed);
+            tracing::info!(
+                shard,
+                dir = %dir.display(),
+                free_bytes = free_bytes.map_or(-1, |b| b as i64),
+                refused,
+                lasted_ms = lasted.as_millis() as u64,
+                "disk space again: the log allocated its next segment and takes commands"
+            );
+        }
+    }))
+}
 
 /// Open the shard's log and rebuild its state, reporting progress.
 pub(super) fn recover(plan: &ShardPlan) -> Result<(Arc<Wal>, ShardCore), String> {
@@ -26,7 +66,9 @@ pub(super) fn recover(plan: &ShardPlan) -> Result<(Arc<Wal>, ShardCore), String>
             let _ = plan.lifecycle.send(ShardEvent::Recovering(index));
         }
     };
-    let (wal, recovery) = Wal::open(&plan.wal_dir, plan.wal_options.clone(), &mut |p| {
+    let mut options = plan.wal_options.clone();
+    options.on_disk_space = Some(disk_space_observer(index, plan));
+    let (wal, recovery) = Wal::open(&plan.wal_dir, options, &mut |p| {
         report("scanning the log (bytes)", p.bytes_done, p.bytes_total)
     })
     .map_err(|error| format!("log {}: {error}", plan.wal_dir.display()))?;

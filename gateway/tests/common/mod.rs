@@ -205,6 +205,12 @@ impl Daemon {
         self.stderr.try_iter().collect()
     }
 
+    /// The next line parleyd logs, waiting until `deadline` at most.
+    pub fn next_log_line(&self, deadline: Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.stderr.recv_timeout(left).ok()
+    }
+
     /// `GET path` on the admin listener: (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path)

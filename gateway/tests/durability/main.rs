@@ -9,9 +9,10 @@
 mod common;
 
 // What a restarted daemon must serve, test by test: messages under send bursts
-// (`messages`), every other kind of change (`changes`), and the starts it must refuse
-// or answer (`startup`). The burst, the model and the checks they share are here.
+// (`messages`), every other kind of change (`changes`), the starts it must refuse or
+// answer (`startup`), and a disk that fills under sends (`full_disk`). The burst, the model and the checks they share are here.
 mod changes;
+mod full_disk;
 mod messages;
 mod startup;
 

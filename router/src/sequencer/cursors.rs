@@ -1,12 +1,11 @@
 //! Delivered and read cursors: advanced by `ack` and `read`, announced as receipts, and
 //! written to the log coalesced, once per turn.
 
-use super::turn::{deliver, Empty, Handled, Request};
+use super::turn::{deliver, Empty, Handled, Request, Turn};
 use super::{CursorKey, Sequencer};
 use crate::chat_log::{ChatLog, LogError, MIN_RECORD_BYTES};
 use crate::clock::Now;
 use crate::event::{self, ReceiptKind};
-use crate::output::Output;
 use crate::protocol::ErrorCode;
 use crate::record::{encoded_len, ChatRecord, CursorAdvance, CURSORS_RECORD_OVERHEAD};
 
@@ -17,7 +16,7 @@ impl Sequencer {
         request: &Request,
         seq: u64,
         read: bool,
-        out: &mut Vec<Output>,
+        turn: &mut Turn<'_>,
     ) -> Result<(), Handled> {
         let (conv, user, device) = (&request.conv, &request.caller.user, &request.caller.device);
         let conversation = self.member_of(conv, user)?;
@@ -27,6 +26,12 @@ impl Sequencer {
                 format!("seq {seq} is beyond the last seq {}", conversation.last_seq),
             )));
         }
+        // The advance is answered now and written at the turn's end: while the log
+        // refuses appends, refuse it here, before anything changes.
+        if let Some(refusal) = turn.log.refusing() {
+            return Err(Handled::Log(refusal));
+        }
+        let out = &mut *turn.out;
         let members = conversation.members_shared();
         let conversation = self.convs.get_mut(conv).expect("checked above");
         // Reading implies receiving: a read also moves this device's delivered cursor,
@@ -73,7 +78,8 @@ impl Sequencer {
         for len in record_lengths(&advances, max) {
             let payload = ChatRecord::Cursors(advances.drain(..len).collect()).encode();
             debug_assert!(payload.len() <= max, "cursor records fit the log");
-            match log.append(now.unix_ms, &payload) {
+            // Their commands were answered (the replies wait for this record).
+            match log.append_deferred(now.unix_ms, &payload) {
                 Ok(lsn) => {
                     last_lsn = Some(lsn);
                     written += len;

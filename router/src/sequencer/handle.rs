@@ -63,8 +63,8 @@ impl Sequencer {
                 self.member_remove(request, leaving, MemberChange::Left, turn)
             }
             ChatCommand::Send(args) => self.send(request, *args, turn),
-            ChatCommand::Ack { seq, .. } => self.cursor(request, seq, false, turn.out),
-            ChatCommand::Read { seq, .. } => self.cursor(request, seq, true, turn.out),
+            ChatCommand::Ack { seq, .. } => self.cursor(request, seq, false, turn),
+            ChatCommand::Read { seq, .. } => self.cursor(request, seq, true, turn),
             ChatCommand::Typing { on, .. } => self.typing(request, on, turn),
             ChatCommand::History { page, limit, .. } => self.history(request, page, limit, turn),
             ChatCommand::React { seq, emoji, on, .. } => self.react(request, seq, emoji, on, turn),
@@ -134,6 +134,14 @@ fn answer_failure(
                 out,
                 ErrorCode::Unavailable,
                 "the log is busy; retry the same command",
+            );
+            Ok(())
+        }
+        Handled::Log(LogError::NoSpace(_)) => {
+            request.caller.err(
+                out,
+                ErrorCode::Unavailable,
+                "the disk is full; retry the same command later",
             );
             Ok(())
         }

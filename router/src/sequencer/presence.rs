@@ -29,7 +29,10 @@ impl Sequencer {
             Ok(_) => Ok(()),
             // Last seen is best-effort: keep it in memory when the log does not take it
             // now (a last-seen record always fits the state, so it is never refused).
-            Err(Handled::Log(LogError::Full | LogError::TooLarge { .. }) | Handled::Refused(_)) => {
+            Err(
+                Handled::Log(LogError::Full | LogError::NoSpace(_) | LogError::TooLarge { .. })
+                | Handled::Refused(_),
+            ) => {
                 self.last_seen.insert(Arc::from(user), ts);
                 Ok(())
             }

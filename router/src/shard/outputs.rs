@@ -21,7 +21,8 @@ impl ShardCore {
     pub(super) fn end_turn(&mut self, now: Now) {
         let flushed = match self.sequencer.flush_cursors(now, &mut self.log) {
             Ok(_) => true,
-            Err(LogError::Full) => false,
+            // Held with the turn's outputs; the driver retries soon.
+            Err(LogError::Full | LogError::NoSpace(_)) => false,
             // Cursor records are split to fit the log's limit, so a `TooLarge` here is
             // the log breaking its word: as failed as any other error.
             Err(error) => {

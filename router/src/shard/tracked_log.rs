@@ -8,9 +8,8 @@ pub(super) struct TrackedLog {
     pub(super) last_appended: u64,
 }
 
-impl ChatLog for TrackedLog {
-    fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
-        let lsn = self.inner.append(timestamp, payload)?;
+impl TrackedLog {
+    fn appended(&mut self, lsn: u64) {
         // The log hands out LSNs in order, one per record, after those recovered.
         assert!(
             lsn > self.last_appended,
@@ -18,7 +17,24 @@ impl ChatLog for TrackedLog {
             self.last_appended
         );
         self.last_appended = lsn;
+    }
+}
+
+impl ChatLog for TrackedLog {
+    fn append(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
+        let lsn = self.inner.append(timestamp, payload)?;
+        self.appended(lsn);
         Ok(lsn)
+    }
+
+    fn append_deferred(&mut self, timestamp: u64, payload: &[u8]) -> Result<u64, LogError> {
+        let lsn = self.inner.append_deferred(timestamp, payload)?;
+        self.appended(lsn);
+        Ok(lsn)
+    }
+
+    fn refusing(&self) -> Option<LogError> {
+        self.inner.refusing()
     }
 
     fn read(&mut self, lsn: u64) -> Result<Vec<u8>, LogError> {

@@ -701,6 +701,7 @@ fn bench(args: &BenchArgs) -> Result<u8, String> {
             .max_batch_bytes
             .map_or(defaults.max_batch_bytes, |b| b as usize),
         direct_io: !args.buffered,
+        ..WalOptions::default()
     };
     if args.appenders == 0 || args.appenders > 4096 {
         return Err("--appenders must be from 1 to 4096".into());
