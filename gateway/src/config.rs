@@ -254,6 +254,8 @@ settings! {
     wal_disk_full_retry_ms: u64 = 1000;
     /// Records a shard writes between snapshots of its chat state (recovery replays only the log after the last one); 0 never snapshots.
     snapshot_every_records: u64 = 1_000_000;
+    /// Period of each shard's loop-lag probe (parley_shard_loop_lag_seconds), in milliseconds, at most 1000; 0 turns it off.
+    loop_lag_probe_ms: u64 = 10;
 }
 
 fn env_name(setting: &str) -> String {
@@ -429,6 +431,9 @@ impl Settings {
         }
         if self.shard_count() > MAX_SHARDS {
             return Err(invalid("shards", format!("at most {MAX_SHARDS}")));
+        }
+        if self.loop_lag_probe_ms > 1000 {
+            return Err(invalid("loop_lag_probe_ms", "must be 0 (off) to 1000"));
         }
         if self.wal_segment_bytes < 1 << 20 {
             return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
@@ -660,6 +665,15 @@ mod tests {
         assert!(
             error.to_string().starts_with("setting outbound_queue_len"),
             "{error}"
+        );
+        let error = resolve(&["--loop-lag-probe-ms", "1001"], &[]).unwrap_err();
+        assert!(
+            error.to_string().starts_with("setting loop_lag_probe_ms"),
+            "{error}"
+        );
+        assert!(
+            resolve(&["--loop-lag-probe-ms", "0"], &[]).is_ok(),
+            "0 is off"
         );
         let error = resolve(&["--rate-limit-per-sec", "0"], &[]).unwrap_err();
         assert!(

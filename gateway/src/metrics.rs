@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use parley_router::protocol::{CloseCode, ErrorCode};
 
@@ -46,6 +47,8 @@ pub struct ShardMetrics {
     /// Set and cleared by the log's writer thread as a full-disk episode starts and ends.
     pub wal_disk_full: AtomicBool,
     pub wal_appends_refused: AtomicU64,
+    /// How late the shard's loop ran its lag probe (`runtime/loop_lag.rs`).
+    pub loop_lag: LagHistogram,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     closes: [AtomicU64; CloseCode::ALL.len()],
 }
@@ -61,6 +64,44 @@ impl ShardMetrics {
 
     pub fn errors(&self, code: ErrorCode) -> u64 {
         self.errors[code.index()].load(Relaxed)
+    }
+}
+
+/// Upper bounds of the loop-lag buckets, in microseconds: 100 µs (a timer's own slack)
+/// to 1 s (a shard that stalls that long is broken); a last bucket, `+Inf`, takes the
+/// rest. 10 ms is a bound, so "p99 under 10 ms" reads exactly off the histogram.
+pub const LOOP_LAG_BOUNDS_US: [u64; 13] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
+
+/// A Prometheus histogram of durations, written by one thread (relaxed atomics) and read
+/// by the scrape. The buckets hold their own counts (not cumulative): one add per sample.
+#[derive(Debug, Default)]
+pub struct LagHistogram {
+    buckets: [AtomicU64; LOOP_LAG_BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LagHistogram {
+    pub fn record(&self, lag: Duration) {
+        let micros = lag.as_micros();
+        let bucket = LOOP_LAG_BOUNDS_US
+            .iter()
+            .position(|&bound| micros <= u128::from(bound))
+            .unwrap_or(LOOP_LAG_BOUNDS_US.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        let nanos = u64::try_from(lag.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(nanos, Relaxed);
+    }
+
+    /// Cumulative counts, one per bound and then `+Inf` (the total).
+    fn cumulative(&self) -> [u64; LOOP_LAG_BOUNDS_US.len() + 1] {
+        let mut running = 0;
+        self.buckets.each_ref().map(|bucket| {
+            running += bucket.load(Relaxed);
+            running
+        })
     }
 }
 
@@ -254,6 +295,35 @@ const PER_SHARD: [PerShardSeries; 29] = [
     ),
 ];
 
+/// `parley_shard_loop_lag_seconds`: the buckets (cumulative, as Prometheus wants them),
+/// their sum and count, per shard.
+fn render_loop_lag(out: &mut String, shards: &[std::sync::Arc<ShardMetrics>]) {
+    let name = "parley_shard_loop_lag_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} How late the shard's loop ran a task it scheduled (the loop-lag probe, every loop_lag_probe_ms).\n# TYPE {name} histogram"
+    );
+    for (shard, metrics) in shards.iter().enumerate() {
+        let histogram = &metrics.loop_lag;
+        let cumulative = histogram.cumulative();
+        for (bound, count) in LOOP_LAG_BOUNDS_US.iter().zip(cumulative) {
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {count}"
+            );
+        }
+        let total = cumulative[LOOP_LAG_BOUNDS_US.len()];
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {total}"
+        );
+        let sum = histogram.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {total}");
+    }
+}
+
 /// One metric: its header, then one line per (labels, value).
 fn series(
     out: &mut String,
@@ -301,6 +371,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
         "Close frames sent, by close code.",
     );
     series(&mut out, header, closes);
+    render_loop_lag(&mut out, shards);
     let header = ("parley_draining", "gauge", "1 while the process drains.");
     series(
         &mut out,
@@ -308,4 +379,77 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
         std::iter::once((String::new(), u64::from(draining))),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_samples_land_in_the_bucket_of_their_upper_bound() {
+        let histogram = LagHistogram::default();
+        for micros in [0, 100, 101, 9_999, 10_000, 10_001, 1_000_000, 5_000_000] {
+            histogram.record(Duration::from_micros(micros));
+        }
+        let cumulative = histogram.cumulative();
+        let at = |bound_us: u64| {
+            let index = LOOP_LAG_BOUNDS_US.iter().position(|&b| b == bound_us);
+            cumulative[index.expect("a bound")]
+        };
+        assert_eq!(at(100), 2, "0 and exactly 100 µs");
+        assert_eq!(at(250), 3);
+        assert_eq!(at(10_000), 5, "9,999 and exactly 10,000 µs");
+        assert_eq!(at(25_000), 6);
+        assert_eq!(at(1_000_000), 7);
+        assert_eq!(cumulative[LOOP_LAG_BOUNDS_US.len()], 8, "+Inf holds all");
+        assert_eq!(histogram.sum_ns.load(Relaxed), 6_030_201_000);
+    }
+
+    #[test]
+    fn the_scrape_renders_a_cumulative_histogram_per_shard() {
+        let shards: Vec<_> = (0..2)
+            .map(|_| std::sync::Arc::new(ShardMetrics::default()))
+            .collect();
+        shards[1].loop_lag.record(Duration::from_micros(300));
+        shards[1].loop_lag.record(Duration::from_millis(20));
+        let text = render(&shards, false);
+        let line = |series: &str| {
+            text.lines()
+                .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let name = "parley_shard_loop_lag_seconds";
+        assert!(text.contains(&format!("# TYPE {name} histogram")));
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"0\",le=\"+Inf\"}}")),
+            "0"
+        );
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"1\",le=\"0.00025\"}}")),
+            "0"
+        );
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"1\",le=\"0.0005\"}}")),
+            "1"
+        );
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"1\",le=\"0.01\"}}")),
+            "1"
+        );
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"1\",le=\"0.025\"}}")),
+            "2"
+        );
+        assert_eq!(line(&format!("{name}_bucket{{shard=\"1\",le=\"1\"}}")), "2");
+        assert_eq!(
+            line(&format!("{name}_bucket{{shard=\"1\",le=\"+Inf\"}}")),
+            "2"
+        );
+        assert_eq!(line(&format!("{name}_count{{shard=\"1\"}}")), "2");
+        assert_eq!(line(&format!("{name}_sum{{shard=\"1\"}}")), "0.0203");
+    }
 }

@@ -404,6 +404,93 @@ fn wrong_path_gets_404_and_subprotocol_is_echoed() {
     assert_eq!(response.headers()["sec-websocket-protocol"], "parley.v1");
 }
 
+/// The loop-lag histogram of every shard: buckets that add up (cumulative, `+Inf` equal
+/// to `_count`), samples that keep coming on an idle shard (probed once a second), and a
+/// stall that shows: the whole process stopped (SIGSTOP) for 1.5 s, longer than an idle
+/// shard's probe period, puts a sample of every shard above 250 ms (its probe was due at
+/// least 0.4 s before the end of the stop).
+#[test]
+fn loop_lag_histogram_shows_a_stalled_shard() {
+    let daemon = Daemon::start(&[]);
+    let name = "parley_shard_loop_lag_seconds";
+    let count = |shard: u32| daemon.metric(&format!("{name}_count"), &format!("shard=\"{shard}\""));
+    let deadline = Instant::now() + WAIT;
+    while (0..2).any(|shard| count(shard) < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "the probe never ran 3 times on every shard"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let bounds = [
+        "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+        "0.25", "0.5", "1", "+Inf",
+    ];
+    for shard in 0..2 {
+        let (_, body) = daemon.admin_get("/metrics");
+        let value = |series: &str| {
+            body.lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
+                .to_string()
+        };
+        let counts: Vec<u64> = bounds
+            .iter()
+            .map(|le| {
+                let series = format!("{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}}");
+                value(&series).parse().expect("a bucket count")
+            })
+            .collect();
+        assert!(
+            counts.windows(2).all(|pair| pair[0] <= pair[1]),
+            "shard {shard}: buckets are not cumulative: {counts:?}"
+        );
+        let total: u64 = value(&format!("{name}_count{{shard=\"{shard}\"}}"))
+            .parse()
+            .expect("a count");
+        assert_eq!(
+            counts[bounds.len() - 1],
+            total,
+            "shard {shard}: +Inf is the count"
+        );
+        let sum: f64 = value(&format!("{name}_sum{{shard=\"{shard}\"}}"))
+            .parse()
+            .expect("a sum");
+        assert!(
+            sum > 0.0,
+            "shard {shard}: {total} samples, none late at all: {sum}"
+        );
+    }
+    // Samples above 250 ms: the count less the 250 ms bucket, both of one scrape.
+    let above_250ms = |shard: u32| {
+        let (_, body) = daemon.admin_get("/metrics");
+        let value = |series: String| -> u64 {
+            body.lines()
+                .find_map(|line| line.strip_prefix(&series)?.strip_prefix(' '))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("no count {series} in /metrics:\n{body}"))
+        };
+        let total = value(format!("{name}_count{{shard=\"{shard}\"}}"));
+        total - value(format!("{name}_bucket{{shard=\"{shard}\",le=\"0.25\"}}"))
+    };
+    let before: Vec<u64> = (0..2).map(above_250ms).collect();
+    // The stall itself, not a wait for something: the process does not run for 1.5 s.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.pid(), libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.pid(), libc::SIGCONT) };
+    let deadline = Instant::now() + WAIT;
+    while (0..2).any(|shard| above_250ms(shard) == before[shard as usize]) {
+        assert!(
+            Instant::now() < deadline,
+            "no shard sample above 250 ms after a 1.5 s stop: {:?}",
+            (0..2).map(above_250ms).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn metrics_count_connections_sessions_frames_and_errors() {
     let daemon = Daemon::start(&[]);

@@ -146,6 +146,8 @@ impl<'a> CommonPlan<'a> {
             chat_limits: self.chat_limits.clone(),
             mesh,
             snapshot_every_records: settings.snapshot_every_records,
+            loop_lag_probe: (settings.loop_lag_probe_ms > 0)
+                .then(|| Duration::from_millis(settings.loop_lag_probe_ms)),
             socket_engine: self.socket_engine,
             quic: QuicPlan {
                 socket: quic_socket,

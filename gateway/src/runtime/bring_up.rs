@@ -18,6 +18,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use parley_router::shard::ShardCore;
 
 use super::core_task::run_core_task;
+use super::loop_lag::run_probe;
 use super::recovery::recover;
 use super::streams_engine::{accept_loop, SCRATCH_BYTES};
 use super::uring_engine::{Engine, EnginePlan};
@@ -64,6 +65,9 @@ async fn run_shard(plan: ShardPlan) {
         plan.snapshot_every_records,
     ))
     .detach();
+    if let Some(period) = plan.loop_lag_probe {
+        glommio::spawn_local(run_probe(plan.metrics.clone(), period)).detach();
+    }
     let started = quic_tasks::spawn(&shard, plan.quic).and_then(|()| {
         start_websocket(
             &shard,

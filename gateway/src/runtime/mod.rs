@@ -15,7 +15,8 @@
 //!   connection (the fallback, `socket_engine = "streams"`);
 //! - `uring_engine`: WebSocket over io_uring with direct descriptors, one task per shard;
 //! - `quic_tasks`: the QUIC socket's receive, drive and send tasks;
-//! - `deadline`: a task's timer for a deadline that moves.
+//! - `deadline`: a task's timer for a deadline that moves;
+//! - `loop_lag`: the probe that measures how late the shard's loop runs what it scheduled.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -41,6 +42,7 @@ use crate::ws::WsLimits;
 mod bring_up;
 mod core_task;
 mod deadline;
+mod loop_lag;
 mod quic_tasks;
 mod recovery;
 mod sessions;
@@ -101,6 +103,8 @@ pub struct ShardPlan {
     pub mesh: MeshEnds<MeshEntry>,
     /// Records between snapshots of the chat state; 0 never.
     pub snapshot_every_records: u64,
+    /// Period of the loop-lag probe, or `None` for no probe.
+    pub loop_lag_probe: Option<Duration>,
     pub quic: QuicPlan,
     /// The io_uring socket engine's sizes, or `None` for glommio's readiness-based
     /// streams on regular descriptors.

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use parley_tools::load::report::Report;
 use parley_tools::load::run::{self, Options};
-use parley_tools::load::scenario::{EngineChoice, Kind, Mix, Plan, Protocol, Storm};
+use parley_tools::load::scenario::{Churn, EngineChoice, Kind, Mix, Plan, Protocol, Storm};
 use parley_tools::{load_secret, parse_duration};
 
 #[global_allocator]
@@ -77,7 +77,8 @@ enum Scenario {
         jitter: Duration,
     },
     /// Pairs doing sends, acks, reads, typing and history pages at --mix ratios;
-    /// --rate counts operations.
+    /// --rate counts operations. With --churn, misbehaving sessions beside them, each
+    /// checked against what the protocol says the server does with it.
     Mixed {
         #[command(flatten)]
         common: Common,
@@ -86,6 +87,8 @@ enum Scenario {
         /// Weights of the operations.
         #[arg(long, default_value = "send=50,ack=20,read=15,typing=10,history=5", value_parser = parse_mix)]
         mix: Mix,
+        #[command(flatten)]
+        churn: ChurnArgs,
     },
 }
 
@@ -159,6 +162,32 @@ struct Common {
 }
 
 #[derive(Args, Clone)]
+struct ChurnArgs {
+    /// Churn, each kind once per --churn-every: reconnect=PERCENT of the chat sessions
+    /// dropped and resumed (a different subset each period), slow=N chat sessions that
+    /// stop reading (4009, then resume), and sessions of their own: flood=N (rate_limited,
+    /// then 4008), garbage=N (malformed input: its error, or its close code) and
+    /// half-open=N (cut mid-upgrade, or silent after it: dropped by the server's auth and
+    /// idle timeouts). For example reconnect=5,slow=4,flood=2,garbage=4,half-open=4. The
+    /// expectations assume the server's default frame, rate and abuse limits.
+    #[arg(long, value_parser = parse_churn)]
+    churn: Option<Churn>,
+    /// The churn's period.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    churn_every: Duration,
+    /// Each session a churn storm drops reconnects after a uniform random delay up to this.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    reconnect_jitter: Duration,
+    /// How long a slow reader stops reading (keep it under the server's idle timeout).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    slow_for: Duration,
+    /// Longest a churn session waits for the server's answer (a half-open one: for the
+    /// server's auth or idle timeout) before the run counts a violation.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    churn_wait: Duration,
+}
+
+#[derive(Args, Clone)]
 struct SendArgs {
     /// Total scheduled sends (mixed: operations) per second, over all senders.
     #[arg(long, default_value_t = 1000.0)]
@@ -220,6 +249,38 @@ fn parse_mix(text: &str) -> Result<Mix, String> {
     Ok(mix)
 }
 
+fn parse_churn(text: &str) -> Result<Churn, String> {
+    let mut churn = Churn::default();
+    for part in text.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not kind=number"))?;
+        let number = |value: &str| {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("{value:?} is not a whole number"))
+        };
+        match name.trim() {
+            "reconnect" => {
+                let percent: f64 = value
+                    .parse()
+                    .map_err(|_| format!("{value:?} is not a percentage"))?;
+                churn.reconnect = percent / 100.0;
+            }
+            "slow" => churn.slow_readers = number(value)?,
+            "flood" => churn.floods = number(value)?,
+            "garbage" => churn.garbage = number(value)?,
+            "half-open" => churn.half_open = number(value)?,
+            other => {
+                return Err(format!(
+                    "unknown churn {other:?} (reconnect, slow, flood, garbage, half-open)"
+                ))
+            }
+        }
+    }
+    Ok(churn)
+}
+
 fn main() -> ExitCode {
     let params: BTreeMap<String, String> = command_line();
     let Cli { scenario } = Cli::parse();
@@ -264,6 +325,7 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
         size: 100,
         max_inflight: 256,
     };
+    let mut churn = None;
     let (kind, common, send, hold, group_size, senders, storm, mix) = match scenario {
         Scenario::Idle { common, hold } => {
             (Kind::Idle, common, default_send, hold, 2, 1, None, None)
@@ -316,16 +378,30 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
                 None,
             )
         }
-        Scenario::Mixed { common, send, mix } => (
-            Kind::Mixed,
+        Scenario::Mixed {
             common,
             send,
-            Duration::ZERO,
-            2,
-            1,
-            None,
-            Some(mix),
-        ),
+            mix,
+            churn: args,
+        } => {
+            churn = args.churn.map(|counts| Churn {
+                reconnect_jitter_ns: args.reconnect_jitter.as_nanos() as u64,
+                slow_for_ns: args.slow_for.as_nanos() as u64,
+                every_ns: args.churn_every.as_nanos() as u64,
+                wait_ns: args.churn_wait.as_nanos() as u64,
+                ..counts
+            });
+            (
+                Kind::Mixed,
+                common,
+                send,
+                Duration::ZERO,
+                2,
+                1,
+                None,
+                Some(mix),
+            )
+        }
     };
     let protocol = if common.quic {
         Protocol::Quic
@@ -366,6 +442,7 @@ fn execute(scenario: Scenario, params: BTreeMap<String, String>) -> Result<Repor
             history: 0,
         }),
         storm,
+        churn,
         secret,
     };
     let workers = common

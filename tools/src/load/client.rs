@@ -41,6 +41,13 @@ pub enum Timer {
     Ping,
     /// quiche's timer (loss recovery, idle) of a QUIC session.
     Quic,
+    /// The churn's period came round for this chat client (reconnect storm, slow reader),
+    /// or for this churn session (its next episode).
+    ChurnTick,
+    /// A slow reader reads again.
+    StallEnd,
+    /// A churn session's episode waited long enough for the server's answer.
+    ChurnDeadline,
 }
 
 /// The run's clock and windows, in nanoseconds since the run's epoch.
@@ -117,6 +124,8 @@ enum Command {
         counter: u64,
     },
     Op(MixedOp),
+    /// One of a slow reader's history pages, asked for just before it stops reading.
+    Burst,
 }
 
 struct Pending {
@@ -220,7 +229,26 @@ pub struct Client {
     nats: Option<nats::Input>,
     user: String,
     partner: Option<String>,
+    /// One of the churn's slow readers.
+    slow: bool,
+    /// A slow reader that stopped reading (until its StallEnd).
+    stalled: bool,
+    /// The stall's outcome is not known yet: the burst's replies all arrived (it caught
+    /// up) or the server closed the session (4009, the only close it may give).
+    stall_pending: bool,
+    /// Burst replies still to come.
+    burst_left: u64,
 }
+
+/// History pages a slow reader asks for in one frame before it stops reading, and their
+/// size: with a conversation of a few hundred messages, several MiB of replies, past the
+/// default `outbound_queue_bytes` (1 MiB) and the socket buffers; within the default
+/// burst (200), so none is rate-limited.
+const SLOW_BURST_PAGES: u64 = 150;
+const SLOW_BURST_PAGE_SIZE: u32 = 50;
+/// A slow reader's socket receive buffer: small, so what it does not read stays with the
+/// server (the kernel's autotuned loopback buffers would otherwise take megabytes).
+const SLOW_READER_RCVBUF_BYTES: usize = 4096;
 
 /// Longest backoff between reconnect attempts.
 const BACKOFF_MAX_NS: u64 = 5_000_000_000;
@@ -261,6 +289,10 @@ impl Client {
                 Role::Pair { partner } => Some(plan.user(partner)),
                 _ => None,
             },
+            slow: plan.is_slow_reader(index),
+            stalled: false,
+            stall_pending: false,
+            burst_left: 0,
         }
     }
 
@@ -294,7 +326,7 @@ impl Client {
         if ctx.plan.protocol == Protocol::Quic {
             return self.connect_quic(ctx);
         }
-        match open_socket(ctx.plan, self.index) {
+        match open_socket(ctx.plan, self.index, self.slow) {
             Ok(mut stream) => {
                 match ctx.registry.register(
                     &mut stream,
@@ -358,6 +390,10 @@ impl Client {
                 Conn::Handshaking(mid) => self.handshake_step(ctx, mid.handshake()),
                 Conn::Open(ws) => {
                     self.conn = Conn::Open(ws);
+                    if self.stalled {
+                        // Not reading: only what is buffered goes out.
+                        return self.flush(ctx);
+                    }
                     self.read_all(ctx);
                     // Writable again, or replies were written: push out what is buffered.
                     self.flush(ctx);
@@ -634,6 +670,15 @@ impl Client {
             ctx.stats.replies += 1;
         }
         Live::sub(&ctx.live.outstanding, 1);
+        if pending.command == Command::Burst {
+            if let Some(err) = &doc.err {
+                ctx.stats.churn.violation(format!(
+                    "a slow reader's history page answered {}",
+                    err.code
+                ));
+            }
+            return self.burst_reply(ctx);
+        }
         if let Some(err) = &doc.err {
             return self.failed(ctx, pending, &err.code);
         }
@@ -648,7 +693,7 @@ impl Client {
                 self.set_up(ctx);
             }
             Command::Ping => ctx.stats.record("ping", latency),
-            Command::Hello | Command::Sync => {}
+            Command::Hello | Command::Sync | Command::Burst => {}
             Command::Send { counter } => {
                 if let Some(position) = self.unanswered.iter().position(|q| q.counter == counter) {
                     self.unanswered.remove(position);
@@ -733,6 +778,9 @@ impl Client {
                     _ => {
                         self.resume = Resume::None;
                         self.attempts = 0;
+                        if storm && ctx.plan.churn.is_some() {
+                            ctx.stats.churn.count("reconnect_resumed");
+                        }
                         let name = if storm { "storm_resume" } else { "resume" };
                         ctx.stats.record(name, ctx.now.saturating_sub(since));
                         if storm {
@@ -750,6 +798,9 @@ impl Client {
         if !self.ready {
             // Ended before it was set up (a refused token, say): a failed attempt.
             ctx.stats.failed_connects += 1;
+        }
+        if self.slow {
+            return self.slow_reader_closed(ctx, why);
         }
         ctx.stats.error(why);
         Live::add(&ctx.live.errors, 1);
@@ -805,15 +856,16 @@ impl Client {
         ctx.timers.push(Reverse((at, self.slot, Timer::Connect)));
     }
 
-    /// The reconnect storm: vanish now, come back after a jittered delay, resume.
-    pub fn storm_drop(&mut self, ctx: &mut Ctx, jitter_ns: u64) {
+    /// The reconnect storm: vanish now, come back after a jittered delay, resume. False
+    /// when the session was not there to drop (offline, or still back from the last one).
+    pub fn storm_drop(&mut self, ctx: &mut Ctx, jitter_ns: u64) -> bool {
         if !self.is_open() || self.conv.is_none() {
-            return;
+            return false;
         }
         if let Resume::Running { storm: true, .. } | Resume::Needed { storm: true, .. } =
             self.resume
         {
-            return;
+            return false;
         }
         Live::add(&ctx.live.resuming, 1);
         ctx.stats.storm_dropped += 1;
@@ -823,6 +875,99 @@ impl Client {
         };
         let at = ctx.now + self.random() % jitter_ns.max(1);
         self.reconnect_later(ctx, Some(at));
+        true
+    }
+
+    /// The churn's period `round` came round: drop and resume if this round's storm
+    /// picks this session, or stop reading for a while if it is a slow reader.
+    pub fn churn_tick(&mut self, ctx: &mut Ctx, round: u64) {
+        let Some(churn) = ctx.plan.churn else {
+            return;
+        };
+        if ctx.plan.churn_drops(self.index, round)
+            && self.storm_drop(ctx, churn.reconnect_jitter_ns)
+        {
+            ctx.stats.churn.count("reconnect_dropped");
+        }
+        if self.slow {
+            self.stall(ctx, churn.slow_for_ns);
+        }
+    }
+
+    /// A slow reader asks for a burst of history pages in one frame, then reads nothing
+    /// for `slow_for_ns` (and writes nothing: its sends wait, its other operations are
+    /// skipped), so the replies pile up at the server.
+    fn stall(&mut self, ctx: &mut Ctx, slow_for_ns: u64) {
+        let usable = self.is_open() && self.ready && self.resume == Resume::None;
+        let Some(conv) = self.conv.clone().filter(|_| usable && !self.stall_pending) else {
+            return ctx.stats.churn.count("slow_stall_skipped");
+        };
+        let fields = format!(r#""conv":"{conv}","limit":{SLOW_BURST_PAGE_SIZE}"#);
+        let mut frame = String::new();
+        for _ in 0..SLOW_BURST_PAGES {
+            let id = self.next_id;
+            self.next_id += 1;
+            if !frame.is_empty() {
+                frame.push('\n');
+            }
+            wire::command(&mut frame, id, "history", &fields);
+            self.pending.push_back(Pending {
+                id,
+                command: Command::Burst,
+                since: ctx.now,
+            });
+        }
+        Live::add(&ctx.live.outstanding, SLOW_BURST_PAGES);
+        Live::add(&ctx.live.churning, 1);
+        ctx.stats.churn.count("slow_stalls");
+        self.burst_left = SLOW_BURST_PAGES;
+        self.stall_pending = true;
+        self.out = frame;
+        self.write_out(ctx);
+        self.stalled = true;
+        let at = ctx.now + slow_for_ns;
+        ctx.timers.push(Reverse((at, self.slot, Timer::StallEnd)));
+    }
+
+    /// The slow reader reads again: what the server kept for it, or its close.
+    pub fn stall_end(&mut self, ctx: &mut Ctx) {
+        if !std::mem::replace(&mut self.stalled, false) {
+            return;
+        }
+        if self.is_open() {
+            self.read_all(ctx);
+            self.flush(ctx);
+            self.pump(ctx);
+        }
+    }
+
+    fn burst_reply(&mut self, ctx: &mut Ctx) {
+        self.burst_left = self.burst_left.saturating_sub(1);
+        if self.burst_left == 0 && self.stall_pending {
+            self.stall_pending = false;
+            Live::sub(&ctx.live.churning, 1);
+            ctx.stats.churn.count("slow_caught_up");
+        }
+    }
+
+    /// A slow reader's session ended: 4009 is the close the protocol has for it (9.7);
+    /// it resumes like any other session.
+    fn slow_reader_closed(&mut self, ctx: &mut Ctx, why: &str) {
+        self.stalled = false;
+        if why == "close: 4009" {
+            ctx.stats.churn.count("slow_closed_4009");
+        } else {
+            ctx.stats.churn.violation(format!(
+                "a slow reader's session ended ({why}), not with 4009"
+            ));
+        }
+        if std::mem::replace(&mut self.stall_pending, false) {
+            Live::sub(&ctx.live.churning, 1);
+        }
+        // Its burst's replies were dropped with the queue.
+        self.burst_left = 0;
+        Live::add(&ctx.live.errors, 1);
+        self.reconnect_later(ctx, None);
     }
 
     /// A send (or mixed operation) is due at `scheduled`.
@@ -846,7 +991,7 @@ impl Client {
             None if self.nats.is_some() => String::new(),
             None => return,
         };
-        let usable = self.is_open() && self.resume == Resume::None;
+        let usable = self.is_open() && self.resume == Resume::None && !self.stalled;
         match op {
             MixedOp::Send => {
                 self.counter += 1;
@@ -1032,7 +1177,7 @@ impl Client {
     /// Write queued sends while the in-flight cap allows.
     fn pump(&mut self, ctx: &mut Ctx) {
         let resume_sent = !matches!(self.resume, Resume::Needed { .. });
-        if !self.is_open() || !self.ready || !resume_sent {
+        if !self.is_open() || !self.ready || !resume_sent || self.stalled {
             return;
         }
         if self.nats.is_some() {
@@ -1243,10 +1388,14 @@ pub fn op_name(op: MixedOp) -> &'static str {
 }
 
 /// A non-blocking TCP socket bound to the client's source address, connecting.
-fn open_socket(plan: &Plan, client: u32) -> io::Result<TcpStream> {
+fn open_socket(plan: &Plan, client: u32, slow: bool) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
+    if slow {
+        // Before connecting, so the window it offers is small from the start.
+        socket.set_recv_buffer_size(SLOW_READER_RCVBUF_BYTES)?;
+    }
     socket.bind(&SocketAddr::new(IpAddr::V4(plan.source(client)), 0).into())?;
     match socket.connect(&plan.target.into()) {
         Ok(()) => {}

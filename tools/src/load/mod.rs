@@ -4,8 +4,11 @@
 //! running an epoll loop over its share of the clients (`worker`, `client`) or, for the
 //! idle scenario, io_uring over direct descriptors (`uring`), paced and
 //! watched by the main thread (`run`), and summarised as a `report::Report` that the
-//! binary prints as a table, JSON or an HTML page (`html`).
+//! binary prints as a table, JSON or an HTML page (`html`). The mixed scenario's churn
+//! (`--churn`) adds misbehaving sessions of its own (`churn`) and chat clients that drop
+//! or stop reading (`client`), each checked against the protocol.
 
+pub mod churn;
 pub mod client;
 pub mod html;
 pub mod nats;

@@ -168,6 +168,7 @@ pub fn run(mut options: Options) -> Result<Report, String> {
                 sum(&s.lives, |l| &l.outstanding) == 0
                     && sum(&s.lives, |l| &l.delivered) >= sum(&s.lives, |l| &l.owed)
                     && sum(&s.lives, |l| &l.resuming) == 0
+                    && sum(&s.lives, |l| &l.churning) == 0
             },
         );
         extra.insert("drained".into(), if drained { 1.0 } else { 0.0 });
@@ -205,7 +206,10 @@ pub fn run(mut options: Options) -> Result<Report, String> {
     if let Some(round) = ping_round.as_mut() {
         round.answered = stats.latencies.get("ping").map_or(0, |h| h.len());
     }
-    let verification = verify(plan, &outcomes, established == clients, ping_round);
+    let mut verification = verify(plan, &outcomes, established == clients, ping_round);
+    if plan.churn.is_some() {
+        super::churn::report(&stats.churn, &mut extra, &mut verification);
+    }
     let measured_s = if plan.kind == Kind::Idle {
         0.0
     } else {
@@ -592,6 +596,7 @@ mod tests {
                 history: 0,
             },
             storm: None,
+            churn: None,
             secret: "s".into(),
         }
     }

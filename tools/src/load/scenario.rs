@@ -123,6 +123,63 @@ pub struct Storm {
     pub jitter_ns: u64,
 }
 
+/// The mixed scenario's churn: sessions that misbehave, each kind as the protocol
+/// (docs/protocol.md) says the server must meet it, beside the chat traffic it must not
+/// disturb. Each kind acts once per `every`, its sessions spread evenly over the period.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Churn {
+    /// Reconnect storms: the fraction (0..=1) of chat sessions dropped each period (a
+    /// different subset each time), each back after a jittered delay, resuming.
+    pub reconnect: f64,
+    pub reconnect_jitter_ns: u64,
+    /// Slow readers: chat sessions (the second member of the first pairs) that ask for a
+    /// burst of history pages and then stop reading for `slow_for_ns` (9.7: 4009 when
+    /// their queue overflows; they resume and miss nothing).
+    pub slow_readers: u32,
+    pub slow_for_ns: u64,
+    /// Sessions of their own that flood one frame of pings past the rate limit
+    /// (9.5, 9.6: `rate_limited`, then 4008).
+    pub floods: u32,
+    /// Sessions of their own that send malformed input, one case a period (9.3, 9.4).
+    pub garbage: u32,
+    /// Connections of their own that stop mid-upgrade or go silent after it (9.1, 9.8:
+    /// dropped after `auth_timeout_ms`, or pinged and closed 1001 at `idle_timeout_ms`).
+    pub half_open: u32,
+    pub every_ns: u64,
+    /// Longest a churn session waits for the server's answer before that is a violation.
+    pub wait_ns: u64,
+}
+
+/// What one churn session does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChurnKind {
+    Flood,
+    Garbage,
+    HalfOpen,
+}
+
+impl Churn {
+    /// Sessions of their own (floods, garbage, half-open), beside the chat clients.
+    pub fn sessions(&self) -> u32 {
+        self.floods + self.garbage + self.half_open
+    }
+
+    /// The kind of churn session `index` (0..sessions()).
+    pub fn kind(&self, index: u32) -> ChurnKind {
+        if index < self.floods {
+            ChurnKind::Flood
+        } else if index < self.floods + self.garbage {
+            ChurnKind::Garbage
+        } else {
+            ChurnKind::HalfOpen
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.reconnect > 0.0 || self.slow_readers > 0 || self.sessions() > 0
+    }
+}
+
 /// A client's part in the scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -159,6 +216,8 @@ pub struct Plan {
     pub senders_per_group: u32,
     pub mix: Mix,
     pub storm: Option<Storm>,
+    /// The mixed scenario's churn; `None` without `--churn`.
+    pub churn: Option<Churn>,
     pub secret: String,
 }
 
@@ -229,6 +288,36 @@ impl Plan {
         })
     }
 
+    /// Whether chat client `client` is one of the churn's slow readers: the odd member of
+    /// each of the first `slow_readers` pairs, so every partner reads promptly.
+    pub fn is_slow_reader(&self, client: u32) -> bool {
+        self.churn
+            .is_some_and(|churn| client % 2 == 1 && client / 2 < churn.slow_readers)
+    }
+
+    /// Whether the churn's reconnect storm of period `round` drops chat client `client`:
+    /// a pseudo-random subset of the asked fraction, a different one each round (slow
+    /// readers aside, so their stalls are judged whole).
+    pub fn churn_drops(&self, client: u32, round: u64) -> bool {
+        let Some(churn) = self.churn else {
+            return false;
+        };
+        if churn.reconnect <= 0.0 || self.is_slow_reader(client) {
+            return false;
+        }
+        // splitmix64 of (client, round): cheap, repeatable and evenly spread.
+        let mut z = (u64::from(client) << 32 ^ round).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z % 1_000_000) as f64 / 1e6 < churn.reconnect
+    }
+
+    /// The user of churn session `index`: apart from every chat client's.
+    pub fn churn_user(&self, index: u32) -> String {
+        format!("{}-churn-{index}", self.tag)
+    }
+
     /// Check the plan's shape before anything starts.
     pub fn validate(&self) -> Result<(), String> {
         if self.clients == 0 {
@@ -254,6 +343,27 @@ impl Plan {
                 Err("--senders must be between 1 and --group-size".into())
             }
             Kind::Mixed if self.mix.total() == 0 => Err("the --mix weights are all zero".into()),
+            _ if self.churn.is_some() && self.kind != Kind::Mixed => {
+                Err("--churn belongs to the mixed scenario".into())
+            }
+            _ if self.churn.is_some() && self.protocol != Protocol::Parley => {
+                Err("--churn speaks WebSocket: not with --quic or --protocol nats".into())
+            }
+            _ if self
+                .churn
+                .is_some_and(|churn| churn.slow_readers > self.clients / 2) =>
+            {
+                Err("--churn slow=N: at most one slow reader per pair (--connections / 2)".into())
+            }
+            _ if self
+                .churn
+                .is_some_and(|churn| !(0.0..=1.0).contains(&churn.reconnect)) =>
+            {
+                Err("--churn reconnect=PERCENT must be 0-100".into())
+            }
+            _ if self.churn.is_some_and(|churn| churn.every_ns == 0) => {
+                Err("--churn-every must be longer than 0".into())
+            }
             _ if self.message_size < 40 => {
                 Err("--size must be at least 40 bytes (the body carries a timestamp)".into())
             }
@@ -293,6 +403,7 @@ mod tests {
                 at_ns: 0,
                 jitter_ns: 0,
             }),
+            churn: None,
             secret: "s".into(),
         }
     }
@@ -319,6 +430,43 @@ mod tests {
         assert!(groups.validate().is_ok());
         assert!(plan(Kind::Group, 95).validate().is_err());
         assert!(plan(Kind::OneToOne, 3).validate().is_err());
+
+        let mut churned = plan(Kind::Mixed, 100);
+        churned.churn = Some(Churn {
+            reconnect: 0.1,
+            slow_readers: 3,
+            floods: 1,
+            garbage: 2,
+            half_open: 1,
+            every_ns: 1,
+            ..Churn::default()
+        });
+        assert!(churned.validate().is_ok());
+        let slow: Vec<u32> = (0..100).filter(|&c| churned.is_slow_reader(c)).collect();
+        assert_eq!(slow, [1, 3, 5]);
+        let churn = churned.churn.unwrap();
+        assert_eq!(churn.sessions(), 4);
+        let kinds: Vec<ChurnKind> = (0..4).map(|i| churn.kind(i)).collect();
+        use ChurnKind::{Flood, Garbage, HalfOpen};
+        assert_eq!(kinds, [Flood, Garbage, Garbage, HalfOpen]);
+        // About a tenth each round, a different tenth, never a slow reader.
+        let round = |r| -> Vec<u32> { (0..100).filter(|&c| churned.churn_drops(c, r)).collect() };
+        let (first, second) = (round(0), round(1));
+        assert!((3..=20).contains(&first.len()), "{first:?}");
+        assert_ne!(first, second);
+        assert!(first
+            .iter()
+            .chain(&second)
+            .all(|&c| !churned.is_slow_reader(c)));
+        let mut wrong = churned.clone();
+        wrong.kind = Kind::OneToOne;
+        assert!(wrong.validate().is_err(), "churn outside mixed");
+        let mut wrong = churned.clone();
+        wrong.churn = Some(Churn {
+            slow_readers: 51,
+            ..churn
+        });
+        assert!(wrong.validate().is_err(), "two slow readers in one pair");
 
         let mix = pairs.mix;
         let picks: Vec<MixedOp> = (0..mix.total()).map(|d| mix.pick(d)).collect();

@@ -58,6 +58,35 @@ pub struct Stats {
     /// Sessions a reconnect storm actually dropped.
     pub storm_dropped: u64,
     pub failed_connects: u64,
+    pub churn: ChurnStats,
+}
+
+/// What the churn did and how the server met it: events by name (`flood_closed_4008`,
+/// `garbage_binary`, ...) and violations, each a server answer the protocol does not
+/// give (by description, counted).
+#[derive(Default)]
+pub struct ChurnStats {
+    pub events: BTreeMap<&'static str, u64>,
+    pub violations: BTreeMap<String, u64>,
+}
+
+impl ChurnStats {
+    pub fn count(&mut self, event: &'static str) {
+        *self.events.entry(event).or_default() += 1;
+    }
+
+    pub fn violation(&mut self, what: String) {
+        *self.violations.entry(what).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: ChurnStats) {
+        for (event, count) in other.events {
+            *self.events.entry(event).or_default() += count;
+        }
+        for (what, count) in other.violations {
+            *self.violations.entry(what).or_default() += count;
+        }
+    }
 }
 
 /// Longest timeline kept (seconds); later seconds fold into the last one.
@@ -78,6 +107,7 @@ impl Stats {
             skipped: 0,
             storm_dropped: 0,
             failed_connects: 0,
+            churn: ChurnStats::default(),
         }
     }
 
@@ -140,6 +170,7 @@ impl Stats {
         self.skipped += other.skipped;
         self.storm_dropped += other.storm_dropped;
         self.failed_connects += other.failed_connects;
+        self.churn.merge(other.churn);
     }
 }
 
@@ -171,6 +202,9 @@ pub struct Live {
     /// the round is over only when it has reached every session, not when the main
     /// thread's clock says it should have.
     pub pinged: AtomicU64,
+    /// Churn episodes under way (a stalled reader, a flood or half-open connection
+    /// waiting for the server's answer): the drain waits for them.
+    pub churning: AtomicU64,
 }
 
 impl Live {

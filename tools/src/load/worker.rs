@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use super::churn::ChurnClient;
 use super::client::{Client, Ctx, Outcome, Timer, Timers, Window};
 use super::scenario::{Engine, Plan, Protocol};
 use super::stats::{Live, Stats};
@@ -87,6 +88,16 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         .enumerate()
         .map(|(slot, &index)| Client::new(plan, index, slot as u32))
         .collect();
+    // The churn's sessions of their own, after the chat clients in the slot space.
+    let churn_sessions = plan.churn.map_or(0, |churn| churn.sessions());
+    let mine_churn: Vec<u32> = (0..churn_sessions)
+        .filter(|c| *c as usize % shared.workers == worker)
+        .collect();
+    let mut churners: Vec<ChurnClient> = mine_churn
+        .iter()
+        .enumerate()
+        .map(|(i, &index)| ChurnClient::new(plan, index, (clients.len() + i) as u32))
+        .collect();
     let mut timers = Timers::new();
     let ramp_step = 1e9 / plan.connect_rate.max(1e-3);
     for (slot, &index) in mine.iter().enumerate() {
@@ -127,6 +138,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
             if let Some(&published) = shared.window.get() {
                 state.window = Some(published);
                 schedule_sends(plan, &mine, published, interval, &mut state.timers);
+                schedule_churn(plan, &mine, &mine_churn, published, &mut state.timers);
             }
         }
         let round = shared.ping_round_at.load(Ordering::Relaxed);
@@ -148,7 +160,18 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
             state.timers.pop();
             let window = state.window;
             let mut ctx = state.ctx(now);
-            let client = &mut clients[slot as usize];
+            let Some(client) = clients.get_mut(slot as usize) else {
+                let churner = &mut churners[slot as usize - mine.len()];
+                match what {
+                    Timer::ChurnTick => {
+                        churner.tick(&mut ctx);
+                        reschedule_churn(plan, window, due, slot, ctx.timers);
+                    }
+                    Timer::ChurnDeadline => churner.deadline(&mut ctx, due),
+                    _ => {}
+                }
+                continue;
+            };
             match what {
                 Timer::Connect => client.connect(&mut ctx, due),
                 Timer::Send => {
@@ -164,6 +187,14 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
                 }
                 Timer::Ping => client.ping(&mut ctx),
                 Timer::Quic => client.quic_timer(&mut ctx, due),
+                Timer::ChurnTick => {
+                    if let (Some(w), Some(churn)) = (window, plan.churn) {
+                        client.churn_tick(&mut ctx, (due - w.send_from) / churn.every_ns);
+                    }
+                    reschedule_churn(plan, window, due, slot, ctx.timers);
+                }
+                Timer::StallEnd => client.stall_end(&mut ctx),
+                Timer::ChurnDeadline => {}
             }
         }
         state.flush(&mut clients, shared.now());
@@ -187,8 +218,14 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
                 timer.clear();
                 continue;
             }
-            if let Some(client) = clients.get_mut(event.token().0) {
+            let token = event.token().0;
+            if let Some(client) = clients.get_mut(token) {
                 client.on_event(&mut state.ctx(now));
+            } else if let Some(churner) = token
+                .checked_sub(clients.len())
+                .and_then(|i| churners.get_mut(i))
+            {
+                churner.on_event(&mut state.ctx(now));
             }
         }
         state.flush(&mut clients, shared.now());
@@ -266,6 +303,49 @@ fn schedule_sends(plan: &Plan, mine: &[u32], window: Window, interval: u64, time
                 timers.push(Reverse((at, slot as u32, Timer::Drop)));
             }
         }
+    }
+}
+
+/// The churn's first period for each client it touches: chat clients (reconnect storms,
+/// slow readers) from one period into sending, churn sessions from the start; each spread
+/// over the period by its index.
+fn schedule_churn(
+    plan: &Plan,
+    mine: &[u32],
+    churn_mine: &[u32],
+    window: Window,
+    timers: &mut Timers,
+) {
+    let Some(churn) = plan.churn else {
+        return;
+    };
+    for (slot, &index) in mine.iter().enumerate() {
+        if churn.reconnect > 0.0 || plan.is_slow_reader(index) {
+            let phase = u64::from(index) * churn.every_ns / u64::from(plan.clients.max(1));
+            let at = window.send_from + churn.every_ns + phase;
+            if at < window.send_until {
+                timers.push(Reverse((at, slot as u32, Timer::ChurnTick)));
+            }
+        }
+    }
+    let sessions = u64::from(churn.sessions().max(1));
+    for (i, &index) in churn_mine.iter().enumerate() {
+        let phase = u64::from(index) * churn.every_ns / sessions;
+        let at = window.send_from + phase;
+        if at < window.send_until {
+            timers.push(Reverse((at, (mine.len() + i) as u32, Timer::ChurnTick)));
+        }
+    }
+}
+
+/// The next period of a churn tick that fired at `due`, while sending lasts.
+fn reschedule_churn(plan: &Plan, window: Option<Window>, due: u64, slot: u32, timers: &mut Timers) {
+    let (Some(window), Some(churn)) = (window, plan.churn) else {
+        return;
+    };
+    let next = due.saturating_add(churn.every_ns);
+    if next < window.send_until {
+        timers.push(Reverse((next, slot, Timer::ChurnTick)));
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Parleyd {
     pub child: Child,
     pub ws: SocketAddr,
     pub quic: SocketAddr,
+    /// The admin listener (/metrics).
+    pub admin: SocketAddr,
     pub data_dir: tempfile::TempDir,
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -126,8 +128,9 @@ impl Parleyd {
             // Keep reading to the end so the daemon never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addresses) = listening(&line) {
-                        let _ = tx.send(addresses);
+                    if let (Some(addresses), Some(admin)) = (listening(&line), admin_address(&line))
+                    {
+                        let _ = tx.send((addresses, admin));
                     }
                     let mut log = log.lock().unwrap();
                     if log.len() == LOG_KEEP {
@@ -142,11 +145,12 @@ impl Parleyd {
             child,
             ws: SocketAddr::from(([0, 0, 0, 0], 0)),
             quic: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             data_dir,
             log,
         };
         match rx.recv_timeout(START_LIMIT) {
-            Ok((ws, quic)) => (daemon.ws, daemon.quic) = (ws, quic),
+            Ok(((ws, quic), admin)) => (daemon.ws, daemon.quic, daemon.admin) = (ws, quic, admin),
             Err(_) => panic!(
                 "parleyd never said it was listening; its log:\n{}",
                 daemon.log_text()
@@ -187,6 +191,33 @@ impl Parleyd {
         self.load_at(target, scenario, args)
     }
 
+    /// As `load`, killed (and the test failed) after `limit` rather than RUN_LIMIT.
+    pub fn load_within(&self, limit: Duration, scenario: &str, args: &[&str]) -> Run {
+        let mut all = self.target_args();
+        all.extend(args.iter().map(|s| s.to_string()));
+        parley_load_within(limit, scenario, &all, Some(self))
+    }
+
+    /// `GET /metrics` on the admin listener: the body of a 200 answer.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.admin).expect("connect to admin");
+        stream
+            .set_read_timeout(Some(START_LIMIT))
+            .expect("admin read timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .expect("ask for /metrics");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read /metrics");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "/metrics answered {head:?}"
+        );
+        body.to_string()
+    }
+
     pub fn load_at(&self, mut all: Vec<String>, scenario: &str, args: &[&str]) -> Run {
         all.extend(
             [
@@ -220,6 +251,14 @@ pub fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     Some((ws, quic))
 }
 
+/// The admin address out of `... listening ws=A admin=B quic=C ...`.
+pub fn admin_address(line: &str) -> Option<SocketAddr> {
+    let words = line.split("listening ws=").nth(1)?.split_whitespace();
+    words
+        .filter_map(|word| word.strip_prefix("admin="))
+        .find_map(|address| address.parse().ok())
+}
+
 /// A finished parley-load run.
 pub struct Run {
     pub command: String,
@@ -234,6 +273,16 @@ pub struct Run {
 /// Run `parley-load <scenario> --json --quiet <args>`, killed (and the test failed)
 /// after RUN_LIMIT.
 pub fn parley_load(scenario: &str, args: &[String], daemon: Option<&Parleyd>) -> Run {
+    parley_load_within(RUN_LIMIT, scenario, args, daemon)
+}
+
+/// As `parley_load`, killed (and the test failed) after `limit`.
+pub fn parley_load_within(
+    limit: Duration,
+    scenario: &str,
+    args: &[String],
+    daemon: Option<&Parleyd>,
+) -> Run {
     let mut command = scrubbed(env!("CARGO_BIN_EXE_parley-load"));
     command
         .arg(scenario)
@@ -249,7 +298,7 @@ pub fn parley_load(scenario: &str, args: &[String], daemon: Option<&Parleyd>) ->
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let output = match rx.recv_timeout(RUN_LIMIT) {
+    let output = match rx.recv_timeout(limit) {
         Ok(output) => output.expect("wait for parley-load"),
         Err(_) => {
             // SAFETY: kill(2) on our own child, which is not reaped yet (its waiter has
@@ -266,7 +315,7 @@ pub fn parley_load(scenario: &str, args: &[String], daemon: Option<&Parleyd>) ->
                 )
             });
             panic!(
-                "{shown} did not finish within {RUN_LIMIT:?} and was killed\n\
+                "{shown} did not finish within {limit:?} and was killed\n\
                  --- stderr ---\n{stderr}\n--- stdout ---\n{stdout}"
             );
         }
