@@ -3,7 +3,7 @@
 //! A run is planned up front (`scenario`), executed by pinned worker threads each
 //! running an epoll loop over its share of the clients (`worker`, `client`) or, for the
 //! idle scenario, io_uring over direct descriptors (`uring`), paced and
-//! watched by the main thread (`run`), and summarised as a `report::Report` that the
+//! watched by the main thread (`run`, which a signal stops early: `stop`), and summarised as a `report::Report` that the
 //! binary prints as a table, JSON or an HTML page (`html`).
 
 pub mod client;
@@ -13,6 +13,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod stats;
+pub mod stop;
 pub mod uring;
 pub mod wire;
 pub mod worker;

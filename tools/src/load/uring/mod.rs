@@ -251,8 +251,19 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         sockopt_failed: 0,
         now: 0,
     };
-    engine.run(&timer, &poller)?;
-    engine.stop(&timer, &poller)?;
+    // A failing ring (ENOMEM under memory pressure...) ends this worker, but what it
+    // measured until then still goes into the report, with the error.
+    let error = engine
+        .run(&timer, &poller)
+        .and_then(|()| engine.stop(&timer, &poller))
+        .err();
+    if error.is_some() {
+        // Receives may still be armed: the kernel may write the buffers until the ring
+        // is gone, so they are never freed.
+        for ring in &mut engine.rings {
+            ring.leak_buffers();
+        }
+    }
 
     let mut figures = BTreeMap::new();
     figures.insert("uring_rings", engine.rings.len() as f64);
@@ -278,6 +289,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         stats: std::mem::take(&mut engine.stats),
         outcomes,
         figures,
+        error,
     })
 }
 
