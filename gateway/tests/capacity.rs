@@ -219,7 +219,8 @@ fn a_limit_the_rings_cannot_hold_fails_the_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("max_connections_per_shard 100000 needs") && stderr.contains("io_uring ring"),
+        stderr.contains("max_connections_per_shard 100000 needs")
+            && stderr.contains("io_uring ring"),
         "the start failed without saying the limit cannot be held: {stderr}"
     );
 }

@@ -588,7 +588,12 @@ fn sigterm_mid_run_still_writes_the_report_and_says_why() {
         .arg("idle")
         .args(daemon.target_args())
         .args(["--connections", "20", "--hold", "60s", "--json"])
-        .args(["--setup-timeout", SETUP_TIMEOUT, "--drain-timeout", DRAIN_TIMEOUT])
+        .args([
+            "--setup-timeout",
+            SETUP_TIMEOUT,
+            "--drain-timeout",
+            DRAIN_TIMEOUT,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawn parley-load");
@@ -608,7 +613,16 @@ fn sigterm_mid_run_still_writes_the_report_and_says_why() {
     });
     let reached_hold = holding.recv_timeout(RUN_LIMIT).is_ok();
     // SAFETY: kill(2) on our own child, not reaped yet.
-    unsafe { libc::kill(pid, if reached_hold { libc::SIGTERM } else { libc::SIGKILL }) };
+    unsafe {
+        libc::kill(
+            pid,
+            if reached_hold {
+                libc::SIGTERM
+            } else {
+                libc::SIGKILL
+            },
+        )
+    };
     let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut text = String::new();
@@ -624,16 +638,26 @@ fn sigterm_mid_run_still_writes_the_report_and_says_why() {
         }
     };
     let stderr = progress.join().unwrap_or_default().join("\n");
-    let context = format!("stderr:\n{stderr}\nstdout:\n{text}\ndaemon:\n{}", daemon.log_text());
+    let context = format!(
+        "stderr:\n{stderr}\nstdout:\n{text}\ndaemon:\n{}",
+        daemon.log_text()
+    );
     assert!(reached_hold, "the run never reached its hold\n{context}");
     let report: Report = serde_json::from_str(&text)
         .unwrap_or_else(|error| panic!("no JSON report after SIGTERM ({error})\n{context}"));
     assert_eq!(
-        (report.stop.reason.as_str(), report.stop.detail.as_str(), report.stop.phase.as_str()),
+        (
+            report.stop.reason.as_str(),
+            report.stop.detail.as_str(),
+            report.stop.phase.as_str()
+        ),
         ("signal", "SIGTERM", "hold"),
         "{context}"
     );
     assert_eq!(report.connections.established, 20, "what it saw: {context}");
-    assert!(!report.verification.ok, "a stopped run is not a verified one: {context}");
+    assert!(
+        !report.verification.ok,
+        "a stopped run is not a verified one: {context}"
+    );
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{context}");
 }
