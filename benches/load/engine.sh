@@ -17,7 +17,7 @@ STAGES=${STAGES:-"mem100k accept max peer"}
 MAX_SESSIONS=${MAX_SESSIONS:-1000000}
 mkdir -p "$OUT"
 cargo build -q --release -p parley-gateway -p parley-tools
-LOAD=target/release/parley-load
+LOAD=${CARGO_TARGET_DIR:-target}/release/parley-load
 PORT=18270
 
 source benches/load/daemons.sh
