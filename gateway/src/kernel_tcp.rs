@@ -204,7 +204,7 @@ pub fn spawn(interval: Duration, metrics: Arc<KernelTcpMetrics>) -> std::io::Res
 }
 
 fn log_episode(episode: Option<Episode>, r: TcpMemory) {
-    let mib = |pages: u64| pages * 4096 >> 20;
+    let mib = |pages: u64| (pages * 4096) >> 20;
     match episode {
         Some(Episode::Reached(Level::Pressure)) => tracing::warn!(
             pages = r.pages,

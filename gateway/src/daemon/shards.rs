@@ -207,7 +207,7 @@ fn choose_socket_engine(settings: &Settings) -> Result<Option<EnginePlan>, Start
         descriptor_limit,
         recv_buffers = settings.socket_recv_buffers,
         recv_buffer_bytes = settings.socket_recv_buffer_bytes,
-        "socket engine: io_uring (direct descriptors, multishot accept and receive, provided buffers)"
+        "socket engine: io_uring (direct descriptors, accepts into reserved slots, multishot receive, provided buffers)"
     );
     let plan = EnginePlan {
         ring,
