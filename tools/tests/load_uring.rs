@@ -140,8 +140,8 @@ const CAPACITY_DESCRIPTOR_LIMIT: u64 = 20_000;
 /// sockets are direct descriptors in its shards' fixed-file tables.
 #[test]
 fn one_parleyd_holds_30000_sessions_past_its_descriptor_limit() {
-    // With a 512 backlog the accepting ring keeps 576 slots free, so each shard's
-    // ~15,000 sessions fit its first 20,000-slot ring.
+    // Each shard's ~15,000 sessions fit the rings it makes at start (20,000 slots each,
+    // enough for max_connections_per_shard, the refusals and 512 armed accepts).
     let _alone = heavy();
     let daemon = Parleyd::start_limited(&["--listen-backlog", "512"], CAPACITY_DESCRIPTOR_LIMIT);
     let pid = daemon.pid().to_string();
