@@ -7,7 +7,7 @@ PARLEYD_PID=
 start_parleyd() {
     stop_parleyd
     rm -rf "$OUT/data"
-    target/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
+    "${CARGO_TARGET_DIR:-target}"/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
         --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) \
         "$@" >"$OUT/parleyd.log" 2>&1 &
     PARLEYD_PID=$!

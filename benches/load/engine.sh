@@ -17,7 +17,7 @@ STAGES=${STAGES:-"mem100k accept max peer"}
 MAX_SESSIONS=${MAX_SESSIONS:-1000000}
 mkdir -p "$OUT"
 cargo build -q --release -p parley-gateway -p parley-tools
-LOAD=target/release/parley-load
+LOAD=${CARGO_TARGET_DIR:-target}/release/parley-load
 PORT=18270
 
 source benches/load/daemons.sh
@@ -29,26 +29,42 @@ start_fresh_parleyd() {
     start_parleyd "$@"
 }
 
-# idle NAME PID TARGET ARGS...: one idle run, its one-line summary appended.
+# idle NAME PID TARGET ARGS...: one idle run, its one-line summary appended. A run that
+# failed or was stopped still leaves its report (exit 1, 2, or 128 + signal) with why it
+# stopped: summarised as it is. A missing or unreadable report is said, not fatal.
 idle() {
-    local name=$1 pid=$2 target=$3
+    local name=$1 pid=$2 target=$3 status=0
     shift 3
     echo "== $name: parley-load idle --target $target $*" | tee -a "$OUT/commands.txt"
-    # A failed run still leaves its report (and exit status 1 or 2): summarise it.
-    "$LOAD" idle --target "$target" --pid "$pid" --json --quiet "$@" >"$OUT/$name.json" || true
-    python3 - "$OUT/$name.json" "$name" <<'PY' | tee -a "$OUT/summary.txt"
+    "$LOAD" idle --target "$target" --pid "$pid" --json --quiet "$@" >"$OUT/$name.json" || status=$?
+    python3 - "$OUT/$name.json" "$name" "$status" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
-r = json.load(open(sys.argv[1]))
-lat = {l["name"]: l for l in r["latencies"]}
-c, s, e = r["connections"], r["server"] or {}, r["extra"]
+path, name, status = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    r = json.load(open(path))
+except (OSError, ValueError) as error:
+    print(f'{name}: NO REPORT (parley-load exit {status}: {error})')
+    sys.exit(0)
+lat = {l["name"]: l for l in r.get("latencies", [])}
+c, s, e = r.get("connections", {}), r.get("server") or {}, r.get("extra", {})
+stop = r.get("stop") or {}
 ping = lat.get("ping", {})
-print(f'{sys.argv[2]}: {c["established"]}/{c["target"]} sessions in {c["setup_s"]:.1f} s '
-      f'({e.get("connect_per_s", 0):,.0f}/s, {c["failed_attempts"]} failed), '
+ended = ''
+if stop.get("reason", "completed") != "completed" or status != "0":
+    ended = (f'; STOPPED: {stop.get("reason", "?")} in {stop.get("phase", "?")} at '
+             f'{stop.get("at_s", 0):.1f} s ({stop.get("detail", "")}), exit {status}')
+print(f'{name}: {c.get("established", 0)}/{c.get("target", 0)} sessions in {c.get("setup_s", 0):.1f} s '
+      f'({e.get("connect_per_s", 0):,.0f}/s, {c.get("failed_attempts", 0)} failed), '
       f'server RSS {s.get("rss_kib_before", 0):,} -> {s.get("rss_kib_after", 0):,} KiB = '
       f'{s.get("rss_bytes_per_session", 0):,.0f} B/session, ping p50 {ping.get("p50_us", 0)/1000:.2f} ms '
       f'p99 {ping.get("p99_us", 0)/1000:.2f} ms, generator {e.get("generator_rss_bytes_per_session", 0):,.0f} B/session, '
-      f'errors {r["errors"]}')
+      f'errors {r.get("errors", {})}{ended}')
 PY
+}
+
+# The host's TCP buffer memory and its limit, before and after a stage (pages).
+tcp_mem() {
+    echo "$1: TCP mem $(awk '/^TCP:/ {for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1)}' /proc/net/sockstat) pages of tcp_mem $(cat /proc/sys/net/ipv4/tcp_mem | tr '\t' ' '), pressures $(awk '/^TcpExt:/ {if (!h) {for (i = 1; i <= NF; i++) if ($i == "TCPMemoryPressures") f = i; h = 1} else print $f}' /proc/net/netstat)" | tee -a "$OUT/summary.txt"
 }
 
 if [[ $STAGES == *mem100k* ]]; then
@@ -75,7 +91,18 @@ if [[ $STAGES == *max* ]]; then
     # ~28,000 ports per source address, some still in TIME_WAIT from earlier runs:
     # plenty of addresses, so the kernel finds a free port quickly.
     sources=$(( MAX_SESSIONS / 10000 + 1 ))
+    # SO_REUSEPORT spreads connections by hash: one shard may get a few thousand more
+    # than half (500,350 / 499,650 at 1,000,000). The margin covers that; past it a shard
+    # answers 503 (parley_connections_refused_total) and parley-load retries.
     per_shard=$(( MAX_SESSIONS / 2 + 10000 ))
+    # The previous stage's sockets still hold TCP buffer memory while they close: start
+    # once it is back near idle (bounded), or tcp_mem's high mark comes early.
+    for _ in $(seq 120); do
+        pages=$(awk '/^TCP:/ {for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1)}' /proc/net/sockstat)
+        [ "${pages:-0}" -lt 10000 ] && break
+        sleep 1
+    done
+    tcp_mem "max-$MAX_SESSIONS before"
     start_fresh_parleyd --max-connections-per-shard "$per_shard" \
         --heartbeat-interval-ms 300000 --idle-timeout-ms 600000
     # Its own ping round offers every session's ping within one second (600,000/s at
@@ -95,7 +122,10 @@ if [[ $STAGES == *max* ]]; then
     sleep $((15 + MAX_SESSIONS / 20000))
     idle "max-$MAX_SESSIONS-probe" "$PARLEYD_PID" 127.0.0.1:$PORT --data-dir "$OUT/data" \
         --connections 1000 --connect-rate 1000 --sources 2 --hold 1s --engine uring
-    wait "$HOLDER"
+    wait "$HOLDER" || true
+    tcp_mem "max-$MAX_SESSIONS after"
+    curl -s 127.0.0.1:$((PORT + 2))/metrics | grep -E '^parley_(connections_refused|connections_refused_unanswered|accept_errors)_total|^parley_kernel_tcp_mem_level|^parley_socket_rings' \
+        | tee -a "$OUT/summary.txt"
     stop_parleyd
 fi
 

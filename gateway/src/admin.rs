@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kernel_tcp::KernelTcpMetrics;
 use crate::metrics::{render, ShardMetrics};
 
 /// Largest request head read; admin requests are one short line and a few headers.
@@ -17,6 +18,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AdminState {
     pub shards: Vec<Arc<ShardMetrics>>,
     pub draining: Arc<AtomicBool>,
+    pub kernel_tcp: Arc<KernelTcpMetrics>,
 }
 
 impl AdminState {
@@ -72,7 +74,11 @@ fn handle(stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",
-            render(&state.shards, state.draining.load(Ordering::Acquire)),
+            render(
+                &state.shards,
+                state.draining.load(Ordering::Acquire),
+                &state.kernel_tcp,
+            ),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (

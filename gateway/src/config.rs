@@ -204,8 +204,10 @@ settings! {
     write_batch_bytes: usize = 64 * 1024;
     /// Initial WebSocket read buffer per connection (tungstenite's default is 128 KiB).
     ws_read_buffer_bytes: usize = 128;
-    /// Open connections per shard; more are refused at accept.
+    /// Open connections per shard (lingering ones included); more are refused at accept with HTTP 503. The io_uring engine makes, at start, every ring this needs (with room for the refusals and the armed accepts), so a limit the kernel cannot hold fails the start.
     max_connections_per_shard: usize = 100_000;
+    /// Refused connections per shard being answered at once: HTTP 503 (at the limit or while draining), then closed like a session (close_linger_ms at most). Past this many, a refused connection is closed without an answer.
+    max_refusing_connections_per_shard: usize = 1024;
     /// How client sockets are served: auto (io_uring where the kernel supports it, else descriptors), io_uring (refuse to start without it), or descriptors (readiness-based streams; every connection holds a process descriptor, so the descriptor limit caps connections).
     socket_engine: String = "auto".to_string();
     /// Submission queue entries of each io_uring socket ring (its completion queue is four times larger).
@@ -218,6 +220,8 @@ settings! {
     socket_recv_buffer_bytes: u32 = 2048;
     /// Listen backlog of each shard's socket.
     listen_backlog: i32 = 4096;
+    /// How often the host's TCP buffer memory is read against net.ipv4.tcp_mem (shown in /metrics, logged once per episode of pressure), in milliseconds; 0 never.
+    tcp_memory_check_ms: u64 = 1_000;
     /// Time a closing connection gets to flush its close frame, in milliseconds.
     close_linger_ms: u64 = 5_000;
     /// Longest a SIGTERM/SIGINT drain may take before parleyd exits anyway, in milliseconds.

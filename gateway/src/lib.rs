@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod kernel_tcp;
 pub mod metrics;
 pub mod quic;
 

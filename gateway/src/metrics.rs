@@ -7,13 +7,23 @@ use std::time::Duration;
 
 use parley_router::protocol::{CloseCode, ErrorCode};
 
+use crate::kernel_tcp::KernelTcpMetrics;
+
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
     /// Set once the shard is serving and its state is recovered.
     pub ready: AtomicBool,
     pub connections_open: AtomicU64,
+    /// `max_connections_per_shard`, set when the shard starts.
+    pub connection_limit: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Refused connections closed without the 503 (more were being answered than
+    /// `max_refusing_connections_per_shard`), and the ones being answered now.
+    pub connections_refused_unanswered: AtomicU64,
+    pub connections_refusing: AtomicU64,
+    /// Accepts that failed other than by the peer's abort (ENOMEM, EMFILE...).
+    pub accept_errors: AtomicU64,
     pub sessions_authenticated: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
@@ -26,6 +36,9 @@ pub struct ShardMetrics {
     /// that the receive path a leak check watches was used.
     pub socket_rings: AtomicU64,
     pub socket_slots: AtomicU64,
+    /// Fixed-file slots of all the shard's rings, and the accepts armed on them.
+    pub socket_slots_capacity: AtomicU64,
+    pub accepts_armed: AtomicU64,
     pub recv_buffers_held: AtomicU64,
     pub recv_buffers_filled: AtomicU64,
     pub send_buffers_in_flight: AtomicU64,
@@ -121,7 +134,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 29] = [
+const PER_SHARD: [PerShardSeries; 35] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -194,8 +207,32 @@ const PER_SHARD: [PerShardSeries; 29] = [
     (
         "parley_connections_refused_total",
         "counter",
-        "Connections refused at max_connections_per_shard.",
+        "Connections refused at max_connections_per_shard or during a drain (answered HTTP 503, or closed unanswered).",
         |m| m.connections_refused.load(Relaxed),
+    ),
+    (
+        "parley_connections_refused_unanswered_total",
+        "counter",
+        "Refused connections closed without the 503: max_refusing_connections_per_shard were being answered.",
+        |m| m.connections_refused_unanswered.load(Relaxed),
+    ),
+    (
+        "parley_connections_refusing",
+        "gauge",
+        "Refused connections being answered 503 and closed.",
+        |m| m.connections_refusing.load(Relaxed),
+    ),
+    (
+        "parley_connection_limit",
+        "gauge",
+        "max_connections_per_shard: the open connections the shard admits.",
+        |m| m.connection_limit.load(Relaxed),
+    ),
+    (
+        "parley_accept_errors_total",
+        "counter",
+        "Accepts that failed other than by the peer's abort (each pauses accepting 10 ms).",
+        |m| m.accept_errors.load(Relaxed),
     ),
     (
         "parley_frames_in_total",
@@ -226,6 +263,18 @@ const PER_SHARD: [PerShardSeries; 29] = [
         "gauge",
         "Fixed-file slots holding a client socket (direct descriptors).",
         |m| m.socket_slots.load(Relaxed),
+    ),
+    (
+        "parley_socket_slots_capacity",
+        "gauge",
+        "Fixed-file slots of the shard's rings: connections, refusals being answered and armed accepts.",
+        |m| m.socket_slots_capacity.load(Relaxed),
+    ),
+    (
+        "parley_socket_accepts_armed",
+        "gauge",
+        "Accepts armed on the shard's listener, each into a slot of its own.",
+        |m| m.accepts_armed.load(Relaxed),
     ),
     (
         "parley_recv_buffers_held",
@@ -339,8 +388,12 @@ fn series(
     }
 }
 
-/// Prometheus text exposition of every shard's counters.
-pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String {
+/// Prometheus text exposition of every shard's counters, and the process-wide ones.
+pub fn render(
+    shards: &[std::sync::Arc<ShardMetrics>],
+    draining: bool,
+    kernel_tcp: &KernelTcpMetrics,
+) -> String {
     let mut out = String::with_capacity(4096);
     let by_shard = || shards.iter().enumerate();
     for (name, kind, help, value) in PER_SHARD {
@@ -378,7 +431,30 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], draining: bool) -> String
         header,
         std::iter::once((String::new(), u64::from(draining))),
     );
+    render_kernel_tcp(&mut out, kernel_tcp);
     out
+}
+
+/// The host's TCP buffer memory (kernel_tcp.rs), once it has been read.
+fn render_kernel_tcp(out: &mut String, m: &KernelTcpMetrics) {
+    if m.readable.load(Relaxed) == 0 {
+        return;
+    }
+    let rows: [(&str, &str, &str, &AtomicU64); 6] = [
+        ("parley_kernel_tcp_mem_pages", "gauge", "TCP buffer memory in use on the host, in pages (/proc/net/sockstat).", &m.pages),
+        ("parley_kernel_tcp_mem_low_pages", "gauge", "net.ipv4.tcp_mem low: below it the kernel does not regulate TCP memory.", &m.low),
+        ("parley_kernel_tcp_mem_pressure_pages", "gauge", "net.ipv4.tcp_mem pressure: from here the kernel shrinks socket buffers.", &m.pressure),
+        ("parley_kernel_tcp_mem_high_pages", "gauge", "net.ipv4.tcp_mem high: here the kernel refuses TCP buffer memory.", &m.high),
+        ("parley_kernel_tcp_memory_pressures_total", "counter", "Entries of the kernel into TCP memory pressure (TcpExtTCPMemoryPressures).", &m.pressures_total),
+        ("parley_kernel_tcp_mem_level", "gauge", "0 normal, 1 under pressure, 2 exhausted: the worst of the current episode (logged once each).", &m.level),
+    ];
+    for (name, kind, help, value) in rows {
+        series(
+            out,
+            (name, kind, help),
+            std::iter::once((String::new(), value.load(Relaxed))),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -412,7 +488,7 @@ mod tests {
             .collect();
         shards[1].loop_lag.record(Duration::from_micros(300));
         shards[1].loop_lag.record(Duration::from_millis(20));
-        let text = render(&shards, false);
+        let text = render(&shards, false, &KernelTcpMetrics::default());
         let line = |series: &str| {
             text.lines()
                 .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))

@@ -77,8 +77,11 @@ pub struct SocketRing {
     ring: IoUring,
     buffers: BufRing,
     files: u32,
-    /// Fixed-file slots holding a socket (accepted and not yet closed).
-    pub slots_in_use: u32,
+    /// Fixed-file slots no accept targets and no socket holds, the lowest on top. An
+    /// accept names the slot it fills, so a table never overflows (a connection accepted
+    /// into a full table would be closed by the kernel), and a slot is free again only
+    /// once the kernel confirmed its close.
+    free_slots: Vec<u32>,
     /// Entries pushed since the last submit.
     queued: u32,
 }
@@ -96,13 +99,29 @@ impl SocketRing {
             ring,
             buffers,
             files: sizes.files,
-            slots_in_use: 0,
+            free_slots: (0..sizes.files).rev().collect(),
             queued: 0,
         })
     }
 
     pub fn files(&self) -> u32 {
         self.files
+    }
+
+    /// A free slot for an accept to fill, now reserved.
+    pub fn take_slot(&mut self) -> Option<u32> {
+        self.free_slots.pop()
+    }
+
+    /// `slot` is empty again: its accept failed, or the kernel closed its socket.
+    pub fn release_slot(&mut self, slot: u32) {
+        debug_assert!(slot < self.files);
+        self.free_slots.push(slot);
+    }
+
+    /// Slots reserved by an accept or holding a socket.
+    pub fn slots_taken(&self) -> u32 {
+        self.files - self.free_slots.len() as u32
     }
 
     /// Queue one entry; submits first when the submission queue is full.

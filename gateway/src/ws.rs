@@ -393,18 +393,21 @@ impl WsConnection {
     fn fail_handshake(&mut self, status: StatusCode) {
         inc(&self.metrics.handshake_failures);
         let reason = status.canonical_reason().unwrap_or("Error");
-        let mut output = format!(
-            "HTTP/1.1 {} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n",
-            status.as_u16()
-        );
         let body = if status == StatusCode::NOT_FOUND {
             format!("no WebSocket at this path; use {WS_PATH}\n")
         } else {
             format!("{reason}\n")
         };
-        output.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
         self.state = State::Finished {
-            output: output.into_bytes(),
+            output: http_error(status, &body),
+        };
+    }
+
+    /// The connection was refused at accept (the shard holds `max_connections_per_shard`,
+    /// or drains): answer 503 at once, before the request is read, and nothing else.
+    pub fn refuse_unavailable(&mut self, draining: bool) {
+        self.state = State::Finished {
+            output: refusal(draining),
         };
     }
 
@@ -457,6 +460,27 @@ impl WsConnection {
             self.linger_deadline = Some(now.instant + self.limits.close_linger);
         }
     }
+}
+
+/// An HTTP error response that ends the connection.
+fn http_error(status: StatusCode, body: &str) -> Vec<u8> {
+    let reason = status.canonical_reason().unwrap_or("Error");
+    format!(
+        "HTTP/1.1 {} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        status.as_u16(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The answer to a connection refused at accept (docs/protocol.md 9.1): 503, with a body
+/// saying why.
+pub fn refusal(draining: bool) -> Vec<u8> {
+    let body = match draining {
+        true => "Service Unavailable: the server is draining\n",
+        false => "Service Unavailable: the server is at its connection limit\n",
+    };
+    http_error(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 impl Drop for WsConnection {

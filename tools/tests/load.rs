@@ -573,3 +573,91 @@ fn rates_keep_up_with_the_offered_rate_on_a_quiet_machine() {
         "acked not within 20% of the offered 200/s, or delivered/acked {fan_out:.2} not about 9: {t:?}"
     );
 }
+
+/// Stopped by SIGTERM in the middle of a run (here: while holding its sessions), the
+/// generator still writes its report, saying so, and exits as a shell reports a signal.
+#[test]
+fn sigterm_mid_run_still_writes_the_report_and_says_why() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+
+    let daemon = Parleyd::start();
+    let mut command = scrubbed(env!("CARGO_BIN_EXE_parley-load"));
+    // Not --quiet: the progress line says when the hold has begun.
+    command
+        .arg("idle")
+        .args(daemon.target_args())
+        .args(["--connections", "20", "--hold", "60s", "--json"])
+        .args([
+            "--setup-timeout",
+            SETUP_TIMEOUT,
+            "--drain-timeout",
+            DRAIN_TIMEOUT,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn parley-load");
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (holding_tx, holding) = std::sync::mpsc::channel();
+    let progress = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("] hold ") {
+                let _ = holding_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let reached_hold = holding.recv_timeout(RUN_LIMIT).is_ok();
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe {
+        libc::kill(
+            pid,
+            if reached_hold {
+                libc::SIGTERM
+            } else {
+                libc::SIGKILL
+            },
+        )
+    };
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = done_tx.send((text, child.wait()));
+    });
+    let (text, status) = match done.recv_timeout(Duration::from_secs(30)) {
+        Ok((text, status)) => (text, status.expect("wait")),
+        Err(_) => {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("parley-load did not exit within 30 s of SIGTERM");
+        }
+    };
+    let stderr = progress.join().unwrap_or_default().join("\n");
+    let context = format!(
+        "stderr:\n{stderr}\nstdout:\n{text}\ndaemon:\n{}",
+        daemon.log_text()
+    );
+    assert!(reached_hold, "the run never reached its hold\n{context}");
+    let report: Report = serde_json::from_str(&text)
+        .unwrap_or_else(|error| panic!("no JSON report after SIGTERM ({error})\n{context}"));
+    assert_eq!(
+        (
+            report.stop.reason.as_str(),
+            report.stop.detail.as_str(),
+            report.stop.phase.as_str()
+        ),
+        ("signal", "SIGTERM", "hold"),
+        "{context}"
+    );
+    assert_eq!(report.connections.established, 20, "what it saw: {context}");
+    assert!(
+        !report.verification.ok,
+        "a stopped run is not a verified one: {context}"
+    );
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{context}");
+}

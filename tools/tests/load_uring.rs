@@ -140,8 +140,8 @@ const CAPACITY_DESCRIPTOR_LIMIT: u64 = 20_000;
 /// sockets are direct descriptors in its shards' fixed-file tables.
 #[test]
 fn one_parleyd_holds_30000_sessions_past_its_descriptor_limit() {
-    // With a 512 backlog the accepting ring keeps 576 slots free, so each shard's
-    // ~15,000 sessions fit its first 20,000-slot ring.
+    // Each shard's ~15,000 sessions fit the rings it makes at start (20,000 slots each,
+    // enough for max_connections_per_shard, the refusals and 512 armed accepts).
     let _alone = heavy();
     let daemon = Parleyd::start_limited(&["--listen-backlog", "512"], CAPACITY_DESCRIPTOR_LIMIT);
     let pid = daemon.pid().to_string();
@@ -171,15 +171,23 @@ fn one_parleyd_holds_30000_sessions_past_its_descriptor_limit() {
     );
 }
 
-/// A shard makes more rings as its tables fill, and accepting moves along: 6,000
-/// sessions over 1,024-slot tables. The accepting ring keeps backlog + 64 = 128 slots free
-/// for the accepts a multishot accept completes before the move lands; a connection the kernel
-/// accepts into a full table is closed and the client retries, so a few retries are
-/// tolerated (and reported), but every session ends up held and answering.
+/// A shard holds more sessions than one fixed-file table: 6,000 sessions on 2 shards over
+/// 1,024-slot tables, every ring the limit needs made at start (4,000 + 1,024 refusals +
+/// 64 armed accepts = 5 rings per shard). Each accept names a free slot, so no table
+/// overflows and no connection is lost to one; an attempt can still fail when the listen
+/// queue overflows on a busy machine (the kernel drops the handshake, the client
+/// retries), so a few retries are tolerated and reported.
 #[test]
-fn shards_add_rings_as_their_tables_fill() {
+fn shards_hold_more_sessions_than_one_table() {
     let _alone = heavy();
-    let daemon = Parleyd::start_with(&["--socket-ring-files", "1024", "--listen-backlog", "64"]);
+    let daemon = Parleyd::start_with(&[
+        "--socket-ring-files",
+        "1024",
+        "--listen-backlog",
+        "64",
+        "--max-connections-per-shard",
+        "4000",
+    ]);
     let run = daemon.load(
         "idle",
         &[
@@ -198,21 +206,17 @@ fn shards_add_rings_as_their_tables_fill() {
     ensure!(run, c.established == 6000, "sessions: {c:?}");
     let ping = run.latency(&report, "ping");
     ensure!(run, ping.count == 6000, "every session answered: {ping:?}");
-    let log = daemon.log_text();
-    let extra_rings = log.matches("another ring for more connections").count();
-    // A connection is lost only at a move to another ring, when the engine lags by more
-    // than the headroom (backlog + 64 = 128 accepts): one headroom's worth per move is
-    // already a lag twice the headroom's.
     ensure!(
         run,
-        c.failed_attempts <= 128 * (extra_rings as u64 + 1),
-        "{} connects retried over {extra_rings} ring moves: {c:?}",
+        c.failed_attempts <= 60,
+        "{} connects retried: {c:?}",
         c.failed_attempts
     );
+    let log = daemon.log_text();
     ensure!(
         run,
-        extra_rings >= 6,
-        "6,000 sessions over 1,024-slot tables need at least 8 rings; made {extra_rings} more:\n{log}"
+        log.contains("rings made at start") && log.contains("rings_per_shard=5"),
+        "parleyd log:\n{log}"
     );
 }
 

@@ -151,6 +151,7 @@ fn realistic_report() -> Report {
             rss_kib: 64_000,
         },
         extra: [("fanout".to_string(), 2.0)].into(),
+        stop: Default::default(),
     }
 }
 

@@ -27,6 +27,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Cli, ConfigError, Settings};
+use crate::kernel_tcp::{self, KernelTcpMetrics};
 use crate::quic::cert::CertError;
 
 pub use data_dir::{JWT_SECRET_FILE, LOCK_FILE, SHARDS_FILE};
@@ -151,11 +152,20 @@ fn run(cli: Cli) -> Result<ExitCode, StartupError> {
     let started = shards::start(&settings, listeners.ws, quic, session_config)?;
 
     let draining = Arc::new(AtomicBool::new(false));
+    let kernel_tcp = Arc::new(KernelTcpMetrics::default());
+    if settings.tcp_memory_check_ms > 0 {
+        let interval = Duration::from_millis(settings.tcp_memory_check_ms);
+        kernel_tcp::spawn(interval, kernel_tcp.clone()).map_err(|source| StartupError::Spawn {
+            what: "the TCP memory watch".into(),
+            source,
+        })?;
+    }
     admin::spawn(
         admin_listener,
         AdminState {
             shards: started.metrics.clone(),
             draining: draining.clone(),
+            kernel_tcp,
         },
     )
     .map_err(|source| StartupError::Spawn {

@@ -138,6 +138,7 @@ impl<'a> CommonPlan<'a> {
             ws_limits: self.ws_limits.clone(),
             session_config: self.session_config.clone(),
             max_connections: settings.max_connections_per_shard,
+            max_refusing: settings.max_refusing_connections_per_shard,
             drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
             lifecycle,
             shards: settings.shard_count(),
@@ -208,12 +209,19 @@ fn choose_socket_engine(settings: &Settings) -> Result<Option<EnginePlan>, Start
         descriptor_limit,
         recv_buffers = settings.socket_recv_buffers,
         recv_buffer_bytes = settings.socket_recv_buffer_bytes,
-        "socket engine: io_uring (direct descriptors, multishot accept and receive, provided buffers)"
+        "socket engine: io_uring (direct descriptors, accepts into reserved slots, multishot receive, provided buffers)"
     );
-    Ok(Some(EnginePlan {
+    let plan = EnginePlan {
         ring,
         listen_backlog: u32::try_from(settings.listen_backlog).unwrap_or(0),
-    }))
+        max_refusing: settings.max_refusing_connections_per_shard,
+    };
+    tracing::info!(
+        rings_per_shard = plan.rings_needed(settings.max_connections_per_shard),
+        max_connections_per_shard = settings.max_connections_per_shard,
+        "socket engine: rings made at start, enough for every connection the limit admits"
+    );
+    Ok(Some(plan))
 }
 
 /// The soft RLIMIT_NOFILE.

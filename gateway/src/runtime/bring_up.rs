@@ -57,6 +57,9 @@ async fn run_shard(plan: ShardPlan) {
             return;
         }
     };
+    plan.metrics
+        .connection_limit
+        .store(plan.max_connections as u64, Ordering::Relaxed);
     let shard = Rc::new(Shard::new(&plan, core));
     glommio::spawn_local(run_core_task(
         shard.clone(),
@@ -88,13 +91,7 @@ async fn run_shard(plan: ShardPlan) {
     let _ = lifecycle.send(ShardEvent::Serving(index));
     tracing::debug!(shard = index, cpu = plan.cpu, "shard serving");
 
-    serve_until_drain(
-        &shard,
-        listener.as_ref(),
-        &plan.control,
-        plan.max_connections,
-    )
-    .await;
+    serve_until_drain(&shard, listener.as_ref(), &plan.control).await;
     drop(listener);
     plan.metrics.ready.store(false, Ordering::Release);
     drain(&shard, plan.drain_timeout).await;
@@ -115,6 +112,9 @@ impl Shard {
             blocked_epoch: Cell::new(0),
             connections: RefCell::new(HashMap::new()),
             open_sockets: Cell::new(0),
+            max_connections: plan.max_connections,
+            refusing: Cell::new(0),
+            max_refusing: plan.max_refusing,
             next_connection: Cell::new(0),
             draining: Cell::new(false),
             idle_waker: Cell::new(None),
@@ -141,7 +141,7 @@ fn start_websocket(
         }));
     };
     let engine = Engine::new(shard.clone(), listener, max_connections, engine_plan)
-        .map_err(|error| format!("socket engine: io_uring ring setup failed: {error}"))?;
+        .map_err(|error| format!("socket engine: {error}"))?;
     // Its own task queue, with an equal share. Not `Latency::Matters`: in glommio 0.9.0
     // the engine's task then sometimes sleeps through its wake-up for good (on a busy
     // 2-core machine, about 1 daemon start in 250: a connection accepted but never read,
@@ -162,12 +162,11 @@ async fn serve_until_drain(
     shard: &Rc<Shard>,
     listener: Option<&TcpListener>,
     control: &ShardControl,
-    max_connections: usize,
 ) {
     let drain = Box::pin(control.drain_requested());
     match listener {
         Some(listener) => {
-            let accepting = Box::pin(accept_loop(shard, listener, max_connections));
+            let accepting = Box::pin(accept_loop(shard, listener));
             if let Either::Left(((), _)) = select(accepting, drain).await {
                 unreachable!("the accept loop never ends by itself");
             }

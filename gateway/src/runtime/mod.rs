@@ -92,6 +92,8 @@ pub struct ShardPlan {
     pub ws_limits: WsLimits,
     pub session_config: Arc<SessionConfig>,
     pub max_connections: usize,
+    /// `max_refusing_connections_per_shard`.
+    pub max_refusing: usize,
     pub drain_timeout: Duration,
     /// Where the shard says it serves, or that its executor stopped.
     pub lifecycle: std::sync::mpsc::Sender<ShardEvent>,
@@ -144,6 +146,10 @@ struct Shard {
     /// Open sockets, including connections lingering after their close frame: what
     /// `max_connections_per_shard` bounds.
     open_sockets: Cell<usize>,
+    max_connections: usize,
+    /// Refused sockets being answered 503 and closed, and how many may be at once.
+    refusing: Cell<usize>,
+    max_refusing: usize,
     next_connection: Cell<u64>,
     draining: Cell<bool>,
     /// Woken when the last connection ends during a drain.

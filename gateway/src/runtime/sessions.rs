@@ -57,21 +57,40 @@ impl Mailbox {
     }
 }
 
+/// What becomes of an accepted socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Admission {
+    /// A session, with its connection id.
+    Session(u64),
+    /// Refused (the shard is full, or drains): answered 503 and closed like a session;
+    /// [`Shard::refusal_closed`] when its socket is closed.
+    Answer,
+    /// Refused while `max_refusing_connections_per_shard` are being answered: close it
+    /// at once, without a word.
+    Close,
+}
+
 impl Shard {
-    /// A socket was accepted: count it and give it a connection id, or count it refused
-    /// (the transport closes it) when the shard holds `max_connections` or drains.
-    pub(super) fn admit(&self, max_connections: usize, draining: bool) -> Option<u64> {
-        if self.open_sockets.get() >= max_connections || draining {
+    /// A socket was accepted: count it and give it a connection id, or refuse it when
+    /// the shard holds `max_connections_per_shard` or drains.
+    pub(super) fn admit(&self, draining: bool) -> Admission {
+        if self.open_sockets.get() >= self.max_connections || draining {
             inc(&self.metrics.connections_refused);
-            return None;
+            if self.refusing.get() >= self.max_refusing {
+                inc(&self.metrics.connections_refused_unanswered);
+                return Admission::Close;
+            }
+            self.refusing.set(self.refusing.get() + 1);
+            inc(&self.metrics.connections_refusing);
+            return Admission::Answer;
         }
         inc(&self.metrics.connections_accepted);
         inc(&self.metrics.connections_open);
         self.open_sockets.set(self.open_sockets.get() + 1);
         let id = self.next_connection.get();
         self.next_connection.set(id + 1);
-        debug_assert!(self.open_sockets.get() <= max_connections);
-        Some(id)
+        debug_assert!(self.open_sockets.get() <= self.max_connections);
+        Admission::Session(id)
     }
 
     /// An admitted socket is closed (after its session ended and it lingered).
@@ -80,6 +99,14 @@ impl Shard {
         assert!(open > 0, "shard {}: a socket closed twice", self.index);
         self.open_sockets.set(open - 1);
         dec(&self.metrics.connections_open);
+    }
+
+    /// A socket refused with an answer is closed.
+    pub(super) fn refusal_closed(&self) {
+        let refusing = self.refusing.get();
+        assert!(refusing > 0, "shard {}: a refusal closed twice", self.index);
+        self.refusing.set(refusing - 1);
+        dec(&self.metrics.connections_refusing);
     }
 
     /// A session's new mailbox, by which the core task finds it.

@@ -17,7 +17,7 @@ use glommio::timer::Timer;
 use parley_router::clock::Now;
 
 use super::deadline::DeadlineTimer;
-use super::sessions::{forward_ws_requests, Mailbox};
+use super::sessions::{forward_ws_requests, Admission, Mailbox};
 use super::throttled::Throttled;
 use super::Shard;
 use crate::ws::WsConnection;
@@ -30,16 +30,20 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 const LINGER_READS_PER_WAKE: usize = 16;
 
 /// Accept until the shard drains (the caller drops this future then).
-pub(super) async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, max_connections: usize) {
+pub(super) async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
     let mut accept_errors = Throttled::default();
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                // A refused stream is dropped: closed at once.
-                if let Some(id) = shard.admit(max_connections, false) {
+            Ok(stream) => match shard.admit(false) {
+                Admission::Session(id) => {
                     glommio::spawn_local(serve_connection(shard.clone(), stream, id)).detach();
                 }
-            }
+                Admission::Answer => {
+                    glommio::spawn_local(refuse_connection(shard.clone(), stream)).detach();
+                }
+                // Dropped: closed at once.
+                Admission::Close => drop(stream),
+            },
             Err(error) => {
                 if accept_errors.may_log() {
                     tracing::warn!(shard = shard.index, %error, "accept failed; backing off");
@@ -48,6 +52,23 @@ pub(super) async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, max_c
             }
         }
     }
+}
+
+/// Answer 503 and close like a session (the write bounded by the linger time too).
+async fn refuse_connection(shard: Rc<Shard>, mut stream: TcpStream) {
+    use futures::AsyncWriteExt;
+    let answer = crate::ws::refusal(false);
+    let write = Box::pin(stream.write_all(&answer));
+    let deadline = Box::pin(Timer::new(shard.ws_limits.close_linger));
+    let written = matches!(
+        futures::future::select(write, deadline).await,
+        futures::future::Either::Left((Ok(()), _))
+    );
+    if written {
+        linger_close(&shard, &mut stream).await;
+    }
+    drop(stream);
+    shard.refusal_closed();
 }
 
 /// What one wake-up of a connection task found.

@@ -1,8 +1,13 @@
 //! The io_uring socket engine of one shard: every WebSocket connection of the shard, on
 //! as many [`SocketRing`]s as the fixed-file cap requires, driven by one task.
 //!
-//! - Accept is multishot, straight into a ring's fixed-file table (direct descriptors).
-//!   When a ring's table nears full, accepting moves to another ring, made on demand.
+//! - Accepts go straight into a ring's fixed-file table (direct descriptors), each into
+//!   a slot it names, and several are always armed: the listen queue never waits for a
+//!   turn of ours, and no table overflows. Every ring the shard's limit needs is made
+//!   at start, so a limit the kernel cannot hold fails the start rather than a ramp.
+//! - A connection past `max_connections_per_shard` (or during a drain) is answered
+//!   HTTP 503 at once and closed like a session; past `max_refusing_connections_per_shard`
+//!   such answers at a time, it is closed unanswered.
 //! - Receive is multishot from the ring's provided buffers; the bytes are handed to the
 //!   connection's [`WsConnection`] and the buffer goes straight back to the kernel.
 //! - Sends copy a connection's pending output into a buffer from the shard's pool, which
@@ -29,7 +34,7 @@ use io_uring::{opcode, squeue, types};
 use parley_router::clock::Now;
 
 use super::deadline::DeadlineTimer;
-use super::sessions::{forward_ws_requests, MailNotice, Mailbox};
+use super::sessions::{forward_ws_requests, Admission, MailNotice, Mailbox};
 use super::throttled::Throttled;
 use super::Shard;
 use crate::metrics::inc;
@@ -39,12 +44,13 @@ use crate::ws::WsConnection;
 
 /// Completions taken from one ring per turn, so one busy ring cannot starve the others.
 const REAP_PER_TURN: usize = 4096;
-/// Slots kept free on the accepting ring for the accepts the kernel completes before it
-/// sees the cancel that moves accepting to another ring; a connection accepted into a
-/// full table is closed by the kernel. A multishot accept empties the whole listen
-/// backlog at once, so the headroom covers the backlog, plus this margin, up to half
-/// the table.
-const ACCEPT_MARGIN: u32 = 64;
+/// Accepts kept armed, at most: each holds a reserved slot and takes one connection, so
+/// this many can be taken per turn. As many as the listen backlog holds (one turn
+/// empties a full queue), up to this bound.
+const MAX_ACCEPTS_ARMED: u32 = 512;
+/// Pause before arming accepts again after an error other than a peer's abort (ENOMEM,
+/// EMFILE...), so a persistent one is not a busy loop; the engine's timer ends it.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// Received bytes are copied out of the provided buffers at once (so the buffers go back
 /// to the kernel at once and one flooding connection cannot starve the ring), then
 /// handed to the session at most this many per connection and turn: the per-read costs
@@ -68,7 +74,8 @@ enum Op {
     Recv = 2,
     Send = 3,
     Close = 4,
-    /// The close of a socket refused at accept (no `Conn`).
+    /// The close of a socket refused unanswered at accept (no `Conn`); the token is the
+    /// slot's (see [`slot_token`]).
     CloseRefused = 5,
     /// Completions nobody waits for: cancels.
     Ignored = 6,
@@ -102,6 +109,15 @@ impl Op {
 /// for a freed connection never reach its successor.
 fn token(index: u32, generation: u32) -> u64 {
     u64::from(generation & 0xff_ffff) << 32 | u64::from(index)
+}
+
+/// The token of an accept or a refused socket's close: the ring and the slot.
+fn slot_token(ring: usize, slot: u32) -> u64 {
+    (ring as u64 & 0xffff) << 32 | u64::from(slot)
+}
+
+fn of_slot_token(token: u64) -> (usize, u32) {
+    ((token >> 32 & 0xffff) as usize, token as u32)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +174,9 @@ struct Conn {
     drained: bool,
     /// The session's end was reported to the core and the connection map.
     ended: bool,
+    /// Refused at accept: answered 503, never a session; counted in the engine's
+    /// `refusing`, not in the shard's open sockets.
+    refused: bool,
 }
 
 /// What a connection's timer needs after a turn.
@@ -286,21 +305,33 @@ impl Conn {
 #[derive(Debug, Clone, Copy)]
 pub struct EnginePlan {
     pub ring: RingSizes,
-    /// The listen backlog of the shard's socket: connections one accept may take at once.
+    /// The listen backlog of the shard's socket: what one turn's accepts should empty.
     pub listen_backlog: u32,
+    /// `max_refusing_connections_per_shard`.
+    pub max_refusing: usize,
+}
+
+impl EnginePlan {
+    /// Rings a shard makes: slots for every admitted connection, every refusal being
+    /// answered and every armed accept, so the limit in effect is the setting.
+    pub fn rings_needed(&self, max_connections: usize) -> usize {
+        let accepts = self.listen_backlog.clamp(1, MAX_ACCEPTS_ARMED) as usize;
+        let slots = max_connections
+            .saturating_add(self.max_refusing)
+            .saturating_add(accepts);
+        slots.div_ceil(self.ring.files.max(1) as usize).max(1)
+    }
 }
 
 pub(super) struct Engine {
     shard: Rc<Shard>,
     listener: Option<OwnedFd>,
-    max_connections: usize,
-    sizes: RingSizes,
-    max_rings: usize,
-    /// Free slots an accepting ring keeps (see ACCEPT_MARGIN).
-    accept_headroom: u32,
     rings: Vec<SocketRing>,
-    /// The ring whose multishot accept is armed.
-    accept_ring: Option<usize>,
+    /// The accepts armed, by ring and slot, and how many to keep armed.
+    accepts: Vec<(usize, u32)>,
+    accepts_wanted: usize,
+    /// No accepts are armed before this (after an accept error).
+    accept_retry_at: Option<Instant>,
     eventfd: OwnedFd,
     conns: Vec<Option<Box<Conn>>>,
     generations: Vec<u32>,
@@ -320,37 +351,49 @@ pub(super) struct Engine {
 }
 
 impl Engine {
-    /// Make the first ring now, so a kernel that refuses it is found before serving.
+    /// Make every ring the limits need now, so a kernel that cannot hold them is found
+    /// before serving, and says so.
     pub(super) fn new(
         shard: Rc<Shard>,
         listener: OwnedFd,
         max_connections: usize,
         plan: EnginePlan,
-    ) -> io::Result<Self> {
+    ) -> Result<Self, String> {
         // SAFETY: plain eventfd creation; the result is checked. Blocking (no
         // EFD_NONBLOCK), so io_uring waits for it rather than failing with EAGAIN.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(format!("eventfd: {}", io::Error::last_os_error()));
         }
         // SAFETY: just created, owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         let sizes = plan.ring;
-        let headroom = (plan.listen_backlog + ACCEPT_MARGIN).min(sizes.files / 2);
-        let usable = sizes.files.saturating_sub(headroom).max(1) as usize;
-        let first = SocketRing::new(sizes, eventfd.as_raw_fd())?;
+        let accepts_wanted = plan.listen_backlog.clamp(1, MAX_ACCEPTS_ARMED) as usize;
+        let needed = plan.rings_needed(max_connections);
+        let mut rings = Vec::with_capacity(needed);
+        for ring in 0..needed {
+            let made = SocketRing::new(sizes, eventfd.as_raw_fd()).map_err(|error| {
+                format!(
+                    "io_uring ring {} of the {needed} that max_connections_per_shard {max_connections} \
+                     needs ({} fixed-file slots each, with {} for refusals and {accepts_wanted} \
+                     for armed accepts): {error}",
+                    ring + 1,
+                    sizes.files,
+                    plan.max_refusing,
+                )
+            })?;
+            rings.push(made);
+        }
         set_nodelay(&listener);
         let notice = Rc::new(MailNotice::default());
         *shard.engine_notice.borrow_mut() = Some(notice.clone());
         Ok(Self {
             shard,
             listener: Some(listener),
-            max_connections,
-            sizes,
-            max_rings: max_connections.div_ceil(usable) + 1,
-            accept_headroom: headroom,
-            rings: vec![first],
-            accept_ring: None,
+            rings,
+            accepts: Vec::with_capacity(accepts_wanted),
+            accepts_wanted,
+            accept_retry_at: None,
             eventfd,
             conns: Vec::new(),
             generations: Vec::new(),
@@ -404,7 +447,11 @@ impl Engine {
                     completions_ready = None;
                     return Poll::Ready(());
                 }
-                if let Some(at) = self.wheel.next_expiry() {
+                let wake_at = match (self.wheel.next_expiry(), self.accept_retry_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(at) = wake_at {
                     if timer.poll_fired(cx, at, Instant::now()) {
                         return Poll::Ready(());
                     }
@@ -463,7 +510,7 @@ impl Engine {
             self.service(token, now);
         }
         if !self.drain_seen {
-            self.keep_accepting();
+            self.keep_accepting(now.instant);
         }
         for ring in &mut self.rings {
             if let Err(error) = ring.submit() {
@@ -488,12 +535,13 @@ impl Engine {
     fn on_completion(&mut self, ring: usize, completion: Completion) {
         let (op, token) = Op::of(completion.user_data);
         match op {
-            Some(Op::Accept) => self.on_accept(ring, completion),
+            Some(Op::Accept) => self.on_accept(token, completion),
             Some(Op::Recv) => self.on_recv(ring, token, completion),
             Some(Op::Send) => self.on_send(token, completion),
             Some(Op::Close) => self.on_closed(token),
             Some(Op::CloseRefused) => {
-                self.rings[ring].slots_in_use -= 1;
+                let (ring, slot) = of_slot_token(token);
+                self.rings[ring].release_slot(slot);
             }
             Some(Op::Shutdown) => {
                 if let Some(conn) = self.conn_mut(token) {
@@ -505,29 +553,39 @@ impl Engine {
         }
     }
 
-    fn on_accept(&mut self, ring: usize, completion: Completion) {
-        if !completion.more() && self.accept_ring == Some(ring) {
-            self.accept_ring = None;
+    fn on_accept(&mut self, accept: u64, completion: Completion) {
+        let (ring, slot) = of_slot_token(accept);
+        if let Some(at) = self.accepts.iter().position(|&a| a == (ring, slot)) {
+            self.accepts.swap_remove(at);
         }
         if completion.result < 0 {
-            let error = io::Error::from_raw_os_error(-completion.result);
-            if completion.result != -libc::ECANCELED && self.accept_errors.may_log() {
-                tracing::warn!(shard = self.shard.index, ring, %error, "accept failed");
+            self.rings[ring].release_slot(slot);
+            let error = -completion.result;
+            // A peer that reset before its accept, or a cancel (drain): nothing to fix.
+            if error != libc::ECANCELED && error != libc::ECONNABORTED && error != libc::EINTR {
+                inc(&self.shard.metrics.accept_errors);
+                self.accept_retry_at = Some(Instant::now() + ACCEPT_ERROR_BACKOFF);
+                if self.accept_errors.may_log() {
+                    let error = io::Error::from_raw_os_error(error);
+                    tracing::warn!(shard = self.shard.index, ring, %error, "accept failed; arming again shortly");
+                }
             }
             return;
         }
-        let slot = completion.result as u32;
-        self.rings[ring].slots_in_use += 1;
-        if self.accept_ring == Some(ring) && !self.has_room(ring) {
-            self.move_accepting_off(ring);
-        }
         let shard = self.shard.clone();
-        let Some(id) = shard.admit(self.max_connections, self.drain_seen) else {
-            let close = opcode::Close::new(types::Fixed(slot))
-                .build()
-                .user_data(Op::CloseRefused.user_data(0));
-            self.push(ring, close);
-            return;
+        let (id, refused) = match shard.admit(self.drain_seen) {
+            Admission::Session(id) => (id, false),
+            // A refused connection's id is never a session's: it is in no map and the
+            // core never hears of it.
+            Admission::Answer => (u64::MAX, true),
+            Admission::Close => {
+                // The peer sees a reset (its request unread) or an EOF.
+                let close = opcode::Close::new(types::Fixed(slot))
+                    .build()
+                    .user_data(Op::CloseRefused.user_data(slot_token(ring, slot)));
+                self.push(ring, close);
+                return;
+            }
         };
 
         let index = self.free.pop().unwrap_or_else(|| {
@@ -538,14 +596,20 @@ impl Engine {
         let generation = &mut self.generations[index as usize];
         *generation = generation.wrapping_add(1);
         let token = token(index, *generation);
-        let mailbox = shard.new_mailbox(id, Some((token, self.notice.clone())));
-        let ws = WsConnection::new(
+        let mailbox = match refused {
+            true => Rc::new(Mailbox::default()),
+            false => shard.new_mailbox(id, Some((token, self.notice.clone()))),
+        };
+        let mut ws = WsConnection::new(
             shard.ws_limits.clone(),
             shard.session_config.clone(),
             shard.metrics.clone(),
             format!("{}.{id}", shard.index),
             Now::system(),
         );
+        if refused {
+            ws.refuse_unavailable(self.drain_seen);
+        }
         self.conns[index as usize] = Some(Box::new(Conn {
             token,
             id,
@@ -564,7 +628,8 @@ impl Engine {
             timer_at: None,
             opened: false,
             drained: false,
-            ended: false,
+            ended: refused,
+            refused,
         }));
         self.live += 1;
         self.dirty.push(token);
@@ -664,10 +729,14 @@ impl Engine {
         let mut ended = conn.ended;
         self.shard
             .end_session(conn.id, &mut ended, conn.opened, Now::system());
-        self.rings[usize::from(conn.ring)].slots_in_use -= 1;
+        self.rings[usize::from(conn.ring)].release_slot(conn.slot);
         self.free.push(index as u32);
         self.live -= 1;
-        self.shard.socket_closed();
+        if conn.refused {
+            self.shard.refusal_closed();
+        } else {
+            self.shard.socket_closed();
+        }
     }
 
     /// Bring a connection up to date: drain, mail, output, close, receive, timer.
@@ -755,69 +824,44 @@ impl Engine {
         }
     }
 
-    /// Keep one multishot accept armed, on a ring with free slots (made if needed).
-    fn keep_accepting(&mut self) {
+    /// Keep `accepts_wanted` accepts armed, each into a free slot of its own. The rings
+    /// hold every connection the limits allow plus these, so a slot is always there
+    /// unless refused sockets are still being closed (their completions come, and this
+    /// runs again).
+    fn keep_accepting(&mut self, now: Instant) {
         let Some(listener) = self.listener.as_ref().map(AsRawFd::as_raw_fd) else {
             return;
         };
-        if let Some(current) = self.accept_ring {
-            if self.has_room(current) {
-                return;
-            }
-            self.move_accepting_off(current);
+        if self.accept_retry_at.is_some_and(|at| now < at) {
+            return;
         }
-        let target = match (0..self.rings.len()).find(|&ring| self.has_room(ring)) {
-            Some(ring) => ring,
-            None if self.rings.len() < self.max_rings => {
-                match SocketRing::new(self.sizes, self.eventfd.as_raw_fd()) {
-                    Ok(ring) => {
-                        self.rings.push(ring);
-                        tracing::info!(
-                            shard = self.shard.index,
-                            rings = self.rings.len(),
-                            "socket engine: another ring for more connections"
-                        );
-                        self.rings.len() - 1
-                    }
-                    Err(error) => {
-                        if self.accept_errors.may_log() {
-                            tracing::warn!(shard = self.shard.index, %error, "cannot make another socket ring");
-                        }
-                        return;
-                    }
-                }
-            }
-            None => return,
-        };
-        let accept = opcode::AcceptMulti::new(types::Fd(listener))
-            .allocate_file_index(true)
+        self.accept_retry_at = None;
+        let mut ring = 0;
+        while self.accepts.len() < self.accepts_wanted && ring < self.rings.len() {
+            // The lowest rings first, so connections gather in as few tables as may be.
+            let Some(slot) = self.rings[ring].take_slot() else {
+                ring += 1;
+                continue;
+            };
+            let accept = opcode::Accept::new(
+                types::Fd(listener),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .file_index(types::DestinationSlot::try_from_slot_target(slot).ok())
             .build()
-            .user_data(Op::Accept.user_data(target as u64));
-        self.accept_ring = Some(target);
-        self.push(target, accept);
-    }
-
-    /// The ring may take more accepted sockets.
-    fn has_room(&self, ring: usize) -> bool {
-        let ring = &self.rings[ring];
-        ring.slots_in_use + self.accept_headroom < ring.files()
-    }
-
-    /// The ring is nearly full: stop its accept now (submitted at once, not at the turn's
-    /// end, so fewer connections arrive meanwhile); another ring takes over.
-    fn move_accepting_off(&mut self, ring: usize) {
-        self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
-        if let Err(error) = self.rings[ring].submit() {
-            tracing::error!(shard = self.shard.index, %error, "io_uring submit failed");
+            .user_data(Op::Accept.user_data(slot_token(ring, slot)));
+            self.accepts.push((ring, slot));
+            self.push(ring, accept);
         }
-        self.accept_ring = None;
     }
 
     fn stop_accepting(&mut self) {
-        if let Some(ring) = self.accept_ring.take() {
-            self.push(ring, cancel(Op::Accept.user_data(ring as u64)));
+        for (ring, slot) in std::mem::take(&mut self.accepts) {
+            // The final completion (ECANCELED) is not waited for: the shard stops.
+            self.push(ring, cancel(Op::Accept.user_data(slot_token(ring, slot))));
         }
-        // The kernel keeps the socket while the cancel is in flight; then it closes.
+        // The kernel keeps the socket while the cancels are in flight; then it closes.
         self.listener = None;
     }
 
@@ -827,9 +871,15 @@ impl Engine {
             gauge.store(value, Ordering::Relaxed)
         };
         store(&metrics.socket_rings, self.rings.len() as u64);
+        let taken: u64 = self.rings.iter().map(|r| u64::from(r.slots_taken())).sum();
         store(
             &metrics.socket_slots,
-            self.rings.iter().map(|r| u64::from(r.slots_in_use)).sum(),
+            taken.saturating_sub(self.accepts.len() as u64),
+        );
+        store(&metrics.accepts_armed, self.accepts.len() as u64);
+        store(
+            &metrics.socket_slots_capacity,
+            self.rings.iter().map(|r| u64::from(r.files())).sum(),
         );
         store(
             &metrics.recv_buffers_held,

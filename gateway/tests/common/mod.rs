@@ -160,8 +160,14 @@ impl Daemon {
     }
 
     pub fn start_in(data_dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        Self::start_sharded(data_dir, 2, extra)
+    }
+
+    /// Start with `shards` shards (each test's layout is fixed per data dir).
+    pub fn start_sharded(data_dir: tempfile::TempDir, shards: usize, extra: &[&str]) -> Daemon {
         let mut args = local_args(data_dir.path());
-        args.extend(["--jwt-secret", SECRET, "--shards", "2"].map(String::from));
+        let shards = shards.to_string();
+        args.extend(["--jwt-secret", SECRET, "--shards", &shards].map(String::from));
         args.extend(extra.iter().map(|s| s.to_string()));
         let Launched {
             child,

@@ -285,12 +285,29 @@ fn main() -> ExitCode {
     let params: BTreeMap<String, String> = command_line();
     let Cli { scenario } = Cli::parse();
     match execute(scenario, params) {
-        Ok(report) if report.verification.checked && !report.verification.ok => ExitCode::from(2),
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(report) => exit_code(&report),
         Err(error) => {
             eprintln!("parley-load: error: {error}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// 128 + the signal for a run a signal stopped (as a shell reports it), 1 for one a
+/// failure stopped, 2 for a run whose verification failed, else 0. The report is written
+/// in every case.
+fn exit_code(report: &Report) -> ExitCode {
+    match report.stop.reason.as_str() {
+        "signal" => {
+            let signal = match report.stop.detail.starts_with("SIGINT") {
+                true => libc::SIGINT,
+                false => libc::SIGTERM,
+            };
+            ExitCode::from(128 + signal as u8)
+        }
+        "worker_failed" | "error" => ExitCode::from(1),
+        _ if report.verification.checked && !report.verification.ok => ExitCode::from(2),
+        _ => ExitCode::SUCCESS,
     }
 }
 

@@ -36,6 +36,29 @@ pub struct Report {
     pub generator: GeneratorUsage,
     /// Scenario-specific figures, such as `resume_all_s` for a reconnect storm.
     pub extra: BTreeMap<String, f64>,
+    /// Why and when the run ended. Every run that started writes its report, however it
+    /// ends; a report without this field predates it.
+    #[serde(default)]
+    pub stop: Stop,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stop {
+    /// `completed` (every phase ran; the verification says whether it went well),
+    /// `setup_timeout` (not every session was set up within --setup-timeout),
+    /// `ping_round_timeout` or `drain_timeout` (answers still missing at the bound; the
+    /// run went on), `signal` (SIGINT or SIGTERM), `worker_failed` (a worker thread
+    /// ended with an error or a panic: the rest was stopped), `error` (something else
+    /// the run needed failed).
+    pub reason: String,
+    /// What exactly: the signal's name, the worker's error...
+    pub detail: String,
+    /// The phase the run was in: `setup`, `ping round`, `hold`, `warm-up`, `measure`,
+    /// `drain`, or `done`.
+    pub phase: String,
+    /// Seconds from the start of the run.
+    pub at_s: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -177,6 +200,14 @@ impl Report {
         let mut out = String::new();
         let c = &self.connections;
         let _ = writeln!(out, "scenario      {}", self.scenario);
+        let s = &self.stop;
+        if s.reason != "completed" {
+            let _ = writeln!(
+                out,
+                "stopped       {} in {} at {:.1} s: {}",
+                s.reason, s.phase, s.at_s, s.detail
+            );
+        }
         if let Some(engine) = self.params.get("engine") {
             let _ = writeln!(out, "engine        {engine}");
         }

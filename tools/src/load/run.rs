@@ -9,11 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::client::{Outcome, Window};
 use super::report::{
-    Connections, GeneratorUsage, LatencySummary, Report, Second, ServerUsage, Throughput,
+    Connections, GeneratorUsage, LatencySummary, Report, Second, ServerUsage, Stop, Throughput,
     Verification,
 };
 use super::scenario::{Engine, EngineChoice, Kind, Plan, Role};
 use super::stats::{sum, Live, Stats};
+use super::stop;
 use super::uring;
 use super::worker::{self, Shared, PHASE_STOP};
 
@@ -60,6 +61,9 @@ pub fn choose_engine(plan: &Plan, choice: EngineChoice) -> Result<(Engine, Strin
     }
 }
 
+/// Run the plan. An `Err` is a run refused before it started (a plan that cannot run, an
+/// unusable engine, an unreadable --pid); once the workers start, a report always comes
+/// back, whatever ends the run (its `stop` says what).
 pub fn run(mut options: Options) -> Result<Report, String> {
     options.plan.validate()?;
     let (engine, why) = choose_engine(&options.plan, options.engine)?;
@@ -74,6 +78,7 @@ pub fn run(mut options: Options) -> Result<Report, String> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let rss_before = options.pid.map(memory_kib).transpose()?;
+    stop::install()?;
     let workers = options.workers.max(1);
     let shared = Arc::new(Shared {
         plan: options.plan.clone(),
@@ -86,56 +91,97 @@ pub fn run(mut options: Options) -> Result<Report, String> {
         ping_round_at: AtomicU64::new(0),
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let handles: Vec<_> = (0..workers)
-        .map(|index| {
-            let shared = Arc::clone(&shared);
-            let cpu = options.pin.then_some(index % cpus);
-            std::thread::Builder::new()
-                .name(format!("load-{index}"))
-                .spawn(move || worker::run(shared, index, cpu))
-                .map_err(|error| format!("spawn worker: {error}"))
-        })
-        .collect::<Result<_, _>>()?;
+    let mut handles = Vec::with_capacity(workers);
+    let mut ended: Option<Stop> = None;
+    for index in 0..workers {
+        let worker_shared = Arc::clone(&shared);
+        let cpu = options.pin.then_some(index % cpus);
+        match std::thread::Builder::new()
+            .name(format!("load-{index}"))
+            .spawn(move || worker::run(worker_shared, index, cpu))
+        {
+            Ok(handle) => handles.push(handle),
+            Err(error) => {
+                // The workers already started are stopped and reported below.
+                ended = Some(stopped(
+                    &shared,
+                    "error",
+                    format!("spawn worker {index}: {error}"),
+                    "setup",
+                ));
+                break;
+            }
+        }
+    }
 
     let mut progress = Progress::new(&shared, options.progress);
     let plan = &options.plan;
     let clients = u64::from(plan.clients);
+    let watch = Watch {
+        shared: &shared,
+        handles: &handles,
+    };
 
     // Setup: connect, authenticate, create conversations.
     let setup_deadline = Instant::now() + options.setup_timeout;
-    while sum(&shared.lives, |l| &l.ready) < clients && Instant::now() < setup_deadline {
+    while ended.is_none() && sum(&shared.lives, |l| &l.ready) < clients {
+        if let Some(stop) = watch.interrupted("setup") {
+            ended = Some(stop);
+            break;
+        }
+        if Instant::now() >= setup_deadline {
+            let ready = sum(&shared.lives, |l| &l.ready);
+            let detail = format!("{ready} of {clients} sessions set up within --setup-timeout");
+            ended = Some(stopped(&shared, "setup_timeout", detail, "setup"));
+            break;
+        }
         progress.tick("setup");
         std::thread::sleep(Duration::from_millis(2));
     }
     let setup_s = (shared.now().saturating_sub(worker::SETUP_START_NS)) as f64 / 1e9;
     let established = sum(&shared.lives, |l| &l.ready);
+    // Not the end: what to say if nothing stops the run later.
+    let mut late: Option<Stop> = None;
 
     let mut extra = BTreeMap::new();
     let mut cpu_window = (0.0, 0.0);
     let mut ping_round = None;
-    if established < clients {
-        // Setup failed: nothing meaningful can be measured; report what happened.
+    if ended.is_some() {
+        // Setup did not finish: nothing meaningful can be measured; report what happened.
     } else if plan.kind == Kind::Idle {
         let round = shared.now() + 10_000_000;
         shared.ping_round_at.store(round, Ordering::Relaxed);
         // Over when the round has reached every session and every ping is answered. A
         // worker that a busy machine starves may reach its last sessions well after the
         // round's nominal second: the clock alone would end the round without them.
-        let complete = wait_until(
-            &shared,
+        let waited = wait_until(
+            &watch,
             &mut progress,
             "ping round",
             options.drain_timeout,
             |s| sum(&s.lives, |l| &l.pinged) >= clients && sum(&s.lives, |l| &l.outstanding) == 0,
         );
+        let complete = waited == Waited::Done;
         ping_round = Some(PingRound {
             complete,
             reached: sum(&shared.lives, |l| &l.pinged),
             answered: 0,
         });
         extra.insert("ping_round_complete".into(), f64::from(u8::from(complete)));
+        match waited {
+            Waited::Stopped(stop) => ended = Some(stop),
+            Waited::TimedOut => {
+                let detail = "pings unanswered at --drain-timeout".to_string();
+                late = Some(stopped(&shared, "ping_round_timeout", detail, "ping round"));
+            }
+            Waited::Done => {}
+        }
         let hold_until = Instant::now() + options.hold;
-        while Instant::now() < hold_until {
+        while ended.is_none() && Instant::now() < hold_until {
+            if let Some(stop) = watch.interrupted("hold") {
+                ended = Some(stop);
+                break;
+            }
             progress.tick("hold");
             std::thread::sleep(TICK);
         }
@@ -148,9 +194,11 @@ pub fn run(mut options: Options) -> Result<Report, String> {
             send_until: measure_from + options.duration.as_nanos() as u64,
         };
         let _ = shared.window.set(window);
-        sleep_until(&shared, &mut progress, window.measure_from, "warm-up");
+        ended = sleep_until(&watch, &mut progress, window.measure_from, "warm-up");
         let cpu_start = (own_cpu_s(), options.pid.map(process_cpu_s));
-        sleep_until(&shared, &mut progress, window.send_until, "measure");
+        if ended.is_none() {
+            ended = sleep_until(&watch, &mut progress, window.send_until, "measure");
+        }
         let cpu_end = (own_cpu_s(), options.pid.map(process_cpu_s));
         cpu_window = (
             cpu_end.0 - cpu_start.0,
@@ -159,21 +207,32 @@ pub fn run(mut options: Options) -> Result<Report, String> {
                 _ => 0.0,
             },
         );
-        let drained = wait_until(
-            &shared,
-            &mut progress,
-            "drain",
-            options.drain_timeout,
-            |s| {
+        if ended.is_none() {
+            let waited = wait_until(&watch, &mut progress, "drain", options.drain_timeout, |s| {
                 sum(&s.lives, |l| &l.outstanding) == 0
                     && sum(&s.lives, |l| &l.delivered) >= sum(&s.lives, |l| &l.owed)
                     && sum(&s.lives, |l| &l.resuming) == 0
                     && sum(&s.lives, |l| &l.churning) == 0
-            },
-        );
-        extra.insert("drained".into(), if drained { 1.0 } else { 0.0 });
+            });
+            extra.insert(
+                "drained".into(),
+                f64::from(u8::from(waited == Waited::Done)),
+            );
+            match waited {
+                Waited::Stopped(stop) => ended = Some(stop),
+                Waited::TimedOut => {
+                    let detail =
+                        "answers or deliveries still missing at --drain-timeout".to_string();
+                    late = Some(stopped(&shared, "drain_timeout", detail, "drain"));
+                }
+                Waited::Done => {}
+            }
+        } else {
+            extra.insert("drained".into(), 0.0);
+        }
     }
-    let rss_after = options.pid.map(memory_kib).transpose()?;
+    // The target may be gone (it crashed: that may be why the run ended): no figure then.
+    let rss_after = options.pid.and_then(|pid| memory_kib(pid).ok());
     // The generator's own memory while it still holds every session.
     let own_rss_held = memory_kib(std::process::id()).unwrap_or(0);
 
@@ -181,15 +240,41 @@ pub fn run(mut options: Options) -> Result<Report, String> {
     let mut stats = Stats::new();
     let mut outcomes = Vec::with_capacity(plan.clients as usize);
     let mut figures: BTreeMap<&'static str, f64> = BTreeMap::new();
-    for handle in handles {
-        let result = handle
-            .join()
-            .map_err(|_| "a worker thread panicked".to_string())??;
+    let mut worker_errors = Vec::new();
+    for (index, handle) in handles.into_iter().enumerate() {
+        let result = match handle.join() {
+            Ok(Ok(result)) => result,
+            Ok(Err(error)) => {
+                worker_errors.push(format!("worker {index}: {error}"));
+                continue;
+            }
+            Err(_) => {
+                worker_errors.push(format!("worker {index} panicked"));
+                continue;
+            }
+        };
+        if let Some(error) = &result.error {
+            worker_errors.push(format!("worker {index}: {error}"));
+        }
         stats.merge(result.stats);
         outcomes.extend(result.outcomes);
         for (name, value) in result.figures {
             *figures.entry(name).or_default() += value;
         }
+    }
+    let mut stop = ended
+        .or(late)
+        .unwrap_or_else(|| stopped(&shared, "completed", String::new(), "done"));
+    if !worker_errors.is_empty() {
+        // A worker that failed is the cause, whatever the main thread saw of it.
+        if !matches!(stop.reason.as_str(), "signal" | "error") {
+            stop.reason = "worker_failed".into();
+        }
+        let detail = worker_errors.join("; ");
+        stop.detail = match stop.detail.is_empty() {
+            true => detail,
+            false => format!("{}; {detail}", stop.detail),
+        };
     }
     for (name, value) in figures {
         extra.insert(name.into(), value);
@@ -207,6 +292,17 @@ pub fn run(mut options: Options) -> Result<Report, String> {
         round.answered = stats.latencies.get("ping").map_or(0, |h| h.len());
     }
     let mut verification = verify(plan, &outcomes, established == clients, ping_round);
+    if !matches!(
+        stop.reason.as_str(),
+        "completed" | "setup_timeout" | "ping_round_timeout" | "drain_timeout"
+    ) {
+        // Said in the verification too, which a reader checks first.
+        verification.ok = false;
+        verification.detail.insert(
+            0,
+            format!("the run ended early ({}): {}", stop.reason, stop.detail),
+        );
+    }
     if plan.churn.is_some() {
         super::churn::report(&stats.churn, &mut extra, &mut verification);
     }
@@ -297,6 +393,7 @@ pub fn run(mut options: Options) -> Result<Report, String> {
             rss_kib: memory_kib(std::process::id()).unwrap_or(0),
         },
         extra,
+        stop,
     })
 }
 
@@ -418,32 +515,75 @@ fn verify(
     verification
 }
 
-/// Wait until `done` or `timeout`; true when done.
+/// What ends a run early, looked at between the main thread's waits: a signal, or a
+/// worker that stopped before it was told to (an error or a panic; its own report comes
+/// when it is joined).
+struct Watch<'a> {
+    shared: &'a Shared,
+    handles: &'a [std::thread::JoinHandle<Result<worker::WorkerResult, String>>],
+}
+
+impl Watch<'_> {
+    fn interrupted(&self, phase: &str) -> Option<Stop> {
+        if let Some(signal) = stop::received() {
+            return Some(stopped(self.shared, "signal", stop::name(signal), phase));
+        }
+        let gone = self.handles.iter().position(|h| h.is_finished())?;
+        let detail = format!("worker {gone} stopped on its own");
+        Some(stopped(self.shared, "worker_failed", detail, phase))
+    }
+}
+
+/// A stop now, in `phase`.
+fn stopped(shared: &Shared, reason: &str, detail: String, phase: &str) -> Stop {
+    Stop {
+        reason: reason.into(),
+        detail,
+        phase: phase.into(),
+        at_s: shared.epoch.elapsed().as_secs_f64(),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Waited {
+    Done,
+    TimedOut,
+    Stopped(Stop),
+}
+
+/// Wait until `done`, `timeout` or an interruption.
 fn wait_until(
-    shared: &Shared,
+    watch: &Watch,
     progress: &mut Progress,
     phase: &str,
     timeout: Duration,
     done: impl Fn(&Shared) -> bool,
-) -> bool {
+) -> Waited {
     let deadline = Instant::now() + timeout;
     loop {
-        if done(shared) {
-            return true;
+        if done(watch.shared) {
+            return Waited::Done;
+        }
+        if let Some(stop) = watch.interrupted(phase) {
+            return Waited::Stopped(stop);
         }
         if Instant::now() >= deadline {
-            return false;
+            return Waited::TimedOut;
         }
         progress.tick(phase);
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-fn sleep_until(shared: &Shared, progress: &mut Progress, at_ns: u64, phase: &str) {
+/// Sleep until `at_ns` of the run, unless interrupted first.
+fn sleep_until(watch: &Watch, progress: &mut Progress, at_ns: u64, phase: &str) -> Option<Stop> {
     loop {
-        let now = shared.now();
+        let now = watch.shared.now();
         if now >= at_ns {
-            return;
+            return None;
+        }
+        if let Some(stop) = watch.interrupted(phase) {
+            return Some(stop);
         }
         progress.tick(phase);
         std::thread::sleep(Duration::from_nanos(at_ns - now).min(TICK));

@@ -50,6 +50,8 @@ pub struct WorkerResult {
     pub outcomes: Vec<Outcome>,
     /// Engine figures for the report's `extra`, summed over workers.
     pub figures: BTreeMap<&'static str, f64>,
+    /// Why the worker stopped before it was told to, with what it had measured until then.
+    pub error: Option<String>,
 }
 
 /// Longest sleep in one poll, so phase changes are seen promptly.
@@ -239,6 +241,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         stats: state.stats,
         outcomes: clients.iter().map(Client::outcome).collect(),
         figures: BTreeMap::new(),
+        error: None,
     })
 }
 

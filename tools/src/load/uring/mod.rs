@@ -73,6 +73,13 @@ const POLL_MAX_NS: u64 = 20_000_000;
 const STARTS_PER_RING_TURN: usize = 1024;
 /// At the end, how long sessions get to cancel, close and give their slots back.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// A connect, upgrade or setup ping unanswered this long after it was due is given up
+/// and retried like a failed one. A server whose listen queue overflowed can leave a
+/// connection the client thinks established and the server never accepted; without
+/// this, such a session hangs until the setup timeout, neither set up nor failed.
+const ATTEMPT_TIMEOUT_NS: u64 = 30_000_000_000;
+/// How often sessions are checked against ATTEMPT_TIMEOUT_NS.
+const ATTEMPT_SWEEP_NS: u64 = 1_000_000_000;
 
 /// What a submission was, in the low byte of its user data (the session above it).
 const OP_SOCKET: u8 = 1;
@@ -251,8 +258,19 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         sockopt_failed: 0,
         now: 0,
     };
-    engine.run(&timer, &poller)?;
-    engine.stop(&timer, &poller)?;
+    // A failing ring (ENOMEM under memory pressure...) ends this worker, but what it
+    // measured until then still goes into the report, with the error.
+    let error = engine
+        .run(&timer, &poller)
+        .and_then(|()| engine.stop(&timer, &poller))
+        .err();
+    if error.is_some() {
+        // Receives may still be armed: the kernel may write the buffers until the ring
+        // is gone, so they are never freed.
+        for ring in &mut engine.rings {
+            ring.leak_buffers();
+        }
+    }
 
     let mut figures = BTreeMap::new();
     figures.insert("uring_rings", engine.rings.len() as f64);
@@ -278,6 +296,7 @@ pub fn run(shared: Arc<Shared>, worker: usize, cpu: Option<usize>) -> Result<Wor
         stats: std::mem::take(&mut engine.stats),
         outcomes,
         figures,
+        error,
     })
 }
 
@@ -380,6 +399,7 @@ impl Engine<'_> {
         let mut round = 0u64;
         let mut next_ping = mine;
         let mut batch = Vec::new();
+        let mut next_sweep = ATTEMPT_SWEEP_NS;
 
         while self.shared.phase.load(Ordering::Relaxed) != PHASE_STOP {
             let published = self.shared.ping_round_at.load(Ordering::Relaxed);
@@ -417,6 +437,10 @@ impl Engine<'_> {
                 next_ping += 1;
                 starts -= 1;
             }
+            if self.now >= next_sweep {
+                next_sweep = self.now + ATTEMPT_SWEEP_NS;
+                self.give_up_stuck_attempts();
+            }
             self.reap(&mut batch);
             self.submit()?;
 
@@ -434,6 +458,25 @@ impl Engine<'_> {
             self.wait(timer, poller, if busy { Some(0) } else { Some(next) })?;
         }
         Ok(())
+    }
+
+    /// End (for a retry) every session whose connect, upgrade or setup ping has gone
+    /// unanswered for ATTEMPT_TIMEOUT_NS (`t` is when it was due, or sent).
+    fn give_up_stuck_attempts(&mut self) {
+        let now = self.now;
+        for k in 0..self.sessions.len() as u32 {
+            let session = &self.sessions[k as usize];
+            if session.flags & READY != 0 || now.saturating_sub(session.t) < ATTEMPT_TIMEOUT_NS {
+                continue;
+            }
+            let why = format!("no answer within {} s", ATTEMPT_TIMEOUT_NS / 1_000_000_000);
+            match session.state {
+                State::Connecting => self.end(k, End::Connect(why)),
+                State::Upgrading => self.end(k, End::Upgrade(why)),
+                State::Open => self.end(k, End::Lost(format!("setup ping: {why}"))),
+                State::Closed | State::Creating | State::Closing | State::Releasing => {}
+            }
+        }
     }
 
     /// Sleep until a completion, `until` (run ns; Some(0): do not sleep) or POLL_MAX.
