@@ -50,7 +50,18 @@ pub fn spawn(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
 fn handle(stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_HEAD_BYTES));
+    respond(&stream, &stream, state)
+}
+
+/// Read one request from `input` and write its response to `output`. Apart from the
+/// socket's timeouts this is all of the admin request handling, and the entry the fuzz
+/// target `admin` drives with arbitrary request bytes.
+pub fn respond(
+    input: impl Read,
+    mut output: impl Write,
+    state: &AdminState,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(input.take(MAX_REQUEST_HEAD_BYTES));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     // Consume the headers so the client sees an orderly close.
@@ -81,11 +92,10 @@ fn handle(stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
             "GET only\n".to_string(),
         ),
     };
-    let mut stream = stream;
     write!(
-        stream,
+        output,
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    stream.flush()
+    output.flush()
 }

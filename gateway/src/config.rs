@@ -3,7 +3,7 @@
 //! file format, the environment names, the flags and `--help` all come from it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -298,14 +298,20 @@ impl Settings {
                 path: path.clone(),
                 reason: error.to_string(),
             })?;
-            let file: FileSettings = toml::from_str(&text).map_err(|error| ConfigError::File {
-                path: path.clone(),
-                reason: error.message().to_string(),
-            })?;
-            settings.apply_file(file);
+            settings.apply_file(parse_file(&path, &text)?);
         }
         settings.apply_env(env)?;
         settings.apply_args(cli.settings);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The settings of a configuration file's text alone (no environment, no flags),
+    /// validated: what `parleyd --config PATH` resolves to. The entry the fuzz target
+    /// `config` drives with arbitrary text.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::default();
+        settings.apply_file(parse_file(path, text)?);
         settings.validate()?;
         Ok(settings)
     }
@@ -552,6 +558,16 @@ impl Settings {
         }
     }
 
+    pub fn ws_limits(&self) -> crate::ws::WsLimits {
+        crate::ws::WsLimits {
+            max_frame_hard_bytes: self.max_frame_hard_bytes,
+            max_handshake_bytes: self.max_handshake_bytes,
+            write_batch_bytes: self.write_batch_bytes,
+            read_buffer_bytes: self.ws_read_buffer_bytes,
+            close_linger: Duration::from_millis(self.close_linger_ms),
+        }
+    }
+
     pub fn session_limits(&self) -> SessionLimits {
         SessionLimits {
             auth_timeout: Duration::from_millis(self.auth_timeout_ms),
@@ -565,6 +581,14 @@ impl Settings {
             outbound_queue_bytes: self.outbound_queue_bytes,
         }
     }
+}
+
+/// A configuration file's settings, as written in it.
+fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
+    toml::from_str(text).map_err(|error| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: error.message().to_string(),
+    })
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
