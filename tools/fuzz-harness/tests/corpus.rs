@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use parley_fuzz_harness::{seeds, TARGETS};
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
 fn inputs(target: &str, kind: &str) -> Vec<PathBuf> {

@@ -533,7 +533,7 @@ fn admin() -> Vec<Seed> {
 }
 
 fn config() -> Vec<Seed> {
-    let docs = include_str!("../../../../docs/configuration.md");
+    let docs = include_str!("../../../docs/configuration.md");
     let example = docs
         .split("```toml\n")
         .nth(1)
