@@ -118,7 +118,7 @@ for target in $targets; do
         result=FAILED
         failed+=("$target")
         echo "== $target FAILED (exit status $status); the end of $run/$target.log:"
-        grep -E "^(==[0-9]+==|thread '|SUMMARY|Test unit written)|panicked|out-of-memory|malloc\(" \
+        grep -E -A1 "^(==[0-9]+==|thread '|SUMMARY|Test unit written)|panicked|out-of-memory|malloc\(" \
             "$run/$target.log" | head -20 || true
         echo "reproducer(s):"
         for file in $reproducers; do echo "  $file"; done

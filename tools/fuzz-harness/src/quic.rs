@@ -22,6 +22,9 @@
 //!   after its `Closed`, one `Closed`, saying `opened` exactly when a `Chat` was reported,
 //!   commands within the limits (as in target `session`), valid user and device ids;
 //! - what the client reads on its stream is length-prefixed JSON objects;
+//! - after the drain (and the close linger) every connection accepted was reported
+//!   closed, however its session had ended (by the server, or by the peer finishing
+//!   or resetting its stream);
 //! - dropping the endpoint leaves the authenticated-sessions gauge at zero.
 
 use std::collections::HashMap;
@@ -110,6 +113,15 @@ pub fn quic(data: &[u8]) {
         world.endpoint.on_timers(world.now);
         world.exchange();
     }
+    // The drain closed every connection, however its session had ended: each was
+    // reported closed, once.
+    let closed = world.sessions.values().filter(|s| s.closed).count() as u64;
+    let opened = world.metrics.quic_handshakes.load(Ordering::Relaxed);
+    assert_eq!(
+        closed, opened,
+        "{opened} connections, {closed} reported closed after the drain"
+    );
+    assert!(world.sessions.values().all(|s| s.closed || !s.chat));
     let metrics = world.metrics.clone();
     drop(world);
     assert_eq!(metrics.sessions_authenticated.load(Ordering::Relaxed), 0);
