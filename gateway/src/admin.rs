@@ -62,11 +62,14 @@ pub fn respond(
     state: &AdminState,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(input.take(MAX_REQUEST_HEAD_BYTES));
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
+    // Bytes, not text: a request that is not UTF-8 (a header may carry any octet) still
+    // gets an answer, where reading lines as text refused it with no response at all.
+    let mut request_line = Vec::new();
+    reader.read_until(b'\n', &mut request_line)?;
+    let request_line = String::from_utf8_lossy(&request_line);
     // Consume the headers so the client sees an orderly close.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
+    let mut header = Vec::new();
+    while reader.read_until(b'\n', &mut header)? > 2 {
         header.clear();
     }
     let mut parts = request_line.split_whitespace();
