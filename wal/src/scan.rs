@@ -66,6 +66,11 @@ pub enum ScanError {
 pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan, ScanError> {
     let header =
         decode_segment_header(data).map_err(|error| ScanError::BadHeader(format!("{error:?}")))?;
+    // LSN 0 is no record's (LSNs start at 1): a header that begins the log there was not
+    // written by the log, and taking it would end the log before its first LSN.
+    if header.first_lsn == 0 {
+        return Err(ScanError::BadHeader("first LSN 0".into()));
+    }
     if header.first_lsn != expected_first_lsn {
         return Err(ScanError::LsnMismatch {
             header: header.first_lsn,
@@ -338,6 +343,19 @@ mod tests {
         assert_eq!(scan.next_lsn, 2);
         assert_eq!(scan.committed_end, SEGMENT_HEADER + 40);
         assert_eq!(scan.incomplete_batch_bytes, 80);
+    }
+
+    #[test]
+    fn a_header_starting_at_lsn_0_is_bad() {
+        let mut data = encode_segment_header(&SegmentHeader {
+            first_lsn: 0,
+            segment_size: SIZE as u64,
+        });
+        data.resize(SIZE, 0);
+        assert_eq!(
+            scan_segment(&data, 0),
+            Err(ScanError::BadHeader("first LSN 0".into()))
+        );
     }
 
     #[test]
