@@ -376,6 +376,7 @@ impl Client {
 }
 
 pub fn client_config() -> quiche::Config {
+    let _trust_store_emptied = fixture::tls();
     let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("quiche config");
     config
         .set_application_protos(&[parley_gateway::quic::ALPN])
