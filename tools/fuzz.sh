@@ -3,8 +3,9 @@
 # for a bounded time each, on a copy of the checked-in corpora, and prints each target's
 # executions and executions per second. docs/fuzzing.md describes the targets.
 #
-#   tools/fuzz.sh TARGET SECONDS     one target (a file of tools/fuzz/fuzz_targets/)
-#   tools/fuzz.sh all SECONDS        every target, one after the other
+#   tools/fuzz.sh TARGET SECONDS     one target (a file of tools/fuzz/fuzz_targets/), or
+#                                    several, comma-separated
+#   tools/fuzz.sh all SECONDS        every target
 #
 # Needs only the stable toolchain: cargo-fuzz passes nightly flags (-Zsanitizer), which
 # stable accepts under RUSTC_BOOTSTRAP=1, set here. Installs cargo-fuzz (`cargo install
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 usage() {
-    echo "usage: tools/fuzz.sh TARGET|all SECONDS" >&2
+    echo "usage: tools/fuzz.sh TARGET[,TARGET...]|all SECONDS" >&2
     exit 2
 }
 [ $# -eq 2 ] || usage
@@ -35,11 +36,13 @@ all_targets=$(cd tools/fuzz/fuzz_targets && ls -- *.rs | sed 's/\.rs$//' | sort)
 if [ "$which" = all ]; then
     targets=$all_targets
 else
-    grep -qx -- "$which" <<<"$all_targets" || {
-        echo "fuzz: no target '$which'; targets: $(echo $all_targets)" >&2
-        exit 2
-    }
-    targets=$which
+    targets=${which//,/ }
+    for target in $targets; do
+        grep -qx -- "$target" <<<"$all_targets" || {
+            echo "fuzz: no target '$target'; targets: $(echo $all_targets)" >&2
+            exit 2
+        }
+    done
 fi
 
 # Stable Rust with the nightly flags cargo-fuzz passes; a toolchain named by the caller wins.
@@ -72,7 +75,7 @@ build_started=$(date +%s)
 cargo fuzz build --fuzz-dir tools/fuzz --target-dir "$target_dir"
 echo "fuzz: built in $(($(date +%s) - build_started)) s"
 
-run=$(mktemp -d "${TMPDIR:-/tmp}/parley-fuzz.XXXXXX")
+run=$(mktemp -d "${TMPDIR:-/tmp}/fuzz-run.XXXXXX")
 
 # One target's run: its corpus copy, libFuzzer's log, and a result line
 # (executions, exec/s, new units, peak RSS, exit status) in $run/<target>.result.
