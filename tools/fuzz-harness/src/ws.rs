@@ -9,8 +9,8 @@
 //!
 //! Invariants, on what the server writes (decoded here, apart from tungstenite):
 //! - first an HTTP response: `101` with `Sec-WebSocket-Accept`, or an error status whose
-//!   `Content-Length` is its body's length, after which nothing more is written and the
-//!   connection is finished;
+//!   `Content-Length` is its body's length (all of it written by the time the connection
+//!   is finished), after which nothing more is written and the connection is finished;
 //! - after the 101, only whole, unmasked, unfragmented text, ping, pong and close frames:
 //!   never binary, each text frame UTF-8 lines of JSON objects, at most one close frame
 //!   with a valid close code, and nothing after it;
@@ -73,6 +73,7 @@ pub fn ws(data: &[u8]) {
         peer.read(&written);
         if conn.is_finished() {
             assert!(!conn.wants_input(), "a finished connection wants input");
+            peer.check_complete();
         }
         if peer.refused() {
             assert!(
@@ -128,6 +129,18 @@ enum PeerState {
 impl PeerView {
     fn refused(&self) -> bool {
         matches!(self.state, PeerState::Refused | PeerState::ErrorBody(_))
+    }
+
+    /// The connection is over: what it wrote is whole (no half head, no body shorter
+    /// than its Content-Length).
+    fn check_complete(&self) {
+        match self.state {
+            PeerState::ErrorBody(left) => {
+                panic!("an error response {left} bytes short of its Content-Length")
+            }
+            PeerState::Head => assert!(self.buffer.is_empty(), "half a response head"),
+            _ => {}
+        }
     }
 
     fn read(&mut self, bytes: &[u8]) {
