@@ -52,12 +52,26 @@ pub fn spawn(listener: TcpListener, state: AdminState) -> std::io::Result<()> {
 fn handle(stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_HEAD_BYTES));
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
+    respond(&stream, &stream, state)
+}
+
+/// Read one request from `input` and write its response to `output`. Apart from the
+/// socket's timeouts this is all of the admin request handling, and the entry the fuzz
+/// target `admin` drives with arbitrary request bytes.
+pub fn respond(
+    input: impl Read,
+    mut output: impl Write,
+    state: &AdminState,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(input.take(MAX_REQUEST_HEAD_BYTES));
+    // Bytes, not text: a request that is not UTF-8 (a header may carry any octet) still
+    // gets an answer, where reading lines as text refused it with no response at all.
+    let mut request_line = Vec::new();
+    reader.read_until(b'\n', &mut request_line)?;
+    let request_line = String::from_utf8_lossy(&request_line);
     // Consume the headers so the client sees an orderly close.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
+    let mut header = Vec::new();
+    while reader.read_until(b'\n', &mut header)? > 2 {
         header.clear();
     }
     let mut parts = request_line.split_whitespace();
@@ -87,11 +101,10 @@ fn handle(stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
             "GET only\n".to_string(),
         ),
     };
-    let mut stream = stream;
     write!(
-        stream,
+        output,
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    stream.flush()
+    output.flush()
 }

@@ -3,7 +3,7 @@
 //! file format, the environment names, the flags and `--help` all come from it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -310,14 +310,20 @@ impl Settings {
                 path: path.clone(),
                 reason: error.to_string(),
             })?;
-            let file: FileSettings = toml::from_str(&text).map_err(|error| ConfigError::File {
-                path: path.clone(),
-                reason: error.message().to_string(),
-            })?;
-            settings.apply_file(file);
+            settings.apply_file(parse_file(&path, &text)?);
         }
         settings.apply_env(env)?;
         settings.apply_args(cli.settings);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The settings of a configuration file's text alone (no environment, no flags),
+    /// validated: what `parleyd --config PATH` resolves to. The entry the fuzz target
+    /// `config` drives with arbitrary text.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::default();
+        settings.apply_file(parse_file(path, text)?);
         settings.validate()?;
         Ok(settings)
     }
@@ -574,6 +580,16 @@ impl Settings {
         }
     }
 
+    pub fn ws_limits(&self) -> crate::ws::WsLimits {
+        crate::ws::WsLimits {
+            max_frame_hard_bytes: self.max_frame_hard_bytes,
+            max_handshake_bytes: self.max_handshake_bytes,
+            write_batch_bytes: self.write_batch_bytes,
+            read_buffer_bytes: self.ws_read_buffer_bytes,
+            close_linger: Duration::from_millis(self.close_linger_ms),
+        }
+    }
+
     pub fn session_limits(&self) -> SessionLimits {
         SessionLimits {
             auth_timeout: Duration::from_millis(self.auth_timeout_ms),
@@ -587,6 +603,39 @@ impl Settings {
             outbound_queue_bytes: self.outbound_queue_bytes,
         }
     }
+}
+
+/// A configuration file's settings, as written in it.
+fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
+    toml::from_str(text).map_err(|error| {
+        // toml gives some errors (a control character in a comment) no message at all;
+        // the place is always worth saying.
+        let message = match error.message() {
+            "" => "not valid TOML",
+            message => message,
+        };
+        let reason = match error.span() {
+            Some(span) => {
+                let (line, column) = line_and_column(text, span.start);
+                format!("line {line}, column {column}: {message}")
+            }
+            None => message.to_string(),
+        };
+        ConfigError::File {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -724,6 +773,24 @@ mod tests {
         let error = with_frame(fits + 1).unwrap_err().to_string();
         assert!(
             error.starts_with("setting max_frame_bytes") && error.contains(&fits.to_string()),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_file_error_says_where_even_when_toml_says_nothing() {
+        let error = Settings::from_toml(Path::new("p.toml"), "# a\u{1}b\nshards = 1\n")
+            .expect_err("a control character in a comment");
+        assert_eq!(
+            error.to_string(),
+            "config file p.toml: line 1, column 4: not valid TOML"
+        );
+        let error = Settings::from_toml(Path::new("p.toml"), "\nshards = \"x\"\n")
+            .expect_err("a string for a number");
+        assert!(
+            error
+                .to_string()
+                .starts_with("config file p.toml: line 2, column 10: invalid type"),
             "{error}"
         );
     }

@@ -391,6 +391,23 @@ fn drain_closes_quic_sessions_with_1001() {
     assert_eq!(quic.expect_close().0, 1001);
 }
 
+/// A client that ends its session by finishing the session stream (FIN) gets the
+/// connection closed at once with 1001, rather than kept until the idle timeout with its
+/// session still known (found by the fuzz target `quic`).
+#[test]
+fn a_client_finishing_its_stream_has_the_connection_closed() {
+    let daemon = Daemon::start(&[]);
+    let (mut quic, _) = QuicUser::chat(&daemon, "qfinished");
+    quic.link
+        .session
+        .conn
+        .stream_send(0, &[], true)
+        .expect("finish the session stream");
+    quic.link.flush().expect("send the FIN");
+    let (code, reason) = quic.expect_close();
+    assert_eq!((code, reason.as_str()), (1001, "peer closed"));
+}
+
 #[test]
 fn without_retry_a_client_connects_in_one_round_trip() {
     let daemon = Daemon::start(&["--quic-retry", "false"]);

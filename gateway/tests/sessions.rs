@@ -491,6 +491,24 @@ fn loop_lag_histogram_shows_a_stalled_shard() {
     }
 }
 
+/// A request whose head is not UTF-8 (a header may carry any octet) still gets its
+/// response (found by the fuzz target `admin`: it used to get none).
+#[test]
+fn the_admin_listener_answers_a_request_that_is_not_utf8() {
+    use std::io::Read;
+    let daemon = Daemon::start(&[]);
+    let mut stream = std::net::TcpStream::connect(daemon.admin).expect("connect admin");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nUser-Agent: caf\xe9\r\n\r\n")
+        .expect("request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
+    assert!(response.ends_with("\r\n\r\nok\n"), "{response:?}");
+}
+
 #[test]
 fn metrics_count_connections_sessions_frames_and_errors() {
     let daemon = Daemon::start(&[]);

@@ -36,6 +36,11 @@ pub const FLAG_FLUSH_START: u8 = 2;
 
 pub type Lsn = u64;
 
+/// The largest first LSN a segment header may give. LSNs start at 1 and a log would take
+/// millennia to pass 2^62 records; a header beyond it was not written by the log, and
+/// taking it would leave LSNs (u64) no room to count on.
+pub const MAX_FIRST_LSN: Lsn = 1 << 62;
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {

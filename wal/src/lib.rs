@@ -41,3 +41,10 @@ pub use error::WalError;
 pub use format::Lsn;
 pub use log::{Entry, Record, RecoveryReport, Retention, Wal, WalOptions};
 pub use space::{SpaceEvent, SpaceObserver};
+
+/// The state file's format as pure functions, for the fuzz target `snapshot`
+/// (tools/fuzz): not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::state_file::{decode_state, encode_state};
+}

@@ -13,7 +13,7 @@
 
 use crate::format::{
     align_up, decode_record, decode_segment_header, Decoded, Lsn, RecordHeader, BLOCK,
-    RECORD_ALIGN, SEGMENT_HEADER,
+    MAX_FIRST_LSN, RECORD_ALIGN, SEGMENT_HEADER,
 };
 
 /// Keep every Nth record's position for reads by LSN.
@@ -66,6 +66,12 @@ pub enum ScanError {
 pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan, ScanError> {
     let header =
         decode_segment_header(data).map_err(|error| ScanError::BadHeader(format!("{error:?}")))?;
+    // LSN 0 is no record's (LSNs start at 1), and LSNs must have room to count on: a
+    // header outside that was not written by the log.
+    if !(1..=MAX_FIRST_LSN).contains(&header.first_lsn) {
+        let detail = format!("first LSN {} outside 1..={MAX_FIRST_LSN}", header.first_lsn);
+        return Err(ScanError::BadHeader(detail));
+    }
     if header.first_lsn != expected_first_lsn {
         return Err(ScanError::LsnMismatch {
             header: header.first_lsn,
@@ -338,6 +344,28 @@ mod tests {
         assert_eq!(scan.next_lsn, 2);
         assert_eq!(scan.committed_end, SEGMENT_HEADER + 40);
         assert_eq!(scan.incomplete_batch_bytes, 80);
+    }
+
+    #[test]
+    fn a_header_starting_at_lsn_0_or_past_the_ceiling_is_bad() {
+        for first_lsn in [0, MAX_FIRST_LSN + 1, u64::MAX] {
+            let mut data = encode_segment_header(&SegmentHeader {
+                first_lsn,
+                segment_size: SIZE as u64,
+            });
+            data.resize(SIZE, 0);
+            let detail = format!("first LSN {first_lsn} outside 1..={MAX_FIRST_LSN}");
+            assert_eq!(
+                scan_segment(&data, first_lsn),
+                Err(ScanError::BadHeader(detail))
+            );
+        }
+        let mut data = encode_segment_header(&SegmentHeader {
+            first_lsn: MAX_FIRST_LSN,
+            segment_size: SIZE as u64,
+        });
+        data.resize(SIZE, 0);
+        assert!(scan_segment(&data, MAX_FIRST_LSN).is_ok());
     }
 
     #[test]

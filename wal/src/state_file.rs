@@ -31,7 +31,7 @@ const STATE_MAGIC: &[u8; 8] = b"PARLEYS1";
 const STATE_HEADER: usize = 8 + 8 + 8 + 4;
 
 /// The file's bytes for `state` as of `lsn`.
-fn encode_state(lsn: Lsn, state: &[u8]) -> Vec<u8> {
+pub fn encode_state(lsn: Lsn, state: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(STATE_HEADER + state.len());
     bytes.extend_from_slice(STATE_MAGIC);
     bytes.extend_from_slice(&lsn.to_le_bytes());
@@ -43,7 +43,7 @@ fn encode_state(lsn: Lsn, state: &[u8]) -> Vec<u8> {
 }
 
 /// The LSN and state in a file's bytes, checked whole; `Err` says what is wrong.
-fn decode_state(bytes: &[u8]) -> Result<(Lsn, &[u8]), &'static str> {
+pub fn decode_state(bytes: &[u8]) -> Result<(Lsn, &[u8]), &'static str> {
     if bytes.len() < STATE_HEADER || &bytes[..8] != STATE_MAGIC {
         return Err("not a state snapshot");
     }

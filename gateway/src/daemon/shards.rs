@@ -95,13 +95,7 @@ impl<'a> CommonPlan<'a> {
         (quic_addr, gso): (SocketAddr, bool),
         session_config: Arc<SessionConfig>,
     ) -> Result<Self, StartupError> {
-        let ws_limits = WsLimits {
-            max_frame_hard_bytes: settings.max_frame_hard_bytes,
-            max_handshake_bytes: settings.max_handshake_bytes,
-            write_batch_bytes: settings.write_batch_bytes,
-            read_buffer_bytes: settings.ws_read_buffer_bytes,
-            close_linger: Duration::from_millis(settings.close_linger_ms),
-        };
+        let ws_limits = settings.ws_limits();
         let socket_engine = choose_socket_engine(settings)?;
         Ok(Self {
             settings,

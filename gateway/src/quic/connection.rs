@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parley_router::clock::Now;
 use parley_router::framing::{DocumentReader, Frame};
-use parley_router::protocol::Doc;
+use parley_router::protocol::{CloseCode, Doc};
 use parley_router::session::{Action, ChatRequest, Note, Session, SessionConfig};
 
 use crate::metrics::{dec, inc, ShardMetrics};
@@ -117,7 +117,7 @@ impl QuicConnection {
                 let _gone = self.conn.stream_shutdown(
                     stream,
                     quiche::Shutdown::Read,
-                    u64::from(parley_router::protocol::CloseCode::ProtocolViolation.code()),
+                    u64::from(CloseCode::ProtocolViolation.code()),
                 );
                 continue;
             }
@@ -295,6 +295,14 @@ impl QuicConnection {
                     inc(&self.metrics.sessions_authenticated);
                 }
             }
+        }
+        // A session the peer ended (it finished or reset the session stream) takes no
+        // close action, so nothing above closes the connection: close it here, or it
+        // stays until the idle timeout (for ever, if the peer keeps it alive) with its
+        // session still known to the core.
+        if self.session.is_finished() && self.close_at.is_none() {
+            let code = u64::from(CloseCode::GoingAway.code());
+            let _closed_already = self.conn.close(true, code, b"peer closed");
         }
     }
 

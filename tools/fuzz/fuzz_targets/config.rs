@@ -1,0 +1,4 @@
+#![no_main]
+//! Target `config`: the body and its invariants are in the harness (docs/fuzzing.md).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| parley_fuzz_harness::config(data));
