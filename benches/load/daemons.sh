@@ -3,10 +3,38 @@
 # PORT + 2, QUIC PORT + 1, nats-server's WebSocket PORT + 11) set by the caller.
 
 PARLEYD_PID=
+# wait_port_free PORT: until a TCP socket can bind 127.0.0.1:PORT (at most 60 s). A
+# parleyd that exited with sessions still open (a drain past drain_timeout_ms) leaves
+# them to the kernel, which closes its io_uring instances after the process: their
+# sockets can hold the address a while. A new parleyd on another data directory cannot
+# know that one went before it (on the same one it waits: restart_after_kill_wait_ms).
+wait_port_free() {
+    python3 - "$1" <<'PY'
+import socket, sys, time
+port, start = int(sys.argv[1]), time.monotonic()
+while True:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        break
+    except OSError as error:
+        if time.monotonic() - start > 60:
+            sys.exit(f"port {port} still in use after 60 s: {error}")
+        time.sleep(0.1)
+    finally:
+        s.close()
+waited = time.monotonic() - start
+if waited >= 0.1:
+    print(f"port {port} was in use for {waited:.1f} s before this parleyd", file=sys.stderr)
+PY
+}
+
 # start_parleyd [FLAG ...]: a fresh release parleyd (new data dir), once it listens.
 start_parleyd() {
     stop_parleyd
     rm -rf "$OUT/data"
+    wait_port_free "$PORT"
     "${CARGO_TARGET_DIR:-target}"/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
         --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) \
         "$@" >"$OUT/parleyd.log" 2>&1 &
