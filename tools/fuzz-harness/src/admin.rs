@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parley_gateway::admin::{respond, AdminState};
-use parley_gateway::metrics::ShardMetrics;
 use parley_gateway::kernel_tcp::KernelTcpMetrics;
+use parley_gateway::metrics::ShardMetrics;
 
 const STATUSES: [&str; 4] = [
     "200 OK",
