@@ -8,8 +8,9 @@
 //! - RSS after the run within 10% of its level after the warm-up (the first 20% of the
 //!   run, by which time every bounded cache is full);
 //! - the socket engine's slots, buffers and connections back to zero, no ring added after
-//!   the warm-up and no descriptor gained (segment files aside, which the log opens as it
-//!   grows: those must each name a segment on disk, at most two descriptors each);
+//!   the warm-up and no descriptor gained (log files aside, which the log opens as it
+//!   grows: segments, and the spare it allocates ahead of the next roll; those must each
+//!   name a file on disk, at most two descriptors each);
 //! - no shard stalled: each shard's loop-lag p99 under 10 ms, from its histogram.
 //!
 //! It prints its figures (`cargo test ... -- --nocapture` shows them). It is the only
@@ -81,10 +82,10 @@ struct Sample {
     /// Seconds since the load started.
     at_s: f64,
     rss_kib: u64,
-    /// Descriptors other than log segments, and those of segments.
+    /// Descriptors other than log files, and those of log files (segments and spares).
     descriptors: u64,
     segment_descriptors: u64,
-    /// Segment files on disk.
+    /// Log files on disk: segments, and at most one spare a shard.
     segments: u64,
     /// Every per-shard series summed over shards, by name (with its labels but `shard`).
     totals: BTreeMap<String, u64>,
@@ -174,7 +175,14 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status")
 }
 
-/// (descriptors other than log segments, descriptors of log segments).
+/// Whether `path` is one of the log's files: a segment, or the spare allocated ahead of
+/// the next roll (`wal/src/spare.rs`), which appears once a segment fills.
+fn is_log_file(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|ext| ext == "seg" || ext == "spare")
+}
+
+/// (descriptors other than log files, descriptors of log files).
 fn descriptors(pid: u32) -> (u64, u64) {
     let mut counts = (0, 0);
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
@@ -183,10 +191,10 @@ fn descriptors(pid: u32) -> (u64, u64) {
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if target.extension().is_some_and(|ext| ext == "seg") {
+        if is_log_file(&target) {
             assert!(
                 target.exists(),
-                "a descriptor for a segment no longer on disk: {}",
+                "a descriptor for a log file no longer on disk: {}",
                 target.display()
             );
             counts.1 += 1;
@@ -203,7 +211,7 @@ fn segment_files(data_dir: &std::path::Path) -> u64 {
         if let Ok(files) = std::fs::read_dir(shard.path()) {
             segments += files
                 .flatten()
-                .filter(|file| file.path().extension().is_some_and(|ext| ext == "seg"))
+                .filter(|file| is_log_file(&file.path()))
                 .count() as u64;
         }
     }
@@ -481,7 +489,7 @@ fn soak_with_churn_leaks_nothing_and_stalls_no_shard() {
     println!(
         "soak {seconds} s: RSS KiB start {} warm ({:.0}-{:.0} s) {warm_rss} peak {peak} end {} \
          (limit {rss_limit:.0}: 10% and {log_state_kib:.0} KiB for {sequenced} messages sequenced since); \
-         descriptors (segments aside) warm {} end {}, segment descriptors {} for {} segments; \
+         descriptors (log files aside) warm {} end {}, log file descriptors {} for {} log files; \
          loop lag per shard (samples, <=10 ms, p99 bucket) {lag:?}; \
          sends acknowledged {acked}, deliveries verified {delivered}; churn {churn_events:?}",
         before.rss_kib,
@@ -510,14 +518,14 @@ fn soak_with_churn_leaks_nothing_and_stalls_no_shard() {
     ensure!(
         run,
         end.descriptors <= warm.descriptors,
-        "descriptors (segments aside): {} after the warm-up, {} at the end",
+        "descriptors (log files aside): {} after the warm-up, {} at the end",
         warm.descriptors,
         end.descriptors
     );
     ensure!(
         run,
         end.segment_descriptors <= 2 * end.segments,
-        "{} descriptors for {} segments",
+        "{} descriptors for {} log files",
         end.segment_descriptors,
         end.segments
     );
