@@ -12,7 +12,7 @@ use parley_router::directory::MAX_SHARDS;
 use parley_router::limits::{ChatLimits, MAX_GROUP_MEMBERS_CEILING};
 use parley_router::record::MAX_RECORD_OVERHEAD_BYTES;
 use parley_router::session::SessionLimits;
-use parley_wal::format::RECORD_HEADER;
+use parley_wal::format::{MAX_SEGMENT_SIZE, RECORD_HEADER};
 use parley_wal::WalOptions;
 
 /// Why the configuration could not be used. Each renders as one line naming the setting.
@@ -445,8 +445,11 @@ impl Settings {
         if self.loop_lag_probe_ms > 1000 {
             return Err(invalid("loop_lag_probe_ms", "must be 0 (off) to 1000"));
         }
-        if self.wal_segment_bytes < 1 << 20 {
-            return Err(invalid("wal_segment_bytes", "must be at least 1048576"));
+        if !(1 << 20..=MAX_SEGMENT_SIZE).contains(&self.wal_segment_bytes) {
+            return Err(invalid(
+                "wal_segment_bytes",
+                format!("must be 1048576 to {}", MAX_SEGMENT_SIZE),
+            ));
         }
         if self.wal_next_segment_at_percent > 100 {
             return Err(invalid("wal_next_segment_at_percent", "must be 0-100"));

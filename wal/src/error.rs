@@ -61,6 +61,10 @@ pub enum WalError {
     /// block and at least one block of records.
     #[error("a segment size of {configured} bytes leaves no room for records: it must be at least {min} bytes")]
     SegmentSizeTooSmall { configured: u64, min: u64 },
+    /// `WalOptions::segment_size` is over the largest size a segment header may record
+    /// (`MAX_SEGMENT_SIZE`, 1 TiB).
+    #[error("a segment size of {configured} bytes is over the largest, {max} bytes")]
+    SegmentSizeTooLarge { configured: u64, max: u64 },
 }
 
 impl WalError {

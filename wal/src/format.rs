@@ -41,6 +41,13 @@ pub type Lsn = u64;
 /// taking it would leave LSNs (u64) no room to count on.
 pub const MAX_FIRST_LSN: Lsn = 1 << 62;
 
+/// The sizes a segment may have: room for its header and one block of records, and at
+/// most 1 TiB. A header recording a size outside them was not written by the log; taken,
+/// it would be the bound of every write into the segment (and a size near 2^64 overflows
+/// the arithmetic on it).
+pub const MIN_SEGMENT_SIZE: u64 = (SEGMENT_HEADER + BLOCK) as u64;
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 40;
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {

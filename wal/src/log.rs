@@ -22,7 +22,8 @@ pub use crate::retention::Retention;
 
 use crate::error::WalError;
 use crate::format::{
-    align_up, stored_len, Lsn, RecordHeader, BLOCK, FLAG_BATCH_END, SEGMENT_HEADER,
+    align_up, stored_len, Lsn, RecordHeader, BLOCK, FLAG_BATCH_END, MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE, SEGMENT_HEADER,
 };
 use crate::io::{LogIo, SyncIo, UringIo};
 use crate::read::SegmentIndex;
@@ -35,13 +36,19 @@ use crate::writer::{ActiveSegment, Writer};
 
 const LOCK_FILE: &str = "LOCK";
 
-/// Refuse a segment size that leaves no block for records after the header.
+/// Refuse a segment size that leaves no block for records after the header, or one over
+/// the largest a header may record (recovery would refuse the segments).
 fn check_options(options: &WalOptions) -> Result<(), WalError> {
-    let min = (SEGMENT_HEADER + BLOCK) as u64;
-    if options.segment_size < min {
+    if options.segment_size < MIN_SEGMENT_SIZE {
         return Err(WalError::SegmentSizeTooSmall {
             configured: options.segment_size,
-            min,
+            min: MIN_SEGMENT_SIZE,
+        });
+    }
+    if options.segment_size > MAX_SEGMENT_SIZE {
+        return Err(WalError::SegmentSizeTooLarge {
+            configured: options.segment_size,
+            max: MAX_SEGMENT_SIZE,
         });
     }
     Ok(())

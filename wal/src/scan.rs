@@ -13,7 +13,7 @@
 
 use crate::format::{
     align_up, decode_record, decode_segment_header, Decoded, Lsn, RecordHeader, BLOCK,
-    MAX_FIRST_LSN, RECORD_ALIGN, SEGMENT_HEADER,
+    MAX_FIRST_LSN, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, RECORD_ALIGN, SEGMENT_HEADER,
 };
 
 /// Keep every Nth record's position for reads by LSN.
@@ -70,6 +70,13 @@ pub fn scan_segment(data: &[u8], expected_first_lsn: Lsn) -> Result<SegmentScan,
     // header outside that was not written by the log.
     if !(1..=MAX_FIRST_LSN).contains(&header.first_lsn) {
         let detail = format!("first LSN {} outside 1..={MAX_FIRST_LSN}", header.first_lsn);
+        return Err(ScanError::BadHeader(detail));
+    }
+    if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&header.segment_size) {
+        let detail = format!(
+            "segment size {} outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}",
+            header.segment_size
+        );
         return Err(ScanError::BadHeader(detail));
     }
     if header.first_lsn != expected_first_lsn {
@@ -366,6 +373,29 @@ mod tests {
         });
         data.resize(SIZE, 0);
         assert!(scan_segment(&data, MAX_FIRST_LSN).is_ok());
+    }
+
+    /// Found by the wal_recovery fuzz target: a sealed header recording a size near 2^64
+    /// was taken as the segment's write bound, and the writer's fill check overflowed.
+    #[test]
+    fn a_header_recording_a_size_outside_the_bounds_is_bad() {
+        let scan = |segment_size: u64| {
+            let mut data = encode_segment_header(&SegmentHeader {
+                first_lsn: 1,
+                segment_size,
+            });
+            data.resize(SIZE, 0);
+            scan_segment(&data, 1)
+        };
+        for segment_size in [0, MIN_SEGMENT_SIZE - 1, MAX_SEGMENT_SIZE + 1, u64::MAX] {
+            let detail = format!(
+                "segment size {segment_size} outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}"
+            );
+            assert_eq!(scan(segment_size), Err(ScanError::BadHeader(detail)));
+        }
+        for segment_size in [MIN_SEGMENT_SIZE, SIZE as u64, MAX_SEGMENT_SIZE] {
+            assert!(scan(segment_size).is_ok(), "{segment_size}");
+        }
     }
 
     #[test]

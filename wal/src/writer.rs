@@ -153,7 +153,9 @@ impl ActiveSegment {
     fn filled(&self, percent: u8) -> bool {
         let room = self.limit.saturating_sub(SEGMENT_HEADER as u64);
         let used = self.write_pos.saturating_sub(SEGMENT_HEADER as u64);
-        percent < 100 && used * 100 >= room * u64::from(percent)
+        // In u128: the header's size is bounded (MAX_SEGMENT_SIZE), but this is a write
+        // bound's arithmetic and must not depend on it.
+        percent < 100 && u128::from(used) * 100 >= u128::from(room) * u128::from(percent)
     }
 }
 
