@@ -204,7 +204,22 @@ impl Writer {
         let dir = self.shared.dir.clone();
         std::thread::Builder::new()
             .name("parley-wal".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+                if let Err(panic) = run {
+                    // A bug in this crate. Poisoned, the log answers every waiter and
+                    // command with the panic's message, where an ended thread would leave
+                    // them waiting for ever. The shared state's lock tolerates the panic.
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".to_string());
+                    let why = format!("the log's writer thread panicked: {message}");
+                    let _first_failure_wins = self.shared.poison.set(why.into());
+                    self.refuse_work_until_closed();
+                }
+            })
             .map_err(|e| WalError::io("start writer thread for", dir, e))
     }
 

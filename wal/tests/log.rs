@@ -302,6 +302,75 @@ fn write_failure_poisons_with_no_false_acknowledgement() {
     }
 }
 
+/// Writes through io_uring until the `panic_at`-th write, which panics (a bug in the
+/// writer's path, as the wal_recovery fuzz target once found one).
+struct PanickingIo {
+    inner: UringIo,
+    writes: u64,
+    panic_at: u64,
+}
+
+impl parley_wal::io::LogIo for PanickingIo {
+    fn write_durable(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        buf: &[u8],
+    ) -> std::io::Result<()> {
+        self.writes += 1;
+        assert!(
+            self.writes < self.panic_at,
+            "a bug on write {}",
+            self.writes
+        );
+        self.inner.write_durable(file, offset, buf)
+    }
+
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+}
+
+#[test]
+fn a_writer_thread_panic_poisons_the_log_instead_of_leaving_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    // Write 1 is the first segment's header, 2 the first flush, 3 the second.
+    let io = PanickingIo {
+        inner: UringIo::new().unwrap(),
+        writes: 0,
+        panic_at: 3,
+    };
+    let (wal, _) = Wal::open_with_io(dir.path(), small(), Box::new(io), &mut |_| {}).unwrap();
+    let wal = std::sync::Arc::new(wal);
+    let a = wal.append(1, 0, b"a").unwrap();
+    wal.wait_durable(a).unwrap();
+    let b = wal.append(1, 0, b"b").unwrap();
+    // A hang is this test's failure, so the wait runs on a thread with a deadline.
+    let (done, outcome) = std::sync::mpsc::channel();
+    let waiter = std::sync::Arc::clone(&wal);
+    let waiting = std::thread::spawn(move || {
+        let _ = done.send(waiter.wait_durable(b));
+    });
+    let error = outcome
+        .recv_timeout(Duration::from_secs(10))
+        .expect("wait_durable answered within 10 s of the writer's panic")
+        .unwrap_err();
+    waiting.join().unwrap();
+    let wal = std::sync::Arc::try_unwrap(wal)
+        .ok()
+        .expect("the waiter's handle is gone");
+    assert!(matches!(error, WalError::Poisoned(_)), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("writer thread panicked: a bug on write 3"),
+        "{error}"
+    );
+    assert_eq!(wal.durable_lsn(), a, "nothing acknowledged after the panic");
+    assert!(matches!(wal.append(1, 0, b"c"), Err(WalError::Poisoned(_))));
+    assert!(wal.close().is_err());
+}
+
 #[test]
 fn replication_fences_older_epochs_and_truncates_divergent_tails() {
     let leader_dir = tempfile::tempdir().unwrap();
