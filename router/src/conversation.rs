@@ -260,6 +260,28 @@ impl Conversation {
         (from_end < len).then(|| &self.recent[len - 1 - from_end])
     }
 
+    /// Whether a conversation read from a snapshot taken at `at_lsn` keeps the positions
+    /// the sequencer relies on: one per message, increasing, none past the snapshot.
+    pub fn check_log_positions(&self, at_lsn: u64) -> Result<(), String> {
+        if self.lsn_by_seq.len() as u64 != self.last_seq {
+            return Err(format!(
+                "conversation {} has {} log positions for {} messages",
+                self.id,
+                self.lsn_by_seq.len(),
+                self.last_seq
+            ));
+        }
+        let increasing = self.lsn_by_seq.windows(2).all(|pair| pair[0] < pair[1]);
+        let last = self.lsn_by_seq.last().copied().unwrap_or(0);
+        if !increasing || last > at_lsn {
+            return Err(format!(
+                "conversation {}'s log positions are not increasing up to LSN {at_lsn}",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+
     pub fn lsn_of(&self, seq: u64) -> Option<u64> {
         seq.checked_sub(1)
             .and_then(|i| self.lsn_by_seq.get(i as usize))

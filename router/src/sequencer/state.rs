@@ -41,6 +41,12 @@ impl Sequencer {
             lsn,
             what: format!("undecodable state snapshot: {e}"),
         })?;
+        // Checked whole before any of it is taken, so a refused snapshot changes nothing.
+        for conversation in &state.convs {
+            conversation
+                .check_log_positions(lsn)
+                .map_err(|what| ApplyError::Inconsistent { lsn, what })?;
+        }
         for mut conversation in state.convs {
             conversation.restored();
             for user in conversation.members.keys() {

@@ -69,7 +69,7 @@ pub fn record(data: &[u8]) {
         }
     }
     if let Some(bytes) = sequencer.snapshot() {
-        round_trip(&bytes);
+        round_trip(&bytes, lsn);
     }
 }
 
@@ -86,10 +86,11 @@ pub fn snapshot(data: &[u8]) {
             "{reason}"
         ),
     }
-    let file = encode_state(7, data);
-    assert_eq!(decode_state(&file), Ok((7, data)));
+    let file = encode_state(SNAPSHOT_LSN, data);
+    assert_eq!(decode_state(&file), Ok((SNAPSHOT_LSN, data)));
     let mut sequencer = sequencer();
-    match sequencer.restore(7, data) {
+    // As of an LSN past any position the seeds' states hold (restore refuses a later one).
+    match sequencer.restore(SNAPSHOT_LSN, data) {
         Ok(()) => {
             let canonical_in = canonical(data).expect("restored state decodes");
             let bytes = sequencer
@@ -100,7 +101,7 @@ pub fn snapshot(data: &[u8]) {
                 Some(&canonical_in),
                 "restore lost state"
             );
-            round_trip(&bytes);
+            round_trip(&bytes, SNAPSHOT_LSN);
         }
         Err(ApplyError::Inconsistent { .. }) => {}
         Err(error) => panic!("restore failed with {error}"),
@@ -111,10 +112,11 @@ fn sequencer() -> Sequencer {
     Sequencer::new(Arc::new(fixture::chat_limits()))
 }
 
-/// `bytes`, a snapshot, restore into a fresh sequencer whose snapshot is the same state.
-fn round_trip(bytes: &[u8]) {
+/// `bytes`, a snapshot taken at `lsn`, restore into a fresh sequencer whose snapshot is
+/// the same state.
+fn round_trip(bytes: &[u8], lsn: u64) {
     let mut restored = sequencer();
-    restored.restore(9, bytes).expect("a snapshot restores");
+    restored.restore(lsn, bytes).expect("a snapshot restores");
     let again = restored
         .snapshot()
         .expect("a restored sequencer has no dirty cursors");
