@@ -204,23 +204,26 @@ impl Writer {
         let dir = self.shared.dir.clone();
         std::thread::Builder::new()
             .name("parley-wal".into())
-            .spawn(move || {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
-                if let Err(panic) = run {
-                    // A bug in this crate. Poisoned, the log answers every waiter and
-                    // command with the panic's message, where an ended thread would leave
-                    // them waiting for ever. The shared state's lock tolerates the panic.
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "no message".to_string());
-                    let why = format!("the log's writer thread panicked: {message}");
-                    let _first_failure_wins = self.shared.poison.set(why.into());
-                    self.refuse_work_until_closed();
-                }
-            })
+            .spawn(move || self.run_or_poison())
             .map_err(|e| WalError::io("start writer thread for", dir, e))
+    }
+
+    /// [`run`](Self::run), and on a panic (a bug in this crate) poison the log with its
+    /// message: the log then answers every waiter and command, where an ended thread
+    /// would leave them waiting for ever. The shared state's lock tolerates the panic.
+    fn run_or_poison(&mut self) {
+        let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()))
+        else {
+            return;
+        };
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        let why = format!("the log's writer thread panicked: {message}");
+        let _first_failure_wins = self.shared.poison.set(why.into());
+        self.refuse_work_until_closed();
     }
 
     fn run(&mut self) {
