@@ -103,9 +103,18 @@ fn sheds_at_the_limit(engine: &str) {
     if engine == "io_uring" {
         // The limit in effect is the setting: slots for every admitted connection, every
         // refusal being answered and every armed accept, made at start.
-        let capacity = metric(&daemon, "parley_socket_slots_capacity");
-        let armed = metric(&daemon, "parley_socket_accepts_armed");
+        // The gauges are published at the end of the shard's first turn, which may come
+        // after the port is announced: wait (bounded) for an armed accept.
+        let deadline = Instant::now() + WAIT;
+        let armed = loop {
+            let armed = metric(&daemon, "parley_socket_accepts_armed");
+            if armed >= 1 || Instant::now() >= deadline {
+                break armed;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(armed >= 1, "no accept armed");
+        let capacity = metric(&daemon, "parley_socket_slots_capacity");
         assert!(
             capacity >= LIMIT + 1 + armed,
             "{capacity} slots for {LIMIT} connections, 1 refusal and {armed} accepts"
