@@ -8,6 +8,7 @@ use crate::auth::is_valid_id;
 use crate::limits::ChatLimits;
 use crate::protocol::ErrorCode;
 use crate::record::{ConvKind, MessageKind};
+use crate::search::{self, SearchQuery};
 
 /// A conversation id: 1-64 bytes (PROTOCOL.md section 4).
 pub const MAX_CONV_ID_BYTES: usize = 64;
@@ -101,6 +102,8 @@ pub enum ChatCommand {
         emoji: String,
         on: bool,
     },
+    /// `search` (PROTOCOL.md 10): asked of every shard's conversations of the user.
+    Search(Box<SearchQuery>),
 }
 
 impl ChatCommand {
@@ -130,7 +133,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn bad(msg: impl Into<String>) -> Self {
+    pub(crate) fn bad(msg: impl Into<String>) -> Self {
         Self {
             code: ErrorCode::BadRequest,
             msg: msg.into(),
@@ -154,6 +157,7 @@ pub const CHAT_OPS: &[&str] = &[
     "sync",
     "presence.get",
     "react",
+    "search",
 ];
 
 #[derive(Deserialize)]
@@ -368,6 +372,7 @@ fn parse_fields(op: &str, document: &str, limits: &ChatLimits) -> Result<ChatCom
             users: args::<PresenceArgs>(op, document)?.users,
         },
         "react" => args::<ReactArgs>(op, document)?.into(),
+        "search" => ChatCommand::Search(Box::new(search::parse(document, limits)?)),
         other => return Err(Refusal::bad(format!("unknown op '{other}'"))),
     })
 }

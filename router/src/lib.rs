@@ -17,6 +17,7 @@ pub mod ownership;
 pub mod protocol;
 pub mod rate;
 pub mod record;
+pub mod search;
 pub mod seeded_map;
 pub mod sequencer;
 pub mod session;

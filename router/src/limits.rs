@@ -32,6 +32,8 @@ pub struct ChatLimits {
     pub presence_get_max_users: usize,
     /// Newest messages per conversation kept in memory; older ones are read from the log.
     pub message_cache_per_conv: usize,
+    /// Hits one `search` can page through (its cursors stop there).
+    pub search_max_results: usize,
 }
 
 impl Default for ChatLimits {
@@ -48,6 +50,7 @@ impl Default for ChatLimits {
             sync_max_convs: 256,
             presence_get_max_users: 500,
             message_cache_per_conv: 64,
+            search_max_results: 1_000,
         }
     }
 }

@@ -71,7 +71,8 @@ impl Sequencer {
             ChatCommand::ConvList
             | ChatCommand::Sync { .. }
             | ChatCommand::Resume { .. }
-            | ChatCommand::PresenceGet { .. } => Err(Handled::Refused((
+            | ChatCommand::PresenceGet { .. }
+            | ChatCommand::Search(_) => Err(Handled::Refused((
                 ErrorCode::Internal,
                 "command routed to a conversation's home by mistake".into(),
             ))),

@@ -13,6 +13,7 @@ use crate::event::{self, MoreAfter};
 use crate::output::{Caller, ConvSummary, Origin, Output, Part, PresenceInfo};
 use crate::ownership::{conversation_home, user_home};
 use crate::protocol::{encode_ok, Doc};
+use crate::search::{SearchQuery, SearchRequest};
 use crate::sequencer::SyncShare;
 
 use super::{MeshEntry, ShardCore};
@@ -46,13 +47,18 @@ pub(super) enum GatherKind {
     List,
     Sync,
     Resume,
-    Presence { order: Vec<String> },
+    Presence {
+        order: Vec<String>,
+    },
+    /// A search, once the user's conversations are known.
+    Search(Box<SearchQuery>),
 }
 
 #[derive(Debug)]
 pub(super) struct Gather {
     conn: u64,
     re: u64,
+    user: Arc<str>,
     waiting: usize,
     kind: GatherKind,
     convs: Vec<ConvSummary>,
@@ -193,6 +199,7 @@ impl ShardCore {
             Gather {
                 conn: origin.conn,
                 re: caller.re,
+                user: caller.user.clone(),
                 waiting: shards.len(),
                 kind,
                 convs: Vec::new(),
@@ -250,6 +257,10 @@ impl ShardCore {
         let Some(mut done) = self.gathers.remove(&gather) else {
             return;
         };
+        if matches!(done.kind, GatherKind::Search(_)) {
+            self.hand_on_search(done);
+            return;
+        }
         done.convs
             .sort_by(|a, b| b.last_ts.cmp(&a.last_ts).then_with(|| a.conv.cmp(&b.conv)));
         done.more.sort_by(|a, b| a.conv.cmp(&b.conv));
@@ -271,6 +282,8 @@ impl ShardCore {
                 let synced = Doc::Owned(event::synced(&done.more));
                 self.local.push((conn, synced, false));
             }
+            // Handed on above.
+            GatherKind::Search(_) => {}
             GatherKind::Presence { order } => {
                 let by_user: FastMap<&str, &PresenceInfo> =
                     done.presence.iter().map(|p| (p.user.as_str(), p)).collect();
@@ -282,6 +295,28 @@ impl ShardCore {
                 self.local.push((conn, Doc::Owned(doc), false));
             }
         }
+    }
+
+    /// The user's conversations are known: the search can run (the conversation filter
+    /// narrows them; a conversation the user is not in simply has no hits).
+    fn hand_on_search(&mut self, done: Gather) {
+        let GatherKind::Search(query) = done.kind else {
+            return;
+        };
+        let mut convs: Vec<String> = done
+            .convs
+            .into_iter()
+            .map(|summary| summary.conv)
+            .filter(|conv| query.conv.as_ref().is_none_or(|only| only == conv))
+            .collect();
+        convs.sort_unstable();
+        self.searches.push(SearchRequest {
+            conn: done.conn,
+            re: done.re,
+            user: done.user,
+            convs,
+            query: *query,
+        });
     }
 
     /// Each named conversation's share of one replay's `sync_max_messages`.

@@ -38,6 +38,7 @@ use crate::output::{Caller, Delivery, Origin, Output, Part};
 use crate::ownership::conversation_home;
 use crate::protocol::Doc;
 use crate::record::ConvKind;
+use crate::search::SearchRequest;
 use crate::sequencer::{ApplyError, HomeCommand, Sequencer};
 
 use gather::{Gather, GatherKind, Replaying};
@@ -100,6 +101,8 @@ pub struct ShardCore {
     outgoing: Vec<VecDeque<MeshEntry>>,
     /// (conn, document, ephemeral) for local sessions.
     local: Vec<(u64, Doc, bool)>,
+    /// Searches whose conversations are gathered, for the driver's search service.
+    searches: Vec<SearchRequest>,
     failed: Option<LogError>,
     pub stats: ShardCoreStats,
 }
@@ -142,6 +145,7 @@ impl ShardCore {
             held: VecDeque::new(),
             outgoing: (0..shards).map(|_| VecDeque::new()).collect(),
             local: Vec::new(),
+            searches: Vec::new(),
             failed: None,
             stats: ShardCoreStats::default(),
         }
@@ -200,6 +204,12 @@ impl ShardCore {
     /// Documents for local sessions: (conn, document, ephemeral).
     pub fn take_local(&mut self) -> std::vec::Drain<'_, (u64, Doc, bool)> {
         self.local.drain(..)
+    }
+
+    /// Searches ready to run: the driver hands each to the search service, which
+    /// answers the session itself (the index is not the core's).
+    pub fn take_searches(&mut self) -> std::vec::Drain<'_, SearchRequest> {
+        self.searches.drain(..)
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -277,6 +287,12 @@ impl ShardCore {
                 self.start_replay(&caller, GatherKind::Resume, &cursors, now)
             }
             ChatCommand::PresenceGet { users } => self.presence_get(&caller, users, now),
+            ChatCommand::Search(query) => {
+                // The user's conversations first, from every shard, as for `conv.list`.
+                let shards: Vec<usize> = (0..self.shards).collect();
+                let kind = GatherKind::Search(query);
+                self.scatter(&caller, kind, &shards, |_| Query::List, now);
+            }
             command => self.send_home(caller, command, now),
         }
         self.end_turn(now);
