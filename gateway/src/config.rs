@@ -260,6 +260,16 @@ settings! {
     snapshot_every_records: u64 = 1_000_000;
     /// Period of each shard's loop-lag probe (parley_shard_loop_lag_seconds), in milliseconds, at most 1000; 0 turns it off.
     loop_lag_probe_ms: u64 = 10;
+    /// Full-text search: each shard indexes its log's messages (tantivy, under <data_dir>/search) on a thread of its own; false serves no search command (unavailable) and keeps no index.
+    search: bool = true;
+    /// Indexing memory per shard before the indexer writes a segment, in bytes (at least 15 MiB, tantivy's floor).
+    search_index_heap_bytes: usize = 32 << 20;
+    /// How often each shard's indexer commits what it indexed, in milliseconds (50-60000): a message is searchable about this long after its ok.
+    search_commit_interval_ms: u64 = 500;
+    /// Hits one search can page through; cursors stop there.
+    search_max_results: usize = 1_000;
+    /// Searches waiting for the search thread at most; more get unavailable at once.
+    search_queue_len: usize = 64;
 }
 
 fn env_name(setting: &str) -> String {
@@ -442,6 +452,21 @@ impl Settings {
         if self.shard_count() > MAX_SHARDS {
             return Err(invalid("shards", format!("at most {MAX_SHARDS}")));
         }
+        if self.search_index_heap_bytes < 15 << 20 {
+            return Err(invalid(
+                "search_index_heap_bytes",
+                "must be at least 15728640 (tantivy's floor)",
+            ));
+        }
+        if !(50..=60_000).contains(&self.search_commit_interval_ms) {
+            return Err(invalid("search_commit_interval_ms", "must be 50-60000"));
+        }
+        if !(1..=100_000).contains(&self.search_max_results) {
+            return Err(invalid("search_max_results", "must be 1-100000"));
+        }
+        if !(1..=100_000).contains(&self.search_queue_len) {
+            return Err(invalid("search_queue_len", "must be 1-100000"));
+        }
         if self.loop_lag_probe_ms > 1000 {
             return Err(invalid("loop_lag_probe_ms", "must be 0 (off) to 1000"));
         }
@@ -565,6 +590,7 @@ impl Settings {
             sync_max_convs: self.sync_max_convs,
             presence_get_max_users: self.presence_get_max_users,
             message_cache_per_conv: self.message_cache_per_conv,
+            search_max_results: self.search_max_results,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod quic;
 
 pub mod runtime;
+pub mod search;
 pub mod uring;
 pub mod wheel;
 pub mod ws;

@@ -62,6 +62,21 @@ pub struct ShardMetrics {
     pub wal_appends_refused: AtomicU64,
     /// How late the shard's loop ran its lag probe (`runtime/loop_lag.rs`).
     pub loop_lag: LagHistogram,
+    /// The shard's search indexer (search/indexer.rs): messages indexed, records it could
+    /// not decode, its index's bytes on disk, the LSN its last commit covers, and how far
+    /// that trails the log's durable end (records, and the age of the oldest record not
+    /// yet searchable).
+    pub search_docs_indexed: AtomicU64,
+    pub search_records_undecodable: AtomicU64,
+    pub search_index_bytes: AtomicU64,
+    pub search_indexed_lsn: AtomicU64,
+    pub search_lag_records: AtomicU64,
+    pub search_lag_ms: AtomicU64,
+    /// Searches of this shard's sessions run, refused for a full queue, and their time
+    /// from queued to answered.
+    pub search_queries: AtomicU64,
+    pub search_queries_refused: AtomicU64,
+    pub search_query_latency: LagHistogram,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     closes: [AtomicU64; CloseCode::ALL.len()],
 }
@@ -134,7 +149,7 @@ type PerShardSeries = (
     fn(&ShardMetrics) -> u64,
 );
 
-const PER_SHARD: [PerShardSeries; 35] = [
+const PER_SHARD: [PerShardSeries; 43] = [
     (
         "parley_messages_sequenced_total",
         "counter",
@@ -337,6 +352,54 @@ const PER_SHARD: [PerShardSeries; 35] = [
         |m| m.quic_forwarded.load(Relaxed),
     ),
     (
+        "parley_search_docs_indexed_total",
+        "counter",
+        "Messages the shard's search indexer added to its index.",
+        |m| m.search_docs_indexed.load(Relaxed),
+    ),
+    (
+        "parley_search_records_undecodable_total",
+        "counter",
+        "Chat records of the shard's log the search indexer could not decode (and skipped).",
+        |m| m.search_records_undecodable.load(Relaxed),
+    ),
+    (
+        "parley_search_index_bytes",
+        "gauge",
+        "Bytes of the shard's search index on disk, as of its last commit.",
+        |m| m.search_index_bytes.load(Relaxed),
+    ),
+    (
+        "parley_search_indexed_lsn",
+        "gauge",
+        "The LSN of the shard's log that its search index's last commit covers.",
+        |m| m.search_indexed_lsn.load(Relaxed),
+    ),
+    (
+        "parley_search_index_lag_records",
+        "gauge",
+        "Durable log records not yet searchable (the log's durable LSN less the index's).",
+        |m| m.search_lag_records.load(Relaxed),
+    ),
+    (
+        "parley_search_index_lag_ms",
+        "gauge",
+        "Age of the oldest durable record not yet searchable, in milliseconds; 0 when caught up.",
+        |m| m.search_lag_ms.load(Relaxed),
+    ),
+    (
+        "parley_search_queries_total",
+        "counter",
+        "Searches of the shard's sessions answered (hits or an error).",
+        |m| m.search_queries.load(Relaxed),
+    ),
+    (
+        "parley_search_queries_refused_total",
+        "counter",
+        "Searches answered unavailable at once: search_queue_len searches were waiting.",
+        |m| m.search_queries_refused.load(Relaxed),
+    ),
+    (
         "parley_shard_ready",
         "gauge",
         "1 when the shard serves and its state is recovered.",
@@ -344,16 +407,17 @@ const PER_SHARD: [PerShardSeries; 35] = [
     ),
 ];
 
-/// `parley_shard_loop_lag_seconds`: the buckets (cumulative, as Prometheus wants them),
-/// their sum and count, per shard.
-fn render_loop_lag(out: &mut String, shards: &[std::sync::Arc<ShardMetrics>]) {
-    let name = "parley_shard_loop_lag_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} How late the shard's loop ran a task it scheduled (the loop-lag probe, every loop_lag_probe_ms).\n# TYPE {name} histogram"
-    );
+/// A duration histogram per shard: the buckets (cumulative, as Prometheus wants them),
+/// their sum and count.
+fn render_histogram(
+    out: &mut String,
+    (name, help): (&str, &str),
+    shards: &[std::sync::Arc<ShardMetrics>],
+    histogram_of: fn(&ShardMetrics) -> &LagHistogram,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for (shard, metrics) in shards.iter().enumerate() {
-        let histogram = &metrics.loop_lag;
+        let histogram = histogram_of(metrics);
         let cumulative = histogram.cumulative();
         for (bound, count) in LOOP_LAG_BOUNDS_US.iter().zip(cumulative) {
             let le = *bound as f64 / 1e6;
@@ -424,7 +488,18 @@ pub fn render(
         "Close frames sent, by close code.",
     );
     series(&mut out, header, closes);
-    render_loop_lag(&mut out, shards);
+    let loop_lag = (
+        "parley_shard_loop_lag_seconds",
+        "How late the shard's loop ran a task it scheduled (the loop-lag probe, every loop_lag_probe_ms).",
+    );
+    render_histogram(&mut out, loop_lag, shards, |m| &m.loop_lag);
+    let search_latency = (
+        "parley_search_query_seconds",
+        "Time from a search queued to its answer, by the shard of the session that asked.",
+    );
+    render_histogram(&mut out, search_latency, shards, |m| {
+        &m.search_query_latency
+    });
     let header = ("parley_draining", "gauge", "1 while the process drains.");
     series(
         &mut out,

@@ -23,6 +23,7 @@ use crate::quic::{QuicKeys, QuicSettings};
 use crate::runtime::{
     spawn_shard, EnginePlan, ForwardedDatagram, QuicPlan, ShardControl, ShardEvent, ShardPlan,
 };
+use crate::search::{SearchService, SearchSettings};
 use crate::uring::RingSizes;
 use crate::ws::WsLimits;
 
@@ -52,6 +53,10 @@ pub(super) fn start(
     let meshes = parley_router::mesh::mesh(shard_count, settings.mesh_ring_entries);
     let quic_meshes = parley_router::mesh::mesh(shard_count, settings.mesh_ring_entries);
     let (lifecycle, events) = std::sync::mpsc::channel();
+    let metrics: Vec<Arc<ShardMetrics>> = (0..shard_count)
+        .map(|_| Arc::new(ShardMetrics::default()))
+        .collect();
+    let search = start_search(settings, &metrics)?;
     let mut started = Started {
         metrics: Vec::with_capacity(shard_count),
         controls: Vec::with_capacity(shard_count),
@@ -62,7 +67,9 @@ pub(super) fn start(
     for (index, (((ws_listener, quic_socket), mesh), quic_mesh)) in per_shard.enumerate() {
         let cpu = cpus[index % cpus.len()];
         let sockets = (ws_listener, quic_socket);
-        let plan = common.plan(index, cpu, sockets, (mesh, quic_mesh), lifecycle.clone());
+        let mut plan = common.plan(index, cpu, sockets, (mesh, quic_mesh), lifecycle.clone());
+        plan.metrics = metrics[index].clone();
+        plan.search = search.clone();
         started.metrics.push(plan.metrics.clone());
         started.controls.push(plan.control.clone());
         let thread = spawn_shard(plan).map_err(|source| StartupError::Spawn {
@@ -72,6 +79,30 @@ pub(super) fn start(
         started.threads.push(thread);
     }
     Ok(started)
+}
+
+/// The search service (its thread; each shard starts its own indexer once its log is
+/// recovered), unless `search = false`.
+fn start_search(
+    settings: &Settings,
+    metrics: &[Arc<ShardMetrics>],
+) -> Result<Option<Arc<SearchService>>, StartupError> {
+    if !settings.search {
+        return Ok(None);
+    }
+    let search_settings = SearchSettings {
+        dir: settings.data_dir.join("search"),
+        heap_bytes: settings.search_index_heap_bytes,
+        commit_interval: Duration::from_millis(settings.search_commit_interval_ms),
+        max_results: settings.search_max_results,
+        queue_len: settings.search_queue_len,
+    };
+    SearchService::start(search_settings, metrics.to_vec())
+        .map(Some)
+        .map_err(|source| StartupError::Spawn {
+            what: "the search thread".into(),
+            source,
+        })
 }
 
 /// What every shard's plan shares, derived once from the settings.
@@ -153,6 +184,7 @@ impl<'a> CommonPlan<'a> {
                 gso: self.gso,
                 mesh: quic_mesh,
             },
+            search: None,
         }
     }
 }

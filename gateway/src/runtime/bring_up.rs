@@ -60,12 +60,25 @@ async fn run_shard(plan: ShardPlan) {
     plan.metrics
         .connection_limit
         .store(plan.max_connections as u64, Ordering::Relaxed);
+    // The search index follows the recovered log from where its last commit stopped.
+    let indexer = match &plan.search {
+        Some(search) => match search.start_indexer(index, wal.clone()) {
+            Ok(indexer) => Some(indexer),
+            Err(error) => {
+                let _ = lifecycle.send(ShardEvent::Failed(index, error.to_string()));
+                return;
+            }
+        },
+        None => None,
+    };
+    let search = plan.search.as_ref().and_then(|s| s.shard_end(index));
     let shard = Rc::new(Shard::new(&plan, core));
     glommio::spawn_local(run_core_task(
         shard.clone(),
         plan.mesh,
         wal,
         plan.snapshot_every_records,
+        search,
     ))
     .detach();
     if let Some(period) = plan.loop_lag_probe {
@@ -95,6 +108,10 @@ async fn run_shard(plan: ShardPlan) {
     drop(listener);
     plan.metrics.ready.store(false, Ordering::Release);
     drain(&shard, plan.drain_timeout).await;
+    // What the indexer indexed is committed, so a restart need not index it again.
+    if let Some(indexer) = indexer {
+        indexer.stop();
+    }
 }
 
 impl Shard {

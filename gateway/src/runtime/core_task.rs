@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use parley_router::clock::Now;
 use parley_router::mesh::MeshEnds;
+use parley_router::protocol::{encode_err, Doc, ErrorCode};
 use parley_router::shard::{MeshEntry, ShardCore, SHED_EPHEMERAL_BACKLOG};
 use parley_wal::Wal;
 
@@ -21,6 +22,7 @@ use super::deadline::DeadlineTimer;
 use super::snapshots::Snapshots;
 use super::Shard;
 use crate::metrics::ShardMetrics;
+use crate::search::ShardSearch;
 
 /// Mesh entries taken per turn, so one busy peer cannot starve the sockets.
 const MESH_ENTRIES_PER_TURN: usize = 1024;
@@ -36,6 +38,8 @@ struct CoreTask {
     durable: Option<(u64, parley_wal::log::Durable)>,
     timer: DeadlineTimer,
     snapshots: Snapshots,
+    /// The search service's end for this shard, or `None` with `search = false`.
+    search: Option<ShardSearch>,
 }
 
 /// Run the shard's core task; never returns (the executor drops it when the shard stops).
@@ -44,6 +48,7 @@ pub(super) async fn run_core_task(
     mesh: MeshEnds<MeshEntry>,
     wal: Arc<Wal>,
     snapshot_every_records: u64,
+    search: Option<ShardSearch>,
 ) {
     let last_snapshot = wal.snapshot_lsn().ok().flatten().unwrap_or(0);
     let mut task = CoreTask {
@@ -53,6 +58,7 @@ pub(super) async fn run_core_task(
         durable: None,
         timer: DeadlineTimer::default(),
         snapshots: Snapshots::new(snapshot_every_records, last_snapshot),
+        search,
     };
     // Never resolves: a turn with progress wakes itself to go round again, so the
     // executor interleaves the core task with the connection tasks.
@@ -81,6 +87,7 @@ fn turn(cx: &mut Context<'_>, shard: &Shard, task: &mut CoreTask) -> Poll<()> {
     }
     progress |= run_timers(cx, &mut core, task, now);
     send_out(shard, &mut core, &mut task.mesh);
+    run_searches(cx, shard, &mut core, task.search.as_ref());
     apply_backpressure(shard, &core, task.mesh.shards());
     task.snapshots.step(shard.index, &core, &task.wal);
     publish_metrics(&shard.metrics, &core, &task.wal);
@@ -177,6 +184,40 @@ fn send_out(shard: &Shard, core: &mut ShardCore, mesh: &mut MeshEnds<MeshEntry>)
             mailbox.wake();
         }
     }
+}
+
+/// Hand the core's searches to the search service, and its answers to the sessions.
+fn run_searches(
+    cx: &Context<'_>,
+    shard: &Shard,
+    core: &mut ShardCore,
+    search: Option<&ShardSearch>,
+) {
+    let connections = shard.connections.borrow();
+    let deliver = |conn: u64, doc: String| {
+        if let Some(mailbox) = connections.get(&conn) {
+            mailbox
+                .documents
+                .borrow_mut()
+                .push_back((Doc::Owned(doc), false));
+            mailbox.wake();
+        }
+    };
+    let Some(search) = search else {
+        for request in core.take_searches() {
+            shard.metrics.error_sent(ErrorCode::Unavailable);
+            let msg = "search is off on this server (search = false)";
+            deliver(
+                request.conn,
+                encode_err(Some(request.re), ErrorCode::Unavailable, msg),
+            );
+        }
+        return;
+    };
+    for request in core.take_searches() {
+        search.submit(request);
+    }
+    search.take_replies(cx.waker(), deliver);
 }
 
 /// Stop the transports reading while the rings cannot take the core's output; wake the

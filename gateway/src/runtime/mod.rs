@@ -37,6 +37,7 @@ use parley_router::shard::{MeshEntry, ShardCore};
 use parley_wal::WalOptions;
 
 use crate::metrics::ShardMetrics;
+use crate::search::SearchService;
 use crate::ws::WsLimits;
 
 mod bring_up;
@@ -111,6 +112,8 @@ pub struct ShardPlan {
     /// The io_uring socket engine's sizes, or `None` for glommio's readiness-based
     /// streams on regular descriptors.
     pub socket_engine: Option<EnginePlan>,
+    /// The node's search service, or `None` with `search = false`.
+    pub search: Option<Arc<SearchService>>,
 }
 
 /// What a shard tells the process about its start and end.
