@@ -436,3 +436,20 @@ fn search_off_answers_unavailable() {
     assert_eq!(alice.err("search", json!({"q": "x"})), "unavailable");
     assert!(!daemon.data_dir.path().join("search").exists());
 }
+
+#[test]
+fn an_index_that_cannot_be_created_refuses_the_start_naming_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the index directory goes.
+    std::fs::write(dir.path().join("search"), b"not a directory").unwrap();
+    let mut args = common::local_args(dir.path());
+    args.extend(["--jwt-secret", common::SECRET, "--shards", "2"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, stderr) = common::run_to_exit(&args, &[]);
+    assert!(!status.success(), "{status:?}: {stderr}");
+    let index_dir = dir.path().join("search").join("shard-");
+    assert!(
+        stderr.contains(&*index_dir.to_string_lossy()) && stderr.contains("creating it"),
+        "{stderr}"
+    );
+}
