@@ -114,6 +114,30 @@ impl Wal {
         }
     }
 
+    /// Wait up to `timeout` for `lsn` to be durable; whether it is. A reader that
+    /// follows the tail waits with this and then reads what became durable as a range
+    /// (`iter`), rather than one record at a time: each read decodes an index interval.
+    pub fn wait_durable_timeout(&self, lsn: Lsn, timeout: Duration) -> Result<bool, WalError> {
+        let deadline = Instant::now() + timeout;
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        while self.durable_lsn() < lsn {
+            if let Some(poisoned) = shared.poisoned() {
+                return Err(poisoned);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            state = shared
+                .durable_changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(true)
+    }
+
     /// The records of the index interval holding `lsn`.
     fn read_interval(&self, lsn: Lsn) -> Result<Vec<Record>, WalError> {
         if lsn == 0 || lsn > self.durable_lsn() {
@@ -184,24 +208,9 @@ pub struct Follower<'a> {
 impl Follower<'_> {
     /// The next record, waiting up to `timeout` for it to become durable.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Record>, WalError> {
-        let deadline = Instant::now() + timeout;
-        let shared = &self.wal.shared;
-        let mut state = shared.lock();
-        while self.wal.durable_lsn() < self.next {
-            if let Some(poisoned) = shared.poisoned() {
-                return Err(poisoned);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            state = shared
-                .durable_changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        if !self.wal.wait_durable_timeout(self.next, timeout)? {
+            return Ok(None);
         }
-        drop(state);
         let record = self.wal.read(self.next)?;
         assert_eq!(
             record.lsn, self.next,
