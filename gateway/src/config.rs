@@ -270,6 +270,8 @@ settings! {
     search_max_results: usize = 1_000;
     /// Searches waiting for the search thread at most; more get unavailable at once.
     search_queue_len: usize = 64;
+    /// Nice value (0-19) at which a shard's search indexer catches up with more than 10,000 records of log (a rebuild, a restart after long with search off): above 0 the shards' threads (at 0) win a core both want. Following the live tail runs at the shards' priority.
+    search_rebuild_nice: i32 = 10;
 }
 
 fn env_name(setting: &str) -> String {
@@ -463,6 +465,9 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.search_max_results) {
             return Err(invalid("search_max_results", "must be 1-100000"));
+        }
+        if !(0..=19).contains(&self.search_rebuild_nice) {
+            return Err(invalid("search_rebuild_nice", "must be 0-19"));
         }
         if !(1..=100_000).contains(&self.search_queue_len) {
             return Err(invalid("search_queue_len", "must be 1-100000"));

@@ -223,6 +223,8 @@ fn index_logs(args: &Args, wals: &[Arc<Wal>]) -> Result<Vec<Arc<ShardIndex>>, St
             // parleyd's defaults (search_index_heap_bytes, search_commit_interval_ms).
             heap_bytes: 32 << 20,
             commit_interval: Duration::from_millis(500),
+            // Nothing else runs here: the catch-up's priority changes nothing.
+            rebuild_nice: 10,
             metrics: shard_metrics.clone(),
             stop: stop.clone(),
         };
@@ -303,13 +305,17 @@ fn report(name: &str, mut times: Vec<Duration>, hits: u64) {
 }
 
 /// Step 3a: parleyd's search.
+/// Each query's hits, as (conv, seq).
+type HitSets = Vec<std::collections::BTreeSet<(String, u64)>>;
+
 fn query_parley(
     indexes: &[Arc<ShardIndex>],
     queries: &[(Vec<String>, String)],
-) -> Result<(), String> {
+) -> Result<HitSets, String> {
     let indexes: Vec<Option<&ShardIndex>> = indexes.iter().map(|i| Some(&**i)).collect();
     let mut times = Vec::new();
     let mut hits = 0;
+    let mut sets = Vec::new();
     for (convs, word) in queries {
         let request = SearchRequest {
             conn: 0,
@@ -330,13 +336,14 @@ fn query_parley(
         let answer = query::run(&request, &indexes, 1000).map_err(|e| e.to_string())?;
         times.push(started.elapsed());
         hits += answer.hits.len() as u64;
+        sets.push(answer.hits.into_iter().map(|h| (h.conv, h.seq)).collect());
     }
     report("parleyd search (tantivy)", times, hits);
-    Ok(())
+    Ok(sets)
 }
 
 /// Step 3b: the same messages and queries in SQLite FTS5.
-fn sqlite(args: &Args, queries: &[(Vec<String>, String)]) -> Result<(), String> {
+fn sqlite(args: &Args, queries: &[(Vec<String>, String)]) -> Result<HitSets, String> {
     let path = args.dir.join("fts5.sqlite");
     let _ = std::fs::remove_file(&path);
     let db = rusqlite::Connection::open(&path).map_err(|e| e.to_string())?;
@@ -385,6 +392,7 @@ fn sqlite(args: &Args, queries: &[(Vec<String>, String)]) -> Result<(), String> 
     );
     let mut times = Vec::new();
     let mut hits = 0;
+    let mut sets = Vec::new();
     for (convs, word) in queries {
         let list = convs
             .iter()
@@ -397,15 +405,19 @@ fn sqlite(args: &Args, queries: &[(Vec<String>, String)]) -> Result<(), String> 
         );
         let started = Instant::now();
         let mut statement = db.prepare(&text).map_err(sql)?;
-        let rows = statement
-            .query_map([word], |row| row.get::<_, String>(0))
+        let rows: std::collections::BTreeSet<(String, u64)> = statement
+            .query_map([word], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })
             .map_err(sql)?
-            .count();
+            .collect::<Result<_, _>>()
+            .map_err(sql)?;
         times.push(started.elapsed());
-        hits += rows as u64;
+        hits += rows.len() as u64;
+        sets.push(rows);
     }
     report("SQLite FTS5", times, hits);
-    Ok(())
+    Ok(sets)
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -415,11 +427,24 @@ fn run(args: &Args) -> Result<(), String> {
     let wals = write_logs(args)?;
     let indexes = index_logs(args, &wals)?;
     let queries = queries(args);
-    query_parley(&indexes, &queries)?;
+    let parley = query_parley(&indexes, &queries)?;
     drop(indexes);
     drop(wals);
     if args.sqlite {
-        sqlite(args, &queries)?;
+        let fts5 = sqlite(args, &queries)?;
+        // Where a query has fewer hits than a page, both must have found the same ones.
+        let complete = (parley.iter().zip(&fts5)).filter(|(p, f)| p.len() < 20 && f.len() < 20);
+        let (compared, differ) =
+            complete.fold((0, 0), |(n, d), (p, f)| (n + 1, d + usize::from(p != f)));
+        println!(
+            "same hits: {} of {compared} queries with under a page of hits",
+            compared - differ
+        );
+        if differ > 0 {
+            return Err(format!(
+                "{differ} queries found other messages than SQLite FTS5"
+            ));
+        }
     }
     Ok(())
 }

@@ -96,6 +96,7 @@ fn start_search(
         commit_interval: Duration::from_millis(settings.search_commit_interval_ms),
         max_results: settings.search_max_results,
         queue_len: settings.search_queue_len,
+        rebuild_nice: settings.search_rebuild_nice,
     };
     SearchService::start(search_settings, metrics.to_vec())
         .map(Some)

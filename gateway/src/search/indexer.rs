@@ -3,6 +3,12 @@
 //! never buffers for it; how far it trails the log is a metric. It commits at most every
 //! `search_commit_interval_ms`, recording in the commit the LSN it covers, so that a
 //! message is searchable that long after it is durable, and a restart resumes there.
+//!
+//! Following the live tail costs CPU in proportion to the chat, and runs at the shards'
+//! priority, so that search stays fresh. Catching up with a long stretch of log (a
+//! rebuild, a restart after long with search off) runs first, on a thread of its own at
+//! nice `search_rebuild_nice`, so that it takes the CPU chat leaves idle rather than the
+//! shards' (lowering a priority needs no privilege; raising it back would).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -22,8 +28,18 @@ const RECORDS_PER_PASS: u64 = 4096;
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// After a failure (a full disk, say) the indexer starts again from its last commit.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// While it trails the log by more than this, it reports its progress every second.
-const REPORT_BEHIND_RECORDS: u64 = 10_000;
+/// While it trails the log by more than this, it reports its progress every second, and
+/// indexes on the catch-up thread.
+const CATCH_UP_RECORDS: u64 = 10_000;
+
+/// When `index_until` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The catch-up: once the index trails by at most `CATCH_UP_RECORDS` (committed).
+    CaughtUp,
+    /// Following the tail: once `stop` is set (committed).
+    Stopped,
+}
 
 pub struct IndexerPlan {
     pub shard: usize,
@@ -34,6 +50,10 @@ pub struct IndexerPlan {
     pub opened: Opened,
     pub heap_bytes: usize,
     pub commit_interval: Duration,
+    /// The catch-up thread's nice value (and that of the threads tantivy starts for it,
+    /// which inherit it): at 10, a shard's pinned thread (at 0) gets about ten times its
+    /// share of a core both want.
+    pub rebuild_nice: i32,
     pub metrics: Arc<ShardMetrics>,
     pub stop: Arc<AtomicBool>,
 }
@@ -54,7 +74,17 @@ pub fn run(plan: IndexerPlan) {
     }
     let mut position = plan.position;
     loop {
-        match index_until_stopped(&plan, &mut position) {
+        // A panic in the search library stops indexing for a second, not for good.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            catch_up(&plan, &mut position)?;
+            index_until(&plan, &mut position, Until::Stopped)
+        }));
+        let ran = ran.unwrap_or_else(|_| {
+            Err(tantivy::TantivyError::InternalError(
+                "the indexer panicked".into(),
+            ))
+        });
+        match ran {
             Ok(()) => return,
             Err(error) => {
                 tracing::error!(shard, %error, "search indexing failed; starting again from the last commit");
@@ -66,6 +96,41 @@ pub fn run(plan: IndexerPlan) {
                 position = committed_position(&plan.index).unwrap_or(position);
             }
         }
+    }
+}
+
+/// A long stretch of log not indexed yet is indexed on a thread of lower priority, which
+/// ends (with its writer and tantivy's threads) once the index trails by little.
+fn catch_up(plan: &IndexerPlan, position: &mut u64) -> Result<(), tantivy::TantivyError> {
+    if plan.wal.durable_lsn().saturating_sub(*position) <= CATCH_UP_RECORDS {
+        return Ok(());
+    }
+    std::thread::scope(|scope| {
+        let catching_up = std::thread::Builder::new()
+            .name(format!("parley-index-{}-catch-up", plan.shard))
+            .spawn_scoped(scope, || {
+                lower_priority(plan.shard, plan.rebuild_nice);
+                index_until(plan, position, Until::CaughtUp)
+            })
+            .map_err(|e| tantivy::TantivyError::InternalError(e.to_string()))?;
+        catching_up.join().unwrap_or_else(|_| {
+            Err(tantivy::TantivyError::InternalError(
+                "the catch-up panicked".into(),
+            ))
+        })
+    })
+}
+
+/// Nice this thread (Linux: a nice value is a thread's own; threads it starts inherit it).
+fn lower_priority(shard: usize, nice: i32) {
+    // SAFETY: plain system calls on the calling thread.
+    let result = unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, nice)
+    };
+    if result != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(shard, %error, "search indexer: cannot lower its priority; it competes with the shards for CPU");
     }
 }
 
@@ -88,9 +153,10 @@ struct Pending {
     last_commit: Instant,
 }
 
-fn index_until_stopped(
+fn index_until(
     plan: &IndexerPlan,
     position: &mut u64,
+    until: Until,
 ) -> Result<(), tantivy::TantivyError> {
     let mut writer: IndexWriter<TantivyDocument> = plan
         .index
@@ -105,11 +171,18 @@ fn index_until_stopped(
     };
     let mut last_report = Instant::now();
     let started = Instant::now();
-    let catching_up = plan.wal.durable_lsn().saturating_sub(*position) > REPORT_BEHIND_RECORDS;
-    let mut reported_caught_up = !catching_up;
     loop {
-        if plan.stop.load(Relaxed) {
+        let caught_up = plan.wal.durable_lsn().saturating_sub(pending.lsn) <= CATCH_UP_RECORDS;
+        if plan.stop.load(Relaxed) || (until == Until::CaughtUp && caught_up) {
             commit(plan, &mut writer, &mut pending, position)?;
+            if until == Until::CaughtUp {
+                tracing::info!(
+                    shard = plan.shard,
+                    indexed_lsn = *position,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "search index caught up with the log"
+                );
+            }
             return Ok(());
         }
         let durable = plan.wal.durable_lsn();
@@ -131,11 +204,9 @@ fn index_until_stopped(
             } else {
                 wait
             };
-            let mut follower = plan.wal.follow(next);
-            match follower.next_timeout(wait) {
-                Ok(Some(record)) => add(&writer, fields, &record, &plan.metrics, &mut pending)?,
-                Ok(None) => {}
-                Err(error) => return Err(tantivy::TantivyError::InternalError(error.to_string())),
+            // Only wait here: what became durable is read as a range next time round.
+            if let Err(error) = plan.wal.wait_durable_timeout(next, wait) {
+                return Err(tantivy::TantivyError::InternalError(error.to_string()));
             }
         }
         if pending.lsn > *position && pending.last_commit.elapsed() >= plan.commit_interval {
@@ -143,21 +214,13 @@ fn index_until_stopped(
         }
         let behind = plan.wal.durable_lsn().saturating_sub(*position);
         publish(plan, *position, behind, &pending);
-        if behind > REPORT_BEHIND_RECORDS && last_report.elapsed() >= Duration::from_secs(1) {
+        if behind > CATCH_UP_RECORDS && last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             tracing::info!(
                 shard = plan.shard,
                 indexed_lsn = *position,
                 durable_lsn = plan.wal.durable_lsn(),
                 "search index catching up with the log"
-            );
-        } else if !reported_caught_up && behind <= REPORT_BEHIND_RECORDS {
-            reported_caught_up = true;
-            tracing::info!(
-                shard = plan.shard,
-                indexed_lsn = *position,
-                seconds = started.elapsed().as_secs_f64(),
-                "search index caught up with the log"
             );
         }
     }

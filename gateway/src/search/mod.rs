@@ -40,6 +40,8 @@ pub struct SearchSettings {
     pub commit_interval: Duration,
     pub max_results: usize,
     pub queue_len: usize,
+    /// The catch-up threads' nice value (`search_rebuild_nice`).
+    pub rebuild_nice: i32,
 }
 
 /// A search waiting for the search thread.
@@ -143,6 +145,7 @@ impl SearchService {
             opened,
             heap_bytes: self.settings.heap_bytes,
             commit_interval: self.settings.commit_interval,
+            rebuild_nice: self.settings.rebuild_nice,
             metrics: self.metrics[shard].clone(),
             stop: stop.clone(),
         };
@@ -230,10 +233,17 @@ impl Worker {
             let indexes: Vec<Option<&ShardIndex>> =
                 self.indexes.iter().map(|i| i.get().map(|i| &**i)).collect();
             let re = job.request.re;
-            let doc = match query::run(&job.request, &indexes, self.max_results) {
-                Ok(answer) => encode_ok(re, &answer),
-                Err(error) => {
-                    tracing::error!(%error, "search failed");
+            // A panic in the search library must cost one search, not the service.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                query::run(&job.request, &indexes, self.max_results)
+            }));
+            let doc = match ran {
+                Ok(Ok(answer)) => encode_ok(re, &answer),
+                failed => {
+                    match failed {
+                        Ok(Err(error)) => tracing::error!(%error, "search failed"),
+                        _ => tracing::error!("search panicked"),
+                    }
                     self.metrics[job.shard].error_sent(ErrorCode::Internal);
                     encode_err(Some(re), ErrorCode::Internal, "the search failed")
                 }

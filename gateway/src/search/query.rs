@@ -56,7 +56,7 @@ pub fn run(
     let shards = indexes.len() as u32;
     let wanted = query.offset + query.limit;
     let mut found: Vec<Candidate> = Vec::new();
-    let mut searchers: Vec<Option<(Searcher, Box<dyn Query>)>> = Vec::new();
+    let mut searched: Vec<Option<Searched>> = Vec::new();
     for (shard, index) in indexes.iter().enumerate() {
         let convs: Vec<&str> = request
             .convs
@@ -65,7 +65,7 @@ pub fn run(
             .filter(|conv| conversation_home(conv, shards) as usize == shard)
             .collect();
         let (Some(index), false) = (index, convs.is_empty()) else {
-            searchers.push(None);
+            searched.push(None);
             continue;
         };
         let Some(built) = build(request, index.fields, &convs) else {
@@ -78,11 +78,17 @@ pub fn run(
         let searcher = index.reader.searcher();
         // One more than the page, to know whether another page exists.
         let top = searcher.search(&built, &TopDocs::with_limit(wanted + 1).order_by_score())?;
-        for (score, address) in top {
-            let doc: TantivyDocument = searcher.doc(address)?;
-            found.push(Candidate::of(shard, score, address, &doc, index.fields));
-        }
-        searchers.push(Some((searcher, built)));
+        found.extend(top.into_iter().map(|(score, address)| Candidate {
+            shard,
+            score,
+            address,
+        }));
+        searched.push(Some(Searched {
+            searcher,
+            query: built,
+            fields: index.fields,
+            snippets: None,
+        }));
     }
     // Each index's hits come best first, equal scores in index order (tantivy's order):
     // merged the same way, a page is always a prefix of the next page's `wanted`.
@@ -94,22 +100,11 @@ pub fn run(
     });
     let more = found.len() > wanted && wanted < max_results;
     let mut hits = Vec::with_capacity(query.limit);
+    // Only the page's documents are read from the store.
     for candidate in found.into_iter().skip(query.offset).take(query.limit) {
-        let Some(Some((searcher, built))) = searchers.get(candidate.shard) else {
-            continue;
-        };
-        let index = indexes[candidate.shard].map(|i| i.fields.body);
-        let Some(body) = index else { continue };
-        let doc: TantivyDocument = searcher.doc(candidate.address)?;
-        let text = doc.get_first(body).and_then(|v| v.as_str()).unwrap_or("");
-        hits.push(Hit {
-            snippet: snippet(searcher, built.as_ref(), body, text)?,
-            conv: candidate.conv,
-            seq: candidate.seq,
-            from: candidate.from,
-            ts: candidate.ts,
-            kind: candidate.kind,
-        });
+        if let Some(Some(shard)) = searched.get_mut(candidate.shard) {
+            hits.push(shard.hit(candidate.address)?);
+        }
     }
     Ok(Answer {
         hits,
@@ -121,38 +116,40 @@ struct Candidate {
     shard: usize,
     score: Score,
     address: DocAddress,
-    conv: String,
-    seq: u64,
-    from: String,
-    ts: u64,
-    kind: String,
 }
 
-impl Candidate {
-    fn of(
-        shard: usize,
-        score: Score,
-        address: DocAddress,
-        doc: &TantivyDocument,
-        f: Fields,
-    ) -> Self {
-        let text = |field| {
-            doc.get_first(field)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
+/// One index searched: what reading its hits needs.
+struct Searched {
+    searcher: Searcher,
+    query: Box<dyn Query>,
+    fields: Fields,
+    /// Made for the first hit that needs it (it looks up the query's terms once).
+    snippets: Option<SnippetGenerator>,
+}
+
+impl Searched {
+    fn hit(&mut self, address: DocAddress) -> tantivy::Result<Hit> {
+        let doc: TantivyDocument = self.searcher.doc(address)?;
+        let f = self.fields;
+        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or("");
         let number = |field| doc.get_first(field).and_then(|v| v.as_u64()).unwrap_or(0);
-        Candidate {
-            shard,
-            score,
-            address,
-            conv: text(f.conv),
+        let snippets = match &mut self.snippets {
+            Some(generator) => generator,
+            empty => {
+                let mut generator =
+                    SnippetGenerator::create(&self.searcher, self.query.as_ref(), f.body)?;
+                generator.set_max_num_chars(SNIPPET_CHARS);
+                empty.insert(generator)
+            }
+        };
+        Ok(Hit {
+            conv: text(f.conv).to_string(),
             seq: number(f.seq),
-            from: text(f.from),
+            from: text(f.from).to_string(),
             ts: number(f.ts),
-            kind: text(f.kind),
-        }
+            kind: text(f.kind).to_string(),
+            snippet: snippet(snippets, text(f.body)),
+        })
     }
 }
 
@@ -217,20 +214,13 @@ fn build(request: &SearchRequest, fields: Fields, convs: &[&str]) -> Option<Box<
 
 /// The fragment of `text` that best matches, marked; the text's start when the
 /// generator finds no match (a prefix's expansions are not among its terms).
-fn snippet(
-    searcher: &Searcher,
-    query: &dyn Query,
-    body: tantivy::schema::Field,
-    text: &str,
-) -> tantivy::Result<String> {
-    let mut generator = SnippetGenerator::create(searcher, query, body)?;
-    generator.set_max_num_chars(SNIPPET_CHARS);
+fn snippet(generator: &SnippetGenerator, text: &str) -> String {
     let snippet = generator.snippet(text);
     if !snippet.fragment().is_empty() {
-        return Ok(snippet.to_html());
+        return snippet.to_html();
     }
     let start: String = text.chars().take(SNIPPET_CHARS).collect();
-    Ok(html_escape(&start))
+    html_escape(&start)
 }
 
 fn html_escape(text: &str) -> String {
