@@ -34,12 +34,18 @@ PY
 start_parleyd() {
     stop_parleyd
     rm -rf "$OUT/data"
+    restart_parleyd "$@"
+}
+# restart_parleyd [FLAG ...]: a release parleyd on the data dir as it is, once it listens
+# (its recovery may take a while: at most 60 s).
+restart_parleyd() {
+    stop_parleyd
     wait_port_free "$PORT"
     "${CARGO_TARGET_DIR:-target}"/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
         --admin-listen 127.0.0.1:$((PORT + 2)) --quic-listen 127.0.0.1:$((PORT + 1)) \
         "$@" >"$OUT/parleyd.log" 2>&1 &
     PARLEYD_PID=$!
-    for _ in $(seq 100); do
+    for _ in $(seq 600); do
         grep -q listening "$OUT/parleyd.log" && return 0
         sleep 0.1
     done

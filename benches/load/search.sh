@@ -33,23 +33,6 @@ export PARLEY_RATE_LIMIT_PER_SEC=1000000
 
 source benches/load/daemons.sh
 
-# restart_parleyd FLAG...: parleyd again on the same data directory, once it listens.
-restart_parleyd() {
-    stop_parleyd
-    wait_port_free "$PORT"
-    target/release/parleyd --data-dir "$OUT/data" --ws-listen 127.0.0.1:$PORT \
-        --admin-listen 127.0.0.1:$ADMIN --quic-listen 127.0.0.1:$((PORT + 1)) \
-        "$@" >"$OUT/parleyd.log" 2>&1 &
-    PARLEYD_PID=$!
-    for _ in $(seq 600); do
-        grep -q listening "$OUT/parleyd.log" && return 0
-        sleep 0.1
-    done
-    echo "parleyd did not start" >&2
-    cat "$OUT/parleyd.log" >&2
-    exit 1
-}
-
 # sample FILE: /metrics every 500 ms into FILE (one JSON line each) until killed.
 sample() {
     python3 - "$ADMIN" "$1" <<'PY' &

@@ -220,20 +220,5 @@ fn snippet(generator: &SnippetGenerator, text: &str) -> String {
         return snippet.to_html();
     }
     let start: String = text.chars().take(SNIPPET_CHARS).collect();
-    html_escape(&start)
-}
-
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#x27;"),
-            c => out.push(c),
-        }
-    }
-    out
+    htmlescape::encode_minimal(&start)
 }

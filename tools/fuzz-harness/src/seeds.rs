@@ -86,6 +86,7 @@ fn commands() -> Vec<&'static str> {
         r#"{"id":17,"op":"conv.get","conv":"g-1"}"#,
         r#"{"id":18,"op":"conv.list"}"#,
         r#"{"id":19,"op":"conv.leave","conv":"d-2"}"#,
+        r#"{"id":20,"op":"search","q":"Crème \"lunch plans\" cho*","conv":"g-1","from":"bob","after_ts":1,"before_ts":99999999999999,"limit":5}"#,
     ]
 }
 
