@@ -86,6 +86,19 @@ struct Position {
     lsn: u64,
 }
 
+/// The LSN a commit payload records, if it is this build's.
+fn parse_position(payload: &str) -> Option<u64> {
+    serde_json::from_str::<Position>(payload)
+        .ok()
+        .filter(|p| p.format == POSITION_FORMAT)
+        .map(|p| p.lsn)
+}
+
+/// The LSN the index's last commit covers, as it is on disk now.
+pub fn committed_lsn(index: &Index) -> Option<u64> {
+    parse_position(&index.load_metas().ok()?.payload?)
+}
+
 pub fn position_payload(lsn: u64) -> String {
     serde_json::to_string(&Position {
         format: POSITION_FORMAT,
@@ -155,7 +168,6 @@ fn check(dir: &Path, durable_lsn: u64) -> Result<(Index, u64), String> {
     if index.schema() != schema() {
         return Err("its schema is not this build's".into());
     }
-    index.tokenizers().register(TOKENIZER_NAME, analyzer());
     let corrupt = index
         .validate_checksum()
         .map_err(|e| format!("its checksums cannot be read: {e}"))?;
@@ -171,14 +183,8 @@ fn check(dir: &Path, durable_lsn: u64) -> Result<(Index, u64), String> {
         // Created and never committed: nothing indexed yet.
         None if metas.segments.is_empty() => 0,
         None => return Err("its commit records no log position".into()),
-        Some(payload) => match serde_json::from_str::<Position>(payload) {
-            Ok(p) if p.format == POSITION_FORMAT => p.lsn,
-            _ => {
-                return Err(format!(
-                    "its commit's log position {payload:?} is not this build's"
-                ))
-            }
-        },
+        Some(payload) => parse_position(payload)
+            .ok_or_else(|| format!("its commit's log position {payload:?} is not this build's"))?,
     };
     if lsn > durable_lsn {
         return Err(format!(

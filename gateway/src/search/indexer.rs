@@ -19,7 +19,7 @@ use parley_wal::log::Record;
 use parley_wal::Wal;
 use tantivy::{doc, IndexWriter, TantivyDocument};
 
-use super::index::{position_payload, size_on_disk, Fields, Opened, ShardIndex};
+use super::index::{committed_lsn, position_payload, size_on_disk, Fields, Opened, ShardIndex};
 use crate::metrics::ShardMetrics;
 
 /// Records read from the log per pass, between checks of the commit clock.
@@ -93,7 +93,7 @@ pub fn run(plan: IndexerPlan) {
                     return;
                 }
                 // What was added after the last commit is gone with the writer.
-                position = committed_position(&plan.index).unwrap_or(position);
+                position = committed_lsn(&plan.index.index).unwrap_or(position);
             }
         }
     }
@@ -134,18 +134,8 @@ fn lower_priority(shard: usize, nice: i32) {
     }
 }
 
-/// The LSN the index's last commit covers.
-fn committed_position(index: &ShardIndex) -> Option<u64> {
-    let metas = index.index.load_metas().ok()?;
-    let payload = metas.payload?;
-    let value: serde_json::Value = serde_json::from_str(&payload).ok()?;
-    value.get("lsn")?.as_u64()
-}
-
 /// Progress since the last commit.
 struct Pending {
-    /// Documents added and not yet committed.
-    docs: u64,
     /// LSN the next commit will cover.
     lsn: u64,
     /// WAL timestamp (Unix ms) of the oldest record read since the last commit.
@@ -164,7 +154,6 @@ fn index_until(
         .writer_with_num_threads(1, plan.heap_bytes)?;
     let fields = plan.index.fields;
     let mut pending = Pending {
-        docs: 0,
         lsn: *position,
         oldest_ms: None,
         last_commit: Instant::now(),
@@ -247,7 +236,6 @@ fn add(
     match ChatRecord::decode(&record.payload) {
         Ok(ChatRecord::Message(message)) => {
             writer.add_document(document(fields, &message))?;
-            pending.docs += 1;
             metrics.search_docs_indexed.fetch_add(1, Relaxed);
         }
         Ok(_) => {}
@@ -285,7 +273,6 @@ fn commit(
     prepared.commit()?;
     plan.index.reader.reload()?;
     *position = pending.lsn;
-    pending.docs = 0;
     pending.oldest_ms = None;
     pending.last_commit = Instant::now();
     plan.metrics
